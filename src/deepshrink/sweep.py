@@ -1,0 +1,188 @@
+"""The lab's experiments, one call each: each point starts from the same checkpoint.
+
+- ``prune-std``: prune every layer at s x std(w), s in 0, 0.25, 0.5, 1.0; retrain; accuracy and sparsity.
+- ``prune-percentile``: the same with q = 0, 25, 50, 75 percent per layer.
+- ``bits``: k-means weight sharing at 6, 5, 4, 3 bits; accuracy before and after centroid training.
+- ``init``: random, density, linear and kmeans++ centroid initialisation at 4 bits.
+- ``sensitivity``: one layer alone pruned at increasing q, no retraining (the basis for per-layer q).
+
+Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import report
+from .checkpoint import atomic_write, load_checkpoint
+from .errors import ConfigError
+from .layers import select_weights
+from .pipeline import load_splits, resolve_device
+from .prune import PruneConfig, prune_model, zero_pruned_
+from .quantize import QuantizeConfig, quantize_model
+from .train import TrainConfig, evaluate, train
+
+STD_VALUES = (0.0, 0.25, 0.5, 1.0)
+PERCENTILES = (0.0, 25.0, 50.0, 75.0)
+BITS = (6, 5, 4, 3)
+INITS = ("random", "density", "linear", "kmeans++")
+SENSITIVITY_Q = (25.0, 50.0, 75.0, 90.0)
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    columns: list[tuple]
+    report: Path
+
+
+def _pct(v):
+    return "" if v is None else f"{100 * v:.2f}%"
+
+
+def run_sweep(
+    kind: str,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    epochs: int = 1,
+    lr: float = 0.01,
+    bits: int = 4,
+    on_point: Callable[[dict], None] | None = None,
+) -> SweepResult:
+    """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
+
+    Args:
+        epochs: retraining epochs per point (pruning sweeps) or centroid-training epochs (bits/init);
+            0 skips retraining.
+        bits: the bit width of the ``init`` sweep.
+    """
+    if kind not in SWEEPS:
+        raise ConfigError(f"unknown sweep {kind!r}; valid: {sorted(SWEEPS)}")
+    base, payload = load_checkpoint(checkpoint)
+    dataset = dict(payload["meta"].get("dataset") or {})
+    if not dataset:
+        raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
+    if data_dir:
+        dataset["root"] = data_dir
+    train_data, test_data = load_splits(dataset)
+    dev = resolve_device(device)
+    retrain = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4 if kind.startswith("prune") else 0.0,
+                          schedule="cosine", progress=False)
+
+    def accuracy(model: nn.Module) -> float:
+        return evaluate(model, test_data, device=dev)["accuracy"]
+
+    def retrained(model: nn.Module) -> float | None:
+        if epochs <= 0:
+            return None
+        train(model.to(dev), train_data, retrain, device=dev)
+        zero_pruned_(model)
+        return accuracy(model)
+
+    rows = []
+    for row in SWEEPS[kind].points(base, accuracy, retrained, bits):
+        rows.append(row)
+        if on_point:
+            on_point(row)
+    spec = SWEEPS[kind]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_sweep(out_dir, kind, rows, spec)
+    return SweepResult(rows, spec.columns, path)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    points: Callable[..., Iterator[dict]]
+    columns: list[tuple]
+    x: str  # plotted on the x axis
+    y: tuple[str, ...]  # plotted as lines
+    xlabel: str
+
+
+def _sparsity(model: nn.Module) -> float:
+    return report.summary_totals(report.layer_summary(model))["sparsity"]
+
+
+def _prune_points(param: str, values):
+    def points(base, accuracy, retrained, _bits):
+        for v in values:
+            model = copy.deepcopy(base)
+            prune_model(model, PruneConfig(method="std" if param == "s" else "percentile", **{param: v}))
+            row = {param: v, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
+            row["retrained_accuracy"] = retrained(model)
+            yield row
+
+    return points
+
+
+def _quantize_points(vary: str):
+    def points(base, accuracy, retrained, bits):
+        for v in BITS if vary == "bits" else INITS:
+            model = copy.deepcopy(base)
+            config = QuantizeConfig(bits=v, init="linear") if vary == "bits" else QuantizeConfig(bits=bits, init=v)
+            before = accuracy(model)
+            quantize_model(model, config)
+            yield {vary: v, "accuracy_before": before, "accuracy": accuracy(model),
+                   "retrained_accuracy": retrained(model)}
+
+    return points
+
+
+def _sensitivity_points(base, accuracy, _retrained, _bits):
+    dense = accuracy(base)
+    for ref in select_weights(base, kinds=("conv", "fc")):
+        for q in SENSITIVITY_Q:
+            model = copy.deepcopy(base)
+            prune_model(model, PruneConfig(method="percentile", q=q, include=(ref.fqn,)))
+            yield {"layer": ref.fqn, "q": q, "accuracy": accuracy(model), "drop": dense - accuracy(model)}
+
+
+_ACC = [("accuracy", "accuracy", _pct), ("retrained_accuracy", "after retraining", _pct)]
+SWEEPS: dict[str, Sweep] = {
+    "prune-std": Sweep(_prune_points("s", STD_VALUES), [("s", "s", str), ("sparsity", "sparsity", _pct), *_ACC],
+                       "s", ("accuracy", "retrained_accuracy"), "s (threshold = s x std)"),
+    "prune-percentile": Sweep(_prune_points("q", PERCENTILES), [("q", "q", str), ("sparsity", "sparsity", _pct), *_ACC],
+                              "q", ("accuracy", "retrained_accuracy"), "q (percent pruned per layer)"),
+    "bits": Sweep(_quantize_points("bits"), [("bits", "bits", str), ("accuracy_before", "before", _pct), *_ACC],
+                  "bits", ("accuracy", "retrained_accuracy"), "bits per weight"),
+    "init": Sweep(_quantize_points("init"), [("init", "init", str), ("accuracy_before", "before", _pct), *_ACC],
+                  "init", ("accuracy", "retrained_accuracy"), "centroid initialisation"),
+    "sensitivity": Sweep(_sensitivity_points, [("layer", "layer", str), ("q", "q", str),
+                                                ("accuracy", "accuracy", _pct), ("drop", "drop", _pct)],
+                         "q", ("accuracy",), "q (percent of this layer pruned)"),
+}
+
+
+def write_sweep(out_dir: Path, kind: str, rows: list[dict], spec: Sweep) -> Path:
+    """Write the markdown table, CSV, JSON and plot of a sweep; returns the markdown path."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out_dir / "sweep.csv", lambda f: f.write(buf.getvalue().encode()))
+    atomic_write(out_dir / "sweep.json", lambda f: f.write(json.dumps({"kind": kind, "rows": rows}, indent=2).encode()))
+    if kind == "sensitivity":  # one line per layer
+        series: dict[str, list] = {}
+        for r in rows:
+            series.setdefault(r["layer"], []).append(r["accuracy"])
+        xs = list(SENSITIVITY_Q)
+    else:
+        xs = [r[spec.x] for r in rows]
+        series = {y: [r[y] for r in rows] for y in spec.y if all(r[y] is not None for r in rows)}
+    plot = report.line_plot(xs, series, spec.xlabel, "accuracy", f"sweep: {kind}", out_dir / "sweep.png")
+    text = f"# Sweep: {kind}\n\n{report.table_markdown(rows, spec.columns)}\n\n![{kind}]({plot.name})\n"
+    path = out_dir / "sweep.md"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
