@@ -1,0 +1,68 @@
+"""The CLI is a thin layer: check each command wires arguments to the library and reports errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepshrink.checkpoint import load_checkpoint, save_checkpoint
+from deepshrink.cli import main
+from deepshrink.format import load
+from deepshrink.models import build_model
+from deepshrink.report import layer_summary
+
+SPEC = {"arch": "mlp", "kwargs": {}}
+DATA = ["--dataset", "digits"]
+
+
+@pytest.fixture
+def dense(tmp_path):
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "dense.pt", build_model(SPEC), SPEC, {"dataset": {"name": "digits"}})
+
+
+def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
+    pruned, tuned, quant = tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "q.pt"
+    assert main(["prune", str(dense), "--method", "percentile", "--q", "75", "--out", str(pruned)]) == 0
+    assert main(["summary", str(pruned), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["total"]["sparsity"] == pytest.approx(0.75, abs=0.01)
+
+    assert main(["finetune", str(pruned), "--epochs", "1", "--out", str(tuned)]) == 0
+    model, _ = load_checkpoint(tuned)
+    assert sum(r["nonzero"] for r in layer_summary(model)) == summary["total"]["nonzero"]
+
+    args = ["quantize", str(tuned), "--bits", "3", "--train-centroids", "--epochs", "1", "--out", str(quant)]
+    assert main(args) == 0
+    model, _ = load_checkpoint(quant)
+    assert all(r["bits"] == 3 and r["distinct"] <= 8 for r in layer_summary(model))
+
+    dsz = tmp_path / "m.dsz"
+    assert main(["encode", str(quant), "--out", str(dsz), "--coder", "ans"]) == 0
+    assert main(["inspect", str(dsz), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(dsz), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["file_bytes"] == dsz.stat().st_size
+    assert main(["eval", str(dsz)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+    out = tmp_path / "decoded.safetensors"
+    assert main(["decode", str(dsz), "--out", str(out)]) == 0
+    decoded = load_file(out)
+    restored = load(dsz)
+    for name, tensor in restored.state_dict().items():
+        assert torch.equal(decoded[name], tensor)
+
+
+def test_library_errors_become_a_message_and_exit_code_2(tmp_path, capsys):
+    assert main(["summary", str(tmp_path / "missing.pt")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().out
+
+
+def test_plot_writes_histograms(dense, tmp_path):
+    pruned = tmp_path / "p.pt"
+    main(["prune", str(dense), "--q", "50", "--out", str(pruned)])
+    assert main(["plot", str(dense), str(pruned), "--out", str(tmp_path / "plots")]) == 0
+    assert len(list((tmp_path / "plots").glob("*.png"))) == len(layer_summary(build_model(SPEC)))
