@@ -151,22 +151,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
+
+
 def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
-    """(train, test) for a recipe's dataset entry: ``{name, root?, train_subset?, test_subset?}``."""
-    options = dict(dataset)
-    name = options.pop("name")
-    root = data_dir if data_dir is not None else options.pop("root", None)
-    options.pop("root", None)
-    train_n, test_n = options.pop("train_subset", None), options.pop("test_subset", None)
-    if options:
-        raise ConfigError(f"dataset: unknown option(s) {sorted(options)}; valid: name, root, train_subset, test_subset")
-    train_data = load_dataset(name, root, "train")
-    test_data = load_dataset(name, root, "test")
-    if train_n:
-        train_data = train_data.subset(int(train_n))
-    if test_n:
-        test_data = test_data.subset(int(test_n))
-    return train_data, test_data
+    """(train, test) for a recipe's dataset entry.
+
+    Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
+    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics).
+    """
+    unknown = sorted(set(dataset) - set(DATASET_KEYS))
+    if unknown or "name" not in dataset:
+        raise ConfigError(f"dataset: needs 'name'; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
+    root = data_dir if data_dir is not None else dataset.get("root")
+    splits = []
+    for split, size in (("train", dataset.get("train_subset")), ("test", dataset.get("test_subset"))):
+        data = load_dataset(dataset["name"], root, split)
+        if size:
+            data = data.subset(int(size))
+        if "mean" in dataset or "std" in dataset:
+            data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
+        splits.append(data)
+    return splits[0], splits[1]
 
 
 def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device) -> dict[str, Any]:
