@@ -2,12 +2,35 @@
 
 A pruned weight is ``where(mask, original, 0)`` on every forward pass, so pruned entries stay exactly
 zero whatever the optimizer does to the stored original (momentum, weight decay, Adam moments).
+Retraining in your own loop therefore needs nothing beyond attaching the masks::
+
+    masks = prune_model(model, PruneConfig(method="percentile", q=90))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for x, y in batches:                      # your loop, unchanged
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    zero_pruned_(model, opt)                  # tidy stored originals and optimizer state afterwards
+
+Masks compose: pruning an already-pruned weight can only remove more entries (``apply_mask`` ANDs).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import ConfigError
+from .layers import resolve, select_weights
+
+logger = logging.getLogger(__name__)
 
 
 class Masked(nn.Module):
@@ -17,7 +40,7 @@ class Masked(nn.Module):
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
+        self.register_buffer("mask", mask.to(torch.bool, copy=True))  # never alias the caller's tensor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # where, not multiply: exact zeros even when the original holds inf/nan
@@ -27,3 +50,569 @@ class Masked(nn.Module):
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> "Masked":
         """Rebuild with placeholder tensors shaped like a saved state (values come from load_state_dict)."""
         return cls(torch.ones_like(tensors["mask"], dtype=torch.bool))
+
+
+class PruneMethod(str, Enum):
+    """How each layer's mask is chosen.
+
+    STD: keep ``|w| >= s * std(w)`` per layer (the lab's rule; s is a quality parameter).
+    PERCENTILE: prune the q% smallest magnitudes of each layer (exact count).
+    GLOBAL: prune the q% smallest magnitudes over all selected weights together (exact count).
+    """
+
+    STD = "std"
+    PERCENTILE = "percentile"
+    GLOBAL = "global"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional core: plain tensors in, bool masks out (True = keep).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_s(s: float) -> float:
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s < 0:
+        raise ConfigError(f"s must be a finite number >= 0 (keep |w| >= s * std(w)), got {s!r}")
+    return float(s)
+
+
+def _check_q(q: float, warn: bool = True) -> float:
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 <= q <= 100:
+        raise ConfigError(f"q must be a percentage in [0, 100] (share of weights pruned), got {q!r}")
+    if warn and q == 100:
+        logger.warning("q=100 prunes every weight it applies to")
+    return float(q)
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_scores(t: torch.Tensor, prev_mask: torch.Tensor | None, what: str) -> None:
+    """Real dtype, and finite wherever the entry is still alive (pruned entries may hold anything)."""
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise ConfigError(f"{what} must be a real-valued tensor, got dtype {t.dtype}")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t)
+        if prev_mask is not None:
+            bad &= prev_mask
+        if bad.any():
+            raise ConfigError(f"{what} holds {int(bad.sum())} NaN/inf values; magnitudes cannot be ranked")
+
+
+def _check_like(t: torch.Tensor | None, weight: torch.Tensor, what: str, dtype: torch.dtype | None = None):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(weight.shape):
+        raise ConfigError(f"{what} has shape {tuple(t.shape)}, expected the weight's shape {tuple(weight.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ConfigError(f"{what} must have dtype {dtype}, got {t.dtype}")
+
+
+def std_mask(
+    weight: torch.Tensor,
+    s: float,
+    prev_mask: torch.Tensor | None = None,
+    *,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep the entries with ``|score| >= s * std(score)`` (scores default to the weight itself).
+
+    The std is the population std (ddof=0, like ``np.std``) computed in float64. With ``prev_mask`` only
+    entries it keeps can survive, and the std is taken over those kept entries only: the threshold
+    describes the weights still alive, so re-applying the same ``s`` prunes further (iterative pruning).
+
+    Args:
+        weight: any-shaped real tensor.
+        s: quality parameter, finite and >= 0 (0 keeps everything not already pruned).
+        prev_mask: bool tensor shaped like ``weight``; False entries stay pruned.
+        scores: ranking values shaped like ``weight`` (importance scores); default ``weight``.
+
+    Returns:
+        bool tensor shaped like ``weight`` (True = keep), on the weight's device.
+
+    Raises:
+        ConfigError: bad ``s``, a shape/dtype mismatch, or NaN scores.
+    """
+    s = _check_s(s)
+    scores = weight if scores is None else scores
+    _check_like(scores, weight, "scores")
+    _check_like(prev_mask, weight, "prev_mask", torch.bool)
+    _check_scores(scores, prev_mask, "scores" if scores is not weight else "weight")
+    scores = scores.detach()
+    kept_values = scores if prev_mask is None else scores[prev_mask]
+    if kept_values.numel() == 0:
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    # float64 so the threshold matches numpy's on large layers
+    std = kept_values.to(torch.float64).var(correction=0).sqrt().item()
+    keep = scores.abs() >= s * std
+    return keep if prev_mask is None else keep & prev_mask
+
+
+def percentile_mask(
+    weight: torch.Tensor,
+    q: float,
+    prev_mask: torch.Tensor | None = None,
+    *,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prune the ``q`` % smallest ``|score|`` of one layer: exactly ``round(q / 100 * n)`` entries.
+
+    ``round`` is Python's (half to even), so sparsity equals ``q`` within one weight. Ties in magnitude are
+    broken by flat index (lower index pruned first), so the result is deterministic. With ``prev_mask``,
+    ``q`` is the target *total* sparsity of the layer: already-pruned entries count towards it, and if the
+    layer is already sparser nothing more is pruned.
+
+    Args:
+        weight: any-shaped real tensor.
+        q: percentage in [0, 100]; 100 prunes everything (with a logged warning).
+        prev_mask: bool tensor shaped like ``weight``; False entries stay pruned.
+        scores: ranking values shaped like ``weight``; default ``weight``.
+
+    Returns:
+        bool tensor shaped like ``weight`` (True = keep).
+
+    Raises:
+        ConfigError: bad ``q``, a shape/dtype mismatch, or NaN scores.
+    """
+    return global_masks(
+        {"weight": weight},
+        q,
+        None if prev_mask is None else {"weight": prev_mask},
+        scores=None if scores is None else {"weight": scores},
+    )["weight"]
+
+
+def global_masks(
+    weights: dict[str, torch.Tensor],
+    q: float,
+    prev_masks: dict[str, torch.Tensor] | None = None,
+    *,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Prune the ``q`` % smallest ``|score|`` over all given weights together (exact count).
+
+    Exactly ``round(q / 100 * N)`` entries end up pruned, N being the total number of entries; entries
+    already pruned by ``prev_masks`` count towards it. Ties are broken by the dict's order, then flat
+    index. The threshold is found by an exact radix select over the magnitudes' float bit patterns, one
+    layer at a time, so no concatenated copy of all weights is ever made.
+
+    Args:
+        weights: ``{name: tensor}`` (names are only used in messages and as keys of the result).
+        q: percentage in [0, 100].
+        prev_masks: optional ``{name: bool mask}`` for some or all names.
+        scores: optional ``{name: ranking values}`` for some or all names; default the weights.
+
+    Returns:
+        ``{name: bool mask}`` (True = keep), in the order of ``weights``.
+
+    Raises:
+        ConfigError: bad ``q``, unknown names, shape/dtype mismatches, or NaN scores.
+    """
+    q = _check_q(q)
+    prev_masks = prev_masks or {}
+    scores = scores or {}
+    for label, extra in (("prev_masks", prev_masks), ("scores", scores)):
+        unknown = set(extra) - set(weights)
+        if unknown:
+            raise ConfigError(f"{label} names {sorted(unknown)} are not among the weights {list(weights)}")
+    ranked: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for name, w in weights.items():
+        sc = scores.get(name, w)
+        _check_like(sc, w, f"scores[{name!r}]")
+        _check_like(prev_masks.get(name), w, f"prev_masks[{name!r}]", torch.bool)
+        _check_scores(sc, prev_masks.get(name), f"{name!r} scores")
+        ranked.append((sc.detach(), prev_masks.get(name)))
+
+    total = sum(w.numel() for w in weights.values())
+    already = sum(int((~m).sum()) for _, m in ranked if m is not None)
+    to_prune = max(0, round(q / 100 * total) - already)
+    if to_prune and already > 0:
+        logger.debug("%d entries already pruned; pruning %d more", already, to_prune)
+    prune = _smallest(ranked, to_prune)
+    return {name: (~p if m is None else m & ~p) for name, (_, m), p in zip(weights, ranked, prune)}
+
+
+# --- exact k-smallest selection without concatenation ---------------------------------------------
+
+_DIGIT = 16  # radix-select digit width: 2**16 histogram bins per pass, 2 passes for float32 magnitudes
+
+
+def _magnitude_keys(scores: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
+    """Flat integer keys ordered like ``|scores|``: bit patterns of non-negative floats sort as integers."""
+    float_dtype = torch.float64 if key_dtype == torch.int64 else torch.float32
+    return scores.abs().reshape(-1).to(float_dtype).view(key_dtype)  # abs clears the sign bit of -0.0
+
+
+def _smallest(ranked: list[tuple[torch.Tensor, torch.Tensor | None]], k: int) -> list[torch.Tensor]:
+    """Bool masks marking the ``k`` smallest magnitudes among kept entries, ties by (layer, flat index)."""
+    prune = [torch.zeros(sc.shape, dtype=torch.bool, device=sc.device) for sc, _ in ranked]
+    if k <= 0:
+        return prune
+    # float64 keys only when some input needs them; float16/bfloat16/int widen exactly to float32
+    key_dtype = torch.int64 if any(sc.dtype == torch.float64 for sc, _ in ranked) else torch.int32
+    kept_count = sum(sc.numel() if m is None else int(m.sum()) for sc, m in ranked)
+    if k >= kept_count:
+        return [torch.ones_like(p) if m is None else m.clone() for p, (_, m) in zip(prune, ranked)]
+
+    def kept_keys(i: int) -> torch.Tensor:
+        sc, m = ranked[i]
+        keys = _magnitude_keys(sc, key_dtype)
+        return keys if m is None else keys[m.reshape(-1)]
+
+    threshold = _kth_smallest_key(kept_keys, len(ranked), k, 32 if key_dtype == torch.int32 else 64)
+    remaining = k
+    for i, (sc, m) in enumerate(ranked):
+        keys = _magnitude_keys(sc, key_dtype)
+        below = keys < threshold
+        if m is not None:
+            below &= m.reshape(-1)
+        prune[i].view(-1).copy_(below)
+        remaining -= int(below.sum())
+    for i, (sc, m) in enumerate(ranked):  # the threshold value itself: first entries by (layer, index)
+        if remaining == 0:
+            break
+        at = _magnitude_keys(sc, key_dtype) == threshold
+        if m is not None:
+            at &= m.reshape(-1)
+        idx = at.nonzero().reshape(-1)[:remaining]
+        prune[i].view(-1)[idx] = True
+        remaining -= idx.numel()
+    return prune
+
+
+def _kth_smallest_key(keys_of: Callable[[int], torch.Tensor], n_chunks: int, k: int, nbits: int) -> int:
+    """Exact k-th smallest (1-based) non-negative integer key across chunks, by most-significant-digit
+    radix select: each pass histograms one 16-bit digit of the keys that share the prefix found so far."""
+    prefix = 0
+    for shift in range(nbits - _DIGIT, -1, -_DIGIT):
+        counts = None
+        for i in range(n_chunks):
+            keys = keys_of(i)
+            if shift + _DIGIT < nbits:
+                keys = keys[(keys >> (shift + _DIGIT)) == prefix]
+            c = torch.bincount((keys >> shift) & (2**_DIGIT - 1), minlength=2**_DIGIT).cpu()
+            counts = c if counts is None else counts + c
+        cumulative = counts.cumsum(0)
+        digit = int(torch.searchsorted(cumulative, torch.tensor([k]))[0])
+        k -= int(cumulative[digit - 1]) if digit > 0 else 0
+        prefix = (prefix << _DIGIT) | digit
+    return prefix
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model layer: select weights by pattern, attach/update Masked parametrizations by FQN.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _str_tuple(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}") from None
+    if not all(isinstance(v, str) for v in out):
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}")
+    return out
+
+
+def _pairs(value, what: str, check: Callable[[float], float]) -> tuple[tuple[str, float], ...]:
+    try:
+        pairs = tuple((str(p), v) for p, v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a sequence of (glob, value) pairs, got {value!r}") from None
+    for pattern, v in pairs:
+        try:
+            check(v)
+        except ConfigError as e:
+            raise ConfigError(f"{what} entry {pattern!r}: {e}") from None
+    return tuple((p, float(v)) for p, v in pairs)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one pruning step (``dataclasses.asdict`` goes into checkpoint meta)."""
+
+    method: str = "percentile"  # a PruneMethod value; exact per-layer sparsity is easiest to reason about
+    s: float = 0.5  # std method: quality parameter; 0.5 prunes ~38% of a Gaussian layer
+    q: float = 50.0  # percentile/global methods: % of weights pruned; a gentle first step
+    include: tuple[str, ...] | None = None  # FQN globs; None = every layer of the selected kinds
+    exclude: tuple[str, ...] = ()  # FQN globs removed after include
+    kinds: tuple[str, ...] = ("conv", "fc")  # custom layers opt in explicitly
+    q_by_pattern: tuple[tuple[str, float], ...] = ()  # per-layer q overrides, first matching glob wins
+    s_by_pattern: tuple[tuple[str, float], ...] = ()  # per-layer s overrides, first matching glob wins
+
+    def __post_init__(self):
+        try:
+            method = PruneMethod(self.method).value  # stored as plain str so asdict() is JSON/YAML-safe
+        except ValueError:
+            valid = ", ".join(m.value for m in PruneMethod)
+            raise ConfigError(f"unknown prune method {self.method!r}; valid: {valid}") from None
+        _check_s(self.s)
+        _check_q(self.q, warn=False)
+        set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
+        set_(self, "method", method)
+        set_(self, "s", float(self.s))
+        set_(self, "q", float(self.q))
+        set_(self, "include", None if self.include is None else _str_tuple(self.include, "include"))
+        set_(self, "exclude", _str_tuple(self.exclude, "exclude"))
+        set_(self, "kinds", _str_tuple(self.kinds, "kinds"))
+        set_(self, "q_by_pattern", _pairs(self.q_by_pattern, "q_by_pattern", lambda q: _check_q(q, warn=False)))
+        set_(self, "s_by_pattern", _pairs(self.s_by_pattern, "s_by_pattern", _check_s))
+        if method == PruneMethod.STD and self.q_by_pattern:
+            raise ConfigError("q_by_pattern applies to methods 'percentile'/'global'; method 'std' uses s_by_pattern")
+        if method != PruneMethod.STD and self.s_by_pattern:
+            raise ConfigError(f"s_by_pattern applies to method 'std' only; method {method!r} uses q_by_pattern")
+
+
+def _override(fqn: str, pairs: tuple[tuple[str, float], ...]) -> float | None:
+    return next((v for pattern, v in pairs if fnmatch.fnmatchcase(fqn, pattern)), None)
+
+
+def _plist(module: nn.Module, name: str) -> list[nn.Module]:
+    return list(module.parametrizations[name]) if parametrize.is_parametrized(module, name) else []
+
+
+def _refuse_quantized(fqn: str, plist: list[nn.Module]) -> None:
+    from .quantize import SharedWeights  # quantize never imports prune; local import keeps the layering obvious
+
+    shared = next((p for p in plist if isinstance(p, SharedWeights)), None)
+    if shared is not None:
+        raise ConfigError(
+            f"{fqn} is quantized (SharedWeights, {shared.bits} bits) and cannot be pruned further; "
+            "prune before quantizing, or strip() the model first"
+        )
+
+
+def _ranking_view(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values to rank, current mask or None). Ranks ``original`` when Masked is the only parametrization:
+    kept entries equal the effective weight and pruned ones are excluded by the mask, so no copy is made."""
+    plist = _plist(module, name)
+    if len(plist) == 1 and isinstance(plist[0], Masked):
+        return module.parametrizations[name].original.detach(), plist[0].mask
+    mask = next((p.mask for p in plist if isinstance(p, Masked)), None)
+    with torch.no_grad():
+        return getattr(module, name).detach(), mask
+
+
+def prune_model(
+    model: nn.Module, config: PruneConfig, scores: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Compute masks for the selected weights and attach them (ANDed into any existing masks).
+
+    Masks are computed on the *effective* current weights, so repeated calls compose. All masks are
+    computed before any is attached: a bad layer leaves the model unchanged.
+
+    Args:
+        model: any ``nn.Module``.
+        config: method, amount, selection and per-layer overrides.
+        scores: optional ``{fqn: importance scores}`` ranking some weights instead of their magnitudes.
+
+    Returns:
+        ``{fqn: bool mask}`` for every selected weight (True = keep), in module order.
+
+    Raises:
+        ConfigError: a selected weight is quantized, holds NaN/inf, a pattern matches nothing, bad scores.
+    """
+    refs = select_weights(model, config.include, config.exclude, config.kinds)
+    fqns = [r.fqn for r in refs]
+    selected = ", ".join(fqns)
+    for label, pairs in (("q_by_pattern", config.q_by_pattern), ("s_by_pattern", config.s_by_pattern)):
+        for pattern, _ in pairs:
+            if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
+                raise ConfigError(f"{label} pattern {pattern!r} matches no selected weight; selected: {selected}")
+    scores = scores or {}
+    unknown = set(scores) - set(fqns)
+    if unknown:
+        raise ConfigError(f"scores given for unselected weights {sorted(unknown)}; selected: {selected}")
+    if not refs:
+        logger.warning("prune_model: the model has no weights of kinds %s", list(config.kinds))
+        return {}
+
+    views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for fqn in fqns:
+        module, name = resolve(model, fqn)
+        _refuse_quantized(fqn, _plist(module, name))
+        weight, mask = _ranking_view(module, name)
+        alive = weight if mask is None else weight[mask]
+        if weight.is_floating_point() and not torch.isfinite(alive).all():
+            bad = int((~torch.isfinite(alive)).sum())
+            raise ConfigError(f"{fqn}: {bad} of {weight.numel()} weights are NaN/inf; they cannot be ranked")
+        views[fqn] = (weight, mask)
+
+    new: dict[str, torch.Tensor] = {}
+    method = PruneMethod(config.method)
+    if method == PruneMethod.STD:
+        for fqn, (w, m) in views.items():
+            s = _override(fqn, config.s_by_pattern)
+            new[fqn] = std_mask(w, config.s if s is None else s, m, scores=scores.get(fqn))
+    else:
+        shared = {}
+        for fqn, (w, m) in views.items():
+            q = _override(fqn, config.q_by_pattern)
+            if method == PruneMethod.PERCENTILE or q is not None:  # overridden layers are pruned on their own
+                new[fqn] = percentile_mask(w, config.q if q is None else q, m, scores=scores.get(fqn))
+            else:
+                shared[fqn] = w
+        if shared:
+            prev = {f: views[f][1] for f in shared if views[f][1] is not None}
+            new.update(global_masks(shared, config.q, prev, scores={f: scores[f] for f in shared if f in scores}))
+    new = {fqn: new[fqn] for fqn in fqns}
+
+    undo: list[Callable[[], None]] = []
+    try:
+        for fqn, mask in new.items():
+            undo.append(_apply_mask(model, fqn, mask))
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    for fqn, mask in new.items():
+        logger.debug("pruned %s: sparsity %.4f", fqn, 1 - mask.float().mean().item())
+    total = sum(m.numel() for m in new.values())
+    kept = sum(int(m.sum()) for m in new.values())
+    logger.info("pruned %d weights (%s): sparsity %.4f", len(new), method.value, 1 - kept / max(total, 1))
+    return new
+
+
+def apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> None:
+    """Attach ``Masked(mask)`` to weight ``fqn``, or AND ``mask`` into its existing ``Masked``.
+
+    The mask is copied (later changes to the caller's tensor do not reach the model). On failure the
+    model is left as it was.
+
+    Raises:
+        ConfigError: unknown ``fqn``, a non-bool mask, a shape mismatch, or a quantized weight.
+    """
+    _apply_mask(model, fqn, mask)
+
+
+def _apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> Callable[[], None]:
+    """apply_mask that returns a function undoing it (prune_model rolls back several layers)."""
+    module, name = resolve(model, fqn)
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"{fqn}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ConfigError(f"{fqn}: mask must have dtype torch.bool, got {mask.dtype}")
+    plist = _plist(module, name)
+    _refuse_quantized(fqn, plist)
+    with torch.no_grad():
+        shape = tuple(getattr(module, name).shape)
+    if tuple(mask.shape) != shape:
+        raise ConfigError(f"{fqn}: mask shape {tuple(mask.shape)} does not match weight shape {shape}")
+
+    existing = next((p for p in plist if isinstance(p, Masked)), None)
+    if existing is not None:
+        old = existing.mask.clone()
+        existing.mask.logical_and_(mask.to(existing.mask.device))
+        return lambda: existing.mask.copy_(old)
+
+    device = module.parametrizations[name].original.device if plist else getattr(module, name).device
+    try:
+        parametrize.register_parametrization(module, name, Masked(mask.to(device, copy=True)))
+    except Exception as e:
+        _drop_last_parametrization(module, name, len(plist))
+        raise ConfigError(f"{fqn}: cannot attach a mask ({type(e).__name__}: {e})") from None
+    return lambda: _drop_last_parametrization(module, name, len(plist))
+
+
+def _drop_last_parametrization(module: nn.Module, name: str, keep: int) -> None:
+    """Undo a registration: back to ``keep`` parametrizations on ``module.name`` (0 = plain tensor)."""
+    if not parametrize.is_parametrized(module, name):
+        return
+    if keep == 0:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    else:
+        plist = module.parametrizations[name]
+        while len(plist) > keep:
+            del plist[len(plist) - 1]
+
+
+def _deepshrink_kinds() -> tuple[type[nn.Module], ...]:
+    from .quantize import SharedWeights
+
+    return (Masked, SharedWeights)
+
+
+def _parametrized_tensors(model: nn.Module):
+    """Yield (fqn, module, tensor name, parametrization list) for every parametrized tensor."""
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                fqn = f"{module_name}.{name}" if module_name else name
+                yield fqn, module, name, list(module.parametrizations[name])
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current keep-masks by FQN (copies). Quantized weights report ``indices != 0``."""
+    from .quantize import SharedWeights
+
+    out: dict[str, torch.Tensor] = {}
+    for fqn, _, _, plist in _parametrized_tensors(model):
+        for p in plist:
+            if isinstance(p, Masked):
+                m = p.mask.clone()
+            elif isinstance(p, SharedWeights):
+                m = p.indices != 0
+            else:
+                continue
+            out[fqn] = m if fqn not in out else out[fqn] & m
+    return out
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove all deepshrink parametrizations, leaving plain weights that hold the effective values.
+
+    Uses ``leave_parametrized=True``, so each weight stays the same ``Parameter`` object and optimizers
+    holding it remain valid. Weights that were quantized get ``requires_grad=True`` back (quantizing
+    froze the original). Returns ``model`` (modified in place).
+
+    Raises:
+        ConfigError: a tensor also carries a parametrization deepshrink did not attach (nothing is changed).
+    """
+    from .quantize import SharedWeights
+
+    ours = _deepshrink_kinds()
+    found = list(_parametrized_tensors(model))
+    for fqn, _, _, plist in found:
+        foreign = [type(p).__name__ for p in plist if not isinstance(p, ours)]
+        if foreign:
+            raise ConfigError(f"{fqn} carries parametrizations deepshrink did not attach ({', '.join(foreign)}); "
+                              "remove them first")
+    for _, module, name, plist in found:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        weight = getattr(module, name)
+        if any(isinstance(p, SharedWeights) for p in plist) and isinstance(weight, nn.Parameter):
+            weight.requires_grad_(weight.is_floating_point())
+    return model
+
+
+@torch.no_grad()
+def zero_pruned_(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write 0 into each masked weight's stored ``original`` (and the optimizer's per-weight state) at
+    pruned positions, so checkpoints carry no stale values. The forward pass is unchanged."""
+    for fqn, module, name, plist in _parametrized_tensors(model):
+        if not plist or not isinstance(plist[0], Masked):
+            continue  # mask positions refer to the original only when Masked comes first
+        original = module.parametrizations[name].original
+        pruned = ~plist[0].mask
+        original.masked_fill_(pruned, 0)
+        if optimizer is not None:
+            for value in optimizer.state.get(original, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == original.shape:
+                    value.masked_fill_(pruned, 0)
+        logger.debug("zeroed %d pruned entries of %s", int(pruned.sum()), fqn)
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module, include: Sequence[str] | None = None) -> float:
+    """Fraction of exactly-zero entries over the compressible weights (effective values); 0.0 if none."""
+    total = zeros = 0
+    for ref in select_weights(model, include):
+        module, name = resolve(model, ref.fqn)
+        w = getattr(module, name)
+        total += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / total if total else 0.0
