@@ -1,0 +1,336 @@
+"""One training loop for training, masked retraining and centroid fine-tuning.
+
+Compression state rides along inside the model: a ``Masked`` weight's pruned entries are zero on
+every forward whatever the optimizer does to its original, and a ``SharedWeights`` weight trains
+only its centroids (its original has ``requires_grad=False``), so the loop needs no special cases.
+Under ``torch.distributed`` (launched with torchrun) the model is wrapped in DistributedDataParallel
+and every rank trains on its own shard of each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .data import Batches, ImageData
+from .errors import ConfigError, DataError, DeepShrinkError
+
+logger = logging.getLogger(__name__)
+
+
+class OptimizerName(str, Enum):
+    """SGD: momentum SGD as in the paper. ADAM: torch Adam (L2 weight decay added to the gradient)."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class Schedule(str, Enum):
+    """CONSTANT: fixed lr. STEP: multiply by gamma at each of step_epochs. COSINE: cosine decay to 0."""
+
+    CONSTANT = "constant"
+    STEP = "step"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; ``dataclasses.asdict`` of it goes into checkpoint meta."""
+
+    epochs: int = 10  # enough for MNIST models; CIFAR recipes set their own
+    batch_size: int = 128  # per process; the global batch under DDP is batch_size * world_size
+    optimizer: str = "sgd"  # an OptimizerName value
+    lr: float = 0.1  # SGD on BN ResNets; retraining recipes use ~0.01, centroid fine-tuning ~0.001
+    momentum: float = 0.9  # standard for SGD; Adam ignores it
+    nesterov: bool = False  # plain momentum, as in the paper's Caffe solver
+    weight_decay: float = 5e-4  # L2 on every trainable tensor (incl. biases, BN, centroids), like the lab
+    schedule: str = "cosine"  # a Schedule value; cosine needs no tuning of drop epochs
+    step_epochs: tuple[int, ...] = ()  # epochs (0-based) at whose start the step schedule multiplies by gamma
+    gamma: float = 0.1  # the usual 10x drop
+    warmup_epochs: float = 0  # linear warmup length; 0 = none
+    label_smoothing: float = 0.0  # plain cross-entropy by default
+    seed: int = 0  # shuffling and augmentation; the model's initialisation is the caller's
+    amp: bool = True  # bf16 (or fp16 + GradScaler) autocast on CUDA; CPU always runs fp32
+    augment: bool = True  # the dataset's default augmentation (ImageData.augment)
+    log_every: int = 50  # steps between host syncs (.item()) for the progress bar
+    progress: bool = True  # rich progress bar (only on rank 0 and a terminal)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        for name, enum in (("optimizer", OptimizerName), ("schedule", Schedule)):
+            try:  # store the plain string so asdict() round-trips through JSON/YAML
+                object.__setattr__(self, name, enum(getattr(self, name)).value)
+            except ValueError:
+                fail(name, "one of " + ", ".join(m.value for m in enum))
+        try:
+            object.__setattr__(self, "step_epochs", tuple(int(s) for s in self.step_epochs))
+        except (TypeError, ValueError):
+            fail("step_epochs", "a list of epoch numbers")
+        ints = {"epochs": 0, "batch_size": 1, "log_every": 1}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                fail(name, f"an integer >= {low}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", "a positive finite number")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "a number in [0, 1)")
+        if self.nesterov and (self.momentum == 0 or self.optimizer != OptimizerName.SGD.value):
+            fail("nesterov", "False unless optimizer is 'sgd' with momentum > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            fail("weight_decay", "a finite number >= 0")
+        if not 0 < self.gamma <= 1:
+            fail("gamma", "a number in (0, 1]")
+        if list(self.step_epochs) != sorted(set(self.step_epochs)) or any(s < 1 for s in self.step_epochs):
+            fail("step_epochs", "strictly increasing epoch numbers >= 1")
+        if not 0 <= self.warmup_epochs <= max(self.epochs, 0):
+            fail("warmup_epochs", f"a number in [0, epochs={self.epochs}]")
+        if not 0 <= self.label_smoothing < 1:
+            fail("label_smoothing", "a number in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch records and the final metrics."""
+
+    history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, test_*, seconds
+    final: dict = field(default_factory=dict)
+
+
+def learning_rate(config: TrainConfig, epoch: float, steps_per_epoch: int = 1) -> float:
+    """The lr of the step that starts at fractional ``epoch`` (0 <= epoch < config.epochs)."""
+    lr = config.lr
+    if config.schedule == Schedule.STEP.value:
+        lr *= config.gamma ** sum(epoch >= s for s in config.step_epochs)
+    elif config.schedule == Schedule.COSINE.value:
+        span = max(config.epochs - config.warmup_epochs, 1e-12)
+        progress = min(max((epoch - config.warmup_epochs) / span, 0.0), 1.0)
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    if config.warmup_epochs > 0:  # measured at the step's end, so the first step already moves
+        lr *= min(1.0, (epoch + 1 / steps_per_epoch) / config.warmup_epochs)
+    return lr
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, else gloo.
+
+    Returns:
+        (rank, world_size, device) where device is this process's GPU or the CPU.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), _default_device()
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"distributed run needs {', '.join(missing)} set; launch with `torchrun --nproc_per_node N ...`")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), _default_device()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0: the process that writes files and logs."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_sum(stats: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return stats
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == OptimizerName.ADAM.value:
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+    )
+
+
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int, sharded: bool) -> dict:
+    # sharded: each rank scores data[rank::world] (disjoint, unpadded, unlike Batches' shards) and the
+    # sums are all-reduced, so every rank must call it
+    rank, world = _world() if sharded else (0, 1)
+    if world > 1:
+        data = replace(data, images=data.images[rank::world], labels=data.labels[rank::world])
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    with torch.no_grad(), parametrize.cached():  # weights are fixed: compute each parametrization once
+        for x, y in Batches(data, batch_size, device=device):
+            logits = model(x).float()
+            stats[0] += F.cross_entropy(logits, y, reduction="sum")
+            stats[1] += (logits.argmax(1) == y).sum()
+            stats[2] += y.numel()
+    model.train(was_training)
+    loss, correct, n = (_all_sum(stats) if sharded else stats).tolist()
+    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
+
+
+def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int = 1024) -> dict:
+    """Mean cross-entropy and top-1 accuracy of ``model`` (moved to ``device``) on all of ``data``.
+
+    Runs in this process alone, also under torch.distributed (so rank 0 may call it by itself).
+
+    Returns:
+        {"loss": float, "accuracy": float in [0, 1], "n": number of samples}
+    """
+    device = torch.device(device)
+    return _evaluate(model.to(device), data, device, batch_size, sharded=False)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays free for the CLI's tables
+        disable=not enabled,
+    )
+
+
+def train(
+    model: nn.Module,
+    data: ImageData,
+    config: TrainConfig,
+    *,
+    eval_data: ImageData | None = None,
+    device: str | torch.device = "cpu",
+    callback: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data``; evaluate on ``eval_data`` after every epoch.
+
+    Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only).
+    Under an initialised ``torch.distributed`` process group every rank must call this with the same
+    arguments; each trains on its shard and the reported metrics are averaged over all ranks.
+
+    Args:
+        callback: called on every rank with each epoch's record (check ``is_main_process()``
+            before writing files).
+
+    Returns:
+        TrainResult with one record per epoch and ``final`` (the last record, or the evaluation
+        of the untrained model when ``epochs == 0``).
+
+    Raises:
+        ConfigError: the model has no trainable tensor.
+        DataError: ``data`` is empty.
+        DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # DDP needs an explicit device index
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world = _world()
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=False everywhere)")
+    optimizer = _make_optimizer(params, config)
+    net: nn.Module = model
+    if dist.is_initialized():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = _amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # drop a ragged last batch (BatchNorm fails on a batch of 1) unless that would leave no batch
+    drop_last = len(data) >= config.batch_size * world
+    batches = Batches(
+        data, config.batch_size, shuffle=True, augment=config.augment, device=device,
+        seed=config.seed, rank=rank, world_size=world, drop_last=drop_last,
+    )
+    steps = len(batches)
+    if steps == 0 and config.epochs > 0:
+        raise DataError(f"{data.name}: no training samples")
+    result = TrainResult()
+    show = config.progress and rank == 0 and sys.stderr.isatty()
+    with _progress_bar(show) as bar:
+        for epoch in range(config.epochs):
+            start = time.perf_counter()
+            task = bar.add_task("train", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=float("nan"), acc=0.0)
+            batches.set_epoch(epoch)
+            net.train()
+            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+            lr = config.lr
+            for step, (x, y) in enumerate(batches):
+                lr = learning_rate(config, epoch + step / steps, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with parametrize.cached():  # each parametrized weight is computed once per step
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = net(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                stats[0] += loss.detach() * y.numel()
+                stats[1] += (logits.detach().argmax(1) == y).sum()
+                stats[2] += y.numel()
+                if (step + 1) % config.log_every == 0 and show:  # the only mid-epoch host sync
+                    loss_sum, correct, n = stats.tolist()
+                    bar.update(task, loss=loss_sum / n, acc=correct / n)
+                bar.advance(task)
+            loss_sum, correct, n = _all_sum(stats).tolist()
+            record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1)}
+            if not math.isfinite(record["loss"]):
+                raise DeepShrinkError(f"epoch {epoch + 1}: training loss is {record['loss']}; lower the lr ({config.lr})")
+            test = _evaluate(model, eval_data, device, 1024, sharded=True) if eval_data is not None else None
+            record["test_accuracy"] = test["accuracy"] if test else None
+            record["test_loss"] = test["loss"] if test else None
+            record["seconds"] = time.perf_counter() - start
+            bar.update(task, loss=record["loss"], acc=record["train_accuracy"])
+            result.history.append(record)
+            if rank == 0:
+                test_text = f", test acc {record['test_accuracy']:.4f}" if test else ""
+                logger.info(
+                    "epoch %d/%d: lr %.4g, loss %.4f, train acc %.4f%s (%.1f s)", epoch + 1, config.epochs,
+                    lr, record["loss"], record["train_accuracy"], test_text, record["seconds"],
+                )
+            if callback is not None:
+                callback(record)
+    if result.history:
+        result.final = dict(result.history[-1])
+    elif eval_data is not None:
+        test = _evaluate(model, eval_data, device, 1024, sharded=True)
+        result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    return result
