@@ -1,0 +1,158 @@
+"""Stage 4: entropy coders that turn a whole array of small unsigned symbols into bytes and back.
+
+Every coder follows the same contract (`Coder`): ``encode(symbols, alphabet_size) -> (payload,
+params)`` and ``decode(payload, params, count, alphabet_size) -> uint32 array``. ``params`` is a
+small JSON-able dict holding everything the decoder needs besides ``count`` and ``alphabet_size``,
+with every bitstream-affecting setting written out, so a file never depends on a library default.
+
+Both coders build their model from the same symbol histogram (`histogram`), so switching between
+them is a one-name change:
+
+>>> import numpy as np
+>>> payload, params = get_coder("huffman").encode(np.array([0, 0, 0, 1, 2]), alphabet_size=3)
+>>> get_coder("huffman").decode(payload, params, count=5, alphabet_size=3).tolist()
+[0, 0, 0, 1, 2]
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numba
+import numpy as np
+
+from deepshrink.errors import CodecError, ConfigError
+
+# Largest alphabet a coder accepts: per-layer code tables stay small and every length fits a uint16 index.
+MAX_ALPHABET_SIZE = 1 << 16
+
+
+class CoderName(str, Enum):
+    """Entropy coders.
+
+    HUFFMAN: canonical, length-limited Huffman code (the paper's choice; the default).
+    ANS: asymmetric numeral systems via ``constriction``, within a few bits of the entropy.
+    """
+
+    HUFFMAN = "huffman"
+    ANS = "ans"
+
+
+@runtime_checkable
+class Coder(Protocol):
+    """A whole-array entropy coder; see the module docstring for the contract."""
+
+    name: str
+
+    def encode(self, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]: ...
+
+    def decode(self, payload: bytes, params: dict, count: int, alphabet_size: int) -> np.ndarray: ...
+
+    def validate_params(self, params: dict, alphabet_size: int) -> None: ...
+
+
+CODERS: dict[str, Coder] = {}
+
+
+def register(name: CoderName) -> Callable[[type], type]:
+    """Class decorator: instantiate the coder with its defaults and add it to `CODERS` under ``name``."""
+
+    def add(cls: type) -> type:
+        CODERS[CoderName(name).value] = cls()
+        return cls
+
+    return add
+
+
+def get_coder(name: str | CoderName) -> Coder:
+    """The registered coder called ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not a registered coder (the message lists the valid names).
+    """
+    key = name.value if isinstance(name, CoderName) else name
+    if not isinstance(key, str) or key not in CODERS:
+        raise ConfigError(f"unknown entropy coder {name!r}; expected one of {sorted(CODERS)}")
+    return CODERS[key]
+
+
+def check_alphabet_size(alphabet_size: Any) -> int:
+    """Return ``alphabet_size`` as an int after checking 1 <= size <= MAX_ALPHABET_SIZE (CodecError otherwise)."""
+    if isinstance(alphabet_size, (bool, np.bool_)) or not isinstance(alphabet_size, (int, np.integer)):
+        raise CodecError(f"alphabet_size must be an int, got {type(alphabet_size).__name__}")
+    if not 1 <= int(alphabet_size) <= MAX_ALPHABET_SIZE:
+        raise CodecError(f"alphabet_size must be in 1..{MAX_ALPHABET_SIZE}, got {alphabet_size}")
+    return int(alphabet_size)
+
+
+def check_count(count: Any) -> int:
+    """Return the symbol ``count`` as an int after checking it is a non-negative integer (CodecError otherwise)."""
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise CodecError(f"symbol count must be a non-negative int, got {count!r}")
+    return int(count)
+
+
+def as_payload(payload: Any) -> memoryview:
+    """``payload`` as a flat byte view (CodecError if it is not bytes-like)."""
+    try:
+        return memoryview(payload).cast("B")
+    except TypeError as error:
+        raise CodecError(f"payload must be bytes-like, got {type(payload).__name__}") from error
+
+
+def as_symbols(symbols: Any, alphabet_size: int) -> np.ndarray:
+    """Contiguous uint32 copy/view of ``symbols`` after checking it is 1-D integers in [0, alphabet_size).
+
+    Raises:
+        CodecError: wrong rank or dtype, or a symbol outside the alphabet.
+    """
+    alphabet_size = check_alphabet_size(alphabet_size)
+    array = np.asarray(symbols)
+    if array.ndim != 1:
+        raise CodecError(f"symbols must be a 1-D array, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise CodecError(f"symbols must have an integer dtype, got {array.dtype}")
+    if array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= alphabet_size:
+            raise CodecError(f"symbols must lie in [0, {alphabet_size}), got values in [{low}, {high}]")
+    return np.ascontiguousarray(array, dtype=np.uint32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _count(symbols, counts):
+    for i in range(symbols.shape[0]):
+        counts[symbols[i]] += 1
+
+
+def histogram(symbols: Any, alphabet_size: int) -> np.ndarray:
+    """int64 (alphabet_size,) count of each symbol: the shared model both coders start from."""
+    array = as_symbols(symbols, alphabet_size)
+    counts = np.zeros(alphabet_size, dtype=np.int64)
+    _count(array, counts)  # np.bincount would first copy the symbols to intp
+    return counts
+
+
+def entropy_bits(symbols: Any, alphabet_size: int) -> float:
+    """Empirical Shannon entropy times the symbol count: the lower bound on any coder's payload in bits."""
+    counts = histogram(symbols, alphabet_size)
+    total = int(counts.sum())
+    used = counts[counts > 0].astype(np.float64)
+    if total == 0:
+        return 0.0
+    return float(-(used * np.log2(used / total)).sum())
+
+
+# Imported last: the coder modules use the helpers above and register themselves into CODERS.
+from deepshrink.coding import ans, huffman  # noqa: E402,F401
+
+__all__ = [
+    "CODERS",
+    "Coder",
+    "CoderName",
+    "MAX_ALPHABET_SIZE",
+    "entropy_bits",
+    "get_coder",
+    "histogram",
+]
