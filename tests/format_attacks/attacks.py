@@ -1,0 +1,309 @@
+"""Hostile compressed files, one per loader check: docs/format.md's threat model, made executable.
+
+``ATTACKS`` maps a name to an ``Attack``: the error the loader must raise, the stage that must catch
+it ("header": ``read_header`` already rejects it; "decode": only decoding can tell), and a function
+that turns the valid ``base_file()`` into the crafted bytes. ``tests/test_format.py`` runs them all.
+To look at the files themselves::
+
+    python tests/format_attacks/attacks.py OUTDIR     # writes OUTDIR/<name>.dsz
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from deepshrink import errors
+from deepshrink.coding import get_coder
+from deepshrink.format import MAGIC, PREFIX_SIZE, CodedTensor, RawTensor, encode_quantized, serialize
+
+
+def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman") -> CodedTensor:
+    indices = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    indices[np.asarray(positions)] = np.asarray(symbols) + 1
+    return encode_quantized(indices.reshape(shape), np.asarray(codebook, np.float32), bits, index_bits, coder)
+
+
+def base_tensors() -> dict:
+    """The valid file's tensors; each one is there for some attack (see comments)."""
+    rng = np.random.default_rng(0)
+    dense = rng.random((8, 50)) < 0.2
+    ans_positions = np.flatnonzero(rng.random(240) < 0.3)
+    return {
+        "a.bias": RawTensor(np.arange(8, dtype="<f4")),  # the first section: 32 bytes at offset 0
+        # 3 centroids = 12 bytes, so 4 bytes of alignment padding follow the codebook
+        "a.weight": _coded((8, 50), np.flatnonzero(dense), rng.integers(0, 3, dense.sum()), [-0.5, 0.25, 1.0], 2, 3),
+        "bn.num_batches_tracked": RawTensor(np.array(7, dtype="<i8")),
+        "p.weight": _coded((100,), [10, 90], [0, 1], [-1.0, 1.0], 1, 8),  # last non-zero at 90
+        # ANS, named last so that its positions stream is the payload's last section
+        "z.weight": _coded((6, 40), ans_positions, rng.integers(0, 4, len(ans_positions)), [0.1, 0.2, 0.3, 0.4],
+                           2, 4, "ans"),
+    }
+
+
+def base_file() -> bytes:
+    return b"".join(serialize(base_tensors(), None, {"dataset": "synthetic"}))
+
+
+# ---------------------------------------------------------------- editing helpers
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    """(header dict, payload) of a valid file."""
+    header_len = struct.unpack_from("<Q", data, 12)[0]
+    return json.loads(data[PREFIX_SIZE : PREFIX_SIZE + header_len]), data[PREFIX_SIZE + header_len :]
+
+
+def join(header: dict | str | bytes, payload: bytes, magic: bytes = MAGIC, version: int = 1, flags: int = 0,
+         header_len: int | None = None) -> bytes:
+    """A file from a header (dict, or exact text/bytes), padded so the payload stays 8-aligned."""
+    if isinstance(header, dict):
+        header = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    raw = header.encode() if isinstance(header, str) else header
+    raw += b" " * (-(PREFIX_SIZE + len(raw)) % 8)
+    return struct.pack("<8sHHQ", magic, version, flags, len(raw) if header_len is None else header_len) + raw + payload
+
+
+def edit(fn: Callable[[dict], object]) -> Callable[[bytes], bytes]:
+    """Craft function that applies ``fn`` to the parsed header and keeps the payload."""
+
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        fn(header)
+        return join(header, payload)
+
+    return craft
+
+
+def edit_text(fn: Callable[[str], str]) -> Callable[[bytes], bytes]:
+    """Craft function that rewrites the header's JSON text (for what a dict cannot express)."""
+
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        return join(fn(json.dumps(header, sort_keys=True, separators=(",", ":"))), payload)
+
+    return craft
+
+
+def prefix(**fields) -> Callable[[bytes], bytes]:
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        return join(header, payload, **fields)
+
+    return craft
+
+
+def payload_byte(locate: Callable[[dict], int], xor: int = 1) -> Callable[[bytes], bytes]:
+    """Flip bits of one payload byte at ``locate(header)`` (an offset relative to the payload)."""
+
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        out = bytearray(data)
+        out[len(data) - len(payload) + locate(header)] ^= xor
+        return bytes(out)
+
+    return craft
+
+
+def tensors(header: dict) -> dict:
+    return header["tensors"]
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    """Edit helper: ``_set("a.bias/shape", [9])`` sets header["tensors"]["a.bias"]["shape"]."""
+    name, *keys = path.split("/")
+
+    def apply(header: dict) -> None:
+        obj = header["tensors"][name]
+        for key in keys[:-1]:
+            obj = obj[key]
+        obj[keys[-1]] = value(obj[keys[-1]]) if callable(value) else value
+
+    return apply
+
+
+def _stream_len(header: dict, name: str, stream: str) -> int:
+    begin, end = header["tensors"][name][stream]["offsets"]
+    return end - begin
+
+
+def _inflate_count(header: dict) -> None:
+    entry = header["tensors"]["a.weight"]
+    entry["shape"] = [8, 5000]  # room for many fillers, so only the payload-size rule can object
+    entry["num_entries"] = 8 * _stream_len(header, "a.weight", "positions_stream") + 1
+
+
+def _own_file(tensors_: dict) -> Callable[[bytes], bytes]:
+    return lambda _data: b"".join(serialize(tensors_, None, None))
+
+
+def _hand_coded(entries: list[int], symbols: list[int], numel: int, index_bits: int) -> CodedTensor:
+    """A coded tensor with hand-written streams (what a buggy or hostile writer could produce)."""
+    huffman = get_coder("huffman")
+    w_stream, w_params = huffman.encode(np.array(symbols), 2)
+    p_stream, p_params = huffman.encode(np.array(entries), 1 << index_bits)
+    return CodedTensor((numel,), 1, index_bits, "huffman", np.array([-1.0, 1.0], np.float32), len(symbols),
+                       len(entries), w_stream, p_stream, {"weights": w_params, "positions": p_params})
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+@dataclass(frozen=True)
+class Attack:
+    error: type[Exception]
+    stage: str  # "header": read_header rejects it; "decode": only read_file can
+    craft: Callable[[bytes], bytes]
+    abuse: str
+
+
+def _pad_after_codebook(header: dict) -> int:
+    return header["tensors"]["a.weight"]["codebook"]["offsets"][1]  # 12-byte codebook: padding follows
+
+
+E = errors
+ATTACKS: dict[str, Attack] = {
+    # the fixed prefix
+    "empty_file": Attack(E.HeaderTooSmall, "header", lambda d: b"", "no prefix at all"),
+    "shorter_than_prefix": Attack(E.HeaderTooSmall, "header", lambda d: d[: PREFIX_SIZE - 1], "truncated prefix"),
+    "bad_magic": Attack(E.BadMagic, "header", lambda d: b"PK\x03\x04" + d[4:], "another format (a zip)"),
+    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=2), "a future version"),
+    "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=1), "reserved flags set"),
+    # the header length
+    "header_length_over_cap": Attack(E.HeaderTooLarge, "header", prefix(header_len=2**63), "u64 length of 8 EiB"),
+    "header_length_past_eof": Attack(E.HeaderTooLarge, "header", lambda d: prefix(header_len=len(d))(d),
+                                     "length beyond the file"),
+    "header_length_zero": Attack(E.HeaderTooSmall, "header", prefix(header_len=0), "empty header"),
+    "header_length_unaligned": Attack(E.InvalidHeader, "header",
+                                      lambda d: prefix(header_len=struct.unpack_from("<Q", d, 12)[0] + 1)(d),
+                                      "payload start not 8-aligned"),
+    # the JSON text
+    "header_not_utf8": Attack(E.InvalidHeader, "header", lambda d: d[:PREFIX_SIZE] + b"\xff" + d[PREFIX_SIZE + 1 :],
+                              "invalid UTF-8 byte"),
+    "header_not_json": Attack(E.InvalidHeader, "header", lambda d: join("{not json", split(d)[1]), "garbage text"),
+    "header_not_object": Attack(E.InvalidHeader, "header", lambda d: join("[1, 2]", split(d)[1]), "a JSON array"),
+    "header_nan": Attack(E.InvalidHeader, "header", edit_text(lambda t: t.replace('"meta":{', '"meta":{"x":NaN,')),
+                         "NaN is not JSON"),
+    "header_deeply_nested": Attack(E.InvalidHeader, "header",
+                                   edit_text(lambda t: t.replace('"meta":{', '"meta":{"x":' + "[" * 100_000 +
+                                                                 "]" * 100_000 + ",")),
+                                   "nesting that exhausts the parser's stack"),
+    "duplicate_key": Attack(E.InvalidHeader, "header", edit_text(lambda t: '{"meta":{"evil":1},' + t[1:]),
+                            "second 'meta' that a lenient parser would keep"),
+    "duplicate_tensor": Attack(E.InvalidHeader, "header",
+                               edit_text(lambda t: t.replace('"tensors":{', '"tensors":{"a.bias":{},', 1)),
+                               "two entries with one name"),
+    # the schema
+    "unknown_top_key": Attack(E.InvalidHeader, "header", edit(lambda h: h.update(extra=1)), "unknown key"),
+    "unknown_entry_key": Attack(E.InvalidHeader, "header", edit(_set("a.bias/strides", [1])),
+                                "strides are not allowed"),
+    "missing_entry_key": Attack(E.InvalidHeader, "header", edit(lambda h: tensors(h)["a.weight"].pop("num_entries")),
+                                "count missing"),
+    "wrong_format_name": Attack(E.InvalidHeader, "header", edit(lambda h: h.update(format="other")), "not ours"),
+    "header_version_disagrees": Attack(E.UnsupportedVersion, "header", edit(lambda h: h.update(version=2)),
+                                       "header and prefix versions differ"),
+    "model_spec_too_large": Attack(E.HeaderTooLarge, "header",
+                                   edit(lambda h: h.update(model={"arch": "mlp", "kwargs": {"hidden": [1] * 10_000}})),
+                                   "kwargs asking for 10,000 layers"),
+    "tensors_not_object": Attack(E.InvalidHeader, "header", edit(lambda h: h.update(tensors=[])), "wrong type"),
+    "unknown_codec": Attack(E.InvalidHeader, "header", edit(_set("a.bias/codec", "zip")), "unknown codec"),
+    "bad_dtype": Attack(E.InvalidHeader, "header", edit(_set("a.bias/dtype", "float128")), "dtype not allowed"),
+    "dtype_not_a_string": Attack(E.InvalidHeader, "header", edit(_set("a.bias/dtype", ["float32"])),
+                                 "unhashable dtype"),
+    "coded_dtype_not_float": Attack(E.InvalidHeader, "header", edit(_set("a.weight/dtype", "int64")),
+                                    "coded tensors decode to float32"),
+    "unknown_coder": Attack(E.InvalidHeader, "header", edit(_set("a.weight/coder", "lzma")), "coder not registered"),
+    "negative_shape": Attack(E.InvalidHeader, "header", edit(_set("a.bias/shape", [-8])), "negative dimension"),
+    "float_shape": Attack(E.InvalidHeader, "header", edit(_set("a.bias/shape", [8.0])), "non-integer dimension"),
+    "bool_shape": Attack(E.InvalidHeader, "header", edit(_set("a.bias/shape", [True] * 8)), "true is not 1"),
+    "too_many_dims": Attack(E.InvalidHeader, "header", edit(_set("a.bias/shape", [1] * 33 + [8])), "33+ dims"),
+    "bits_not_int": Attack(E.InvalidHeader, "header", edit(_set("a.weight/bits", "2")), "string bits"),
+    "offsets_not_integers": Attack(E.InvalidHeader, "header", edit(_set("a.bias/offsets", ["0", "32"])),
+                                   "string offsets"),
+    "crc_not_u32": Attack(E.InvalidHeader, "header", edit(_set("a.bias/crc32", 2**32)), "crc out of range"),
+    # bounds: a tiny file must not claim a huge tensor
+    "huge_shape": Attack(E.TensorInfoMismatch, "header", edit(_set("a.bias/shape", [2**40])), "2**40 elements"),
+    "huge_shape_product": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/shape", [2**16, 2**16])),
+                                 "product over 2**31"),
+    "coded_expansion": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/shape", [2**30])),
+                              "a 1 KiB file that would decode to 4 GiB of zeros"),
+    "bits_out_of_range": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/bits", 17)), "bits > 16"),
+    "index_bits_zero": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/index_bits", 0)), "no positions"),
+    "codebook_too_big_for_bits": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/codebook/size", 5)),
+                                        "5 centroids in 2 bits"),
+    "codebook_length_mismatch": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/codebook/size", 4)),
+                                       "size disagrees with section"),
+    "raw_length_mismatch": Attack(E.TensorInfoMismatch, "header", edit(_set("a.bias/shape", [9])),
+                                  "shape x itemsize != span"),
+    "raw_dtype_length_mismatch": Attack(E.TensorInfoMismatch, "header", edit(_set("a.bias/dtype", "float64")),
+                                        "itemsize changes the span"),
+    "nonzero_exceeds_numel": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/num_nonzero", 401)),
+                                    "more non-zeros than elements"),
+    "entries_exceed_bound": Attack(E.TensorInfoMismatch, "header", edit(_set("a.weight/num_entries", 10**9)),
+                                   "more fillers than zeros"),
+    "count_exceeds_payload": Attack(E.TensorInfoMismatch, "header", edit(_inflate_count),
+                                    "more Huffman symbols than payload bits"),
+    "coder_params_not_kraft": Attack(E.CodecError, "header",
+                                     edit(_set("a.weight/coder_params/weights/code_lengths", [1, 1, 1])),
+                                     "lengths that are no prefix code"),
+    "coder_params_wrong_alphabet": Attack(E.CodecError, "header",
+                                          edit(_set("a.weight/coder_params/weights/code_lengths", [1, 1])),
+                                          "table for another alphabet"),
+    "ans_frequencies_bad_sum": Attack(E.CodecError, "header",
+                                      edit(_set("z.weight/coder_params/weights/frequencies",
+                                                lambda f: [f[0] + 1] + f[1:])), "frequencies not 2**precision"),
+    # sections
+    "offsets_reversed": Attack(E.InvalidOffset, "header", edit(_set("a.bias/offsets", [32, 0])), "end < begin"),
+    "offsets_overlap": Attack(E.InvalidOffset, "header",
+                              edit(_set("z.weight/codebook/offsets", lambda o: [0, o[1] - o[0]])),
+                              "two tensors share bytes"),
+    "offsets_gap": Attack(E.InvalidOffset, "header",
+                          edit(_set("z.weight/positions_stream/offsets", lambda o: [o[0] + 8, o[1] + 8])),
+                          "unexplained gap"),
+    "offsets_past_end": Attack(E.InvalidOffset, "header",
+                               edit(_set("z.weight/positions_stream/offsets", lambda o: [o[0], o[1] + 1000])),
+                               "section beyond the file"),
+    "section_unclaimed": Attack(E.InvalidOffset, "header", edit(lambda h: tensors(h).pop("a.bias")),
+                                "bytes no entry claims (hidden data)"),
+    "nonzero_padding": Attack(E.InvalidOffset, "header", payload_byte(_pad_after_codebook), "data in padding"),
+    "trailing_bytes": Attack(E.TrailingBytes, "header", lambda d: d + bytes(8), "appended data"),
+    "trailing_byte_unaligned": Attack(E.TrailingBytes, "header", lambda d: d + b"x", "one extra byte"),
+    # checksums
+    "checksum_data": Attack(E.ChecksumMismatch, "header",
+                            payload_byte(lambda h: h["tensors"]["a.bias"]["offsets"][0] + 5), "bit rot in a tensor"),
+    "checksum_stream": Attack(E.ChecksumMismatch, "header",
+                              payload_byte(lambda h: h["tensors"]["z.weight"]["weights_stream"]["offsets"][0]),
+                              "bit rot in a coded stream"),
+    "checksum_field": Attack(E.ChecksumMismatch, "header", edit(_set("a.bias/crc32", lambda c: c ^ 1)), "wrong crc"),
+    # only decoding can tell (CRCs are right: a hostile writer computes them)
+    "positions_past_end": Attack(E.TensorInfoMismatch, "decode", edit(_set("p.weight/shape", [60])),
+                                 "a weight placed at 90 in a 60-element tensor"),
+    "trailing_filler": Attack(E.TensorInfoMismatch, "decode", _own_file({"w": _hand_coded([0, 7], [1], 100, 3)}),
+                              "positions stream ends with a filler"),
+    "positions_weights_disagree": Attack(E.TensorInfoMismatch, "decode",
+                                         _own_file({"w": _hand_coded([0, 0, 0], [1, 0], 100, 3)}),
+                                         "3 weights placed, 2 decoded"),
+    "bool_not_0_or_1": Attack(E.TensorInfoMismatch, "decode",
+                              _own_file({"m": RawTensor(np.array([1, 2], np.uint8).view(np.bool_))}),
+                              "bool byte 2"),
+}
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = base_file()
+    (out / "valid.dsz").write_bytes(data)
+    for name, attack in ATTACKS.items():
+        (out / f"{name}.dsz").write_bytes(attack.craft(data))
+    print(f"wrote {len(ATTACKS) + 1} files to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "format_attack_files")
