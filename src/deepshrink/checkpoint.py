@@ -43,6 +43,8 @@ def compression_state(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
                 entry: dict[str, Any] = {"kind": p.kind}
                 if isinstance(p, SharedWeights):
                     entry["bits"] = p.bits
+                    if p.gradient != "sum":
+                        entry["gradient"] = p.gradient
                 entries.append(entry)
             state[f"{module_name}.{param_name}" if module_name else param_name] = entries
     return state

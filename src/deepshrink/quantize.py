@@ -3,17 +3,416 @@
 A quantized weight is ``codebook[indices]`` where index 0 is the pruned value (exactly zero) and
 indices 1..K point at the K trainable centroids. Gradients reach each centroid as the sum of its
 weights' gradients (the paper's Eq. 3) through the gather's backward; assignments never change.
+Fine-tuning the centroids therefore needs nothing beyond an optimizer over the model's parameters::
+
+    layers = quantize_model(model, QuantizeConfig(bits=4))      # {fqn: {"bits", "mse", ...}}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    for x, y in batches:                                        # your loop, unchanged
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+The clustering core is exact 1-D Lloyd k-means on the sorted non-zero values: with prefix sums, one
+iteration costs O(k log n) (k-1 binary searches for the boundaries between clusters, then k segment
+means), not the O(nk) of a general k-means.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+import numbers
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import ConfigError
+from .layers import WeightRef, resolve, select_weights
+
+logger = logging.getLogger(__name__)
+
+MAX_BITS = 16  # 65,536 centroids: beyond that, sharing no longer saves anything over float16
+
+
+class CentroidInit(str, Enum):
+    """Where Lloyd's iterations start (Han et al. 2016, Sec. 3.2).
+
+    RANDOM: Forgy; k distinct values drawn at random from the layer's weights.
+    DENSITY: equal steps on the weights' CDF (the quantiles at levels (i + 1/2) / k).
+    LINEAR: equal steps between the smallest and largest weight; keeps the rare large weights
+        represented, the paper's best.
+    KMEANS_PP: k-means++ seeding (each next centroid drawn with probability ~ squared distance).
+    """
+
+    RANDOM = "random"
+    DENSITY = "density"
+    LINEAR = "linear"
+    KMEANS_PP = "kmeans++"
+
+
+class GradientMode(str, Enum):
+    """How the gradients of a centroid's member weights combine into the centroid's gradient.
+
+    SUM: their sum (the paper's Eq. 3).
+    AVG: their mean (the sum divided by the member count), so big clusters do not take bigger steps.
+    """
+
+    SUM = "sum"
+    AVG = "avg"
+
+
+def _enum_value(enum: type[Enum], value, what: str) -> str:
+    try:
+        return enum(value).value
+    except ValueError:
+        valid = ", ".join(m.value for m in enum)
+        raise ConfigError(f"unknown {what} {value!r}; valid: {valid}") from None
+
+
+def _check_bits(bits, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    return int(bits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional core: 1-D k-means on plain numpy arrays.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _SortedValues:
+    """Sorted float64 values with prefix sums, so any run's count, sum and SSE cost O(1)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x  # sorted float64
+        self.n = x.size
+        self.s1 = np.empty(self.n + 1)
+        self.s1[0] = 0.0
+        np.cumsum(x, out=self.s1[1:])
+        self._s2: np.ndarray | None = None
+
+    @property
+    def s2(self) -> np.ndarray:
+        # only k-means++ and the split fallback of empty-cluster repair need squares: computed on first use
+        if self._s2 is None:
+            self._s2 = np.empty(self.n + 1)
+            self._s2[0] = 0.0
+            np.cumsum(np.square(self.x), out=self._s2[1:])
+        return self._s2
+
+    def means(self, bounds: np.ndarray) -> np.ndarray:
+        hi, lo = bounds[1:], bounds[:-1]
+        return (self.s1[hi] - self.s1[lo]) / (hi - lo)
+
+    def sse(self, bounds: np.ndarray, centers: np.ndarray) -> np.ndarray:
+        """Sum of squared distances of each run [bounds[j], bounds[j+1]) to ``centers[j]``."""
+        lo, hi = bounds[:-1], bounds[1:]
+        total = self.s2[hi] - self.s2[lo] - 2 * centers * (self.s1[hi] - self.s1[lo]) + (hi - lo) * centers**2
+        return np.maximum(total, 0.0)  # rounding can dip below zero for tight runs
+
+    def assign(self, centers: np.ndarray) -> np.ndarray:
+        """Run boundaries of the nearest-centroid partition (sorted centers; ties go to the lower one)."""
+        mids = 0.5 * (centers[:-1] + centers[1:])
+        return np.concatenate(([0], np.searchsorted(self.x, mids, side="right"), [self.n]))
+
+
+def _check_values(values, what: str = "values") -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ConfigError(f"{what} must be a 1-D array, got shape {values.shape}")
+    if values.size == 0:
+        raise ConfigError(f"{what} is empty; there is nothing to cluster")
+    if not np.issubdtype(values.dtype, np.floating):
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+            raise ConfigError(f"{what} must be real numbers, got dtype {values.dtype}")
+        values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise ConfigError(f"{what}: {bad} of {values.size} values are NaN/inf; k-means needs finite values")
+    return values
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ConfigError(f"k (number of centroids) must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _distinct(sorted_values: np.ndarray) -> np.ndarray:
+    keep = np.empty(sorted_values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=keep[1:])
+    return sorted_values[keep]
+
+
+def _init_linear(sv: _SortedValues, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.linspace(sv.x[0], sv.x[-1], k)
+
+
+def _init_density(sv: _SortedValues, k: int, rng: np.random.Generator) -> np.ndarray:
+    # quantile at level (i + 1/2) / k, linearly interpolated between order statistics
+    pos = (np.arange(k) + 0.5) / k * (sv.n - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, sv.n - 1)
+    frac = pos - lo
+    return sv.x[lo] + frac * (sv.x[hi] - sv.x[lo])
+
+
+def _init_random(sv: _SortedValues, k: int, rng: np.random.Generator) -> np.ndarray:
+    picked = np.unique(sv.x[rng.choice(sv.n, size=min(k, sv.n), replace=False)])
+    if picked.size < k:  # repeated values were drawn: top up from the distinct values not yet taken
+        rest = np.setdiff1d(_distinct(sv.x), picked, assume_unique=True)
+        extra = rng.choice(rest.size, size=min(k - picked.size, rest.size), replace=False)
+        picked = np.union1d(picked, rest[extra])
+    return picked
+
+
+def _init_kmeans_pp(sv: _SortedValues, k: int, rng: np.random.Generator) -> np.ndarray:
+    x, s1, s2 = sv.x, sv.s1, sv.s2
+    centers = np.array([x[rng.integers(sv.n)]])
+    while centers.size < k:
+        # potential (squared distance to the nearest center) summed over each run, from prefix sums
+        bounds = sv.assign(centers)
+        costs = sv.sse(bounds, centers)
+        total = costs.sum()
+        if not total > 0:
+            break  # every distinct value is already a center
+        cum = np.cumsum(costs)
+        j = min(int(np.searchsorted(cum, rng.random() * total, side="right")), costs.size - 1)
+        target = rng.random() * costs[j]
+        lo, hi, c = int(bounds[j]), int(bounds[j + 1]), centers[j]
+
+        def cost_upto(e: int) -> float:  # potential of x[lo:e] around c
+            return s2[e] - s2[lo] - 2 * c * (s1[e] - s1[lo]) + (e - lo) * c * c
+
+        a, b = lo, hi - 1  # smallest index i with cost_upto(i + 1) > target
+        while a < b:
+            m = (a + b) // 2
+            if cost_upto(m + 1) > target:
+                b = m
+            else:
+                a = m + 1
+        pick = x[a]
+        if np.any(centers == pick):  # rounding led to a zero-potential point: take the farthest instead
+            ends = np.concatenate((x[bounds[:-1]], x[bounds[1:] - 1]))
+            far = np.abs(ends - np.concatenate((centers, centers)))
+            if not far.max() > 0:
+                break
+            pick = ends[int(np.argmax(far))]
+        centers = np.sort(np.append(centers, pick))
+    return centers
+
+
+#: Centroid initialisers: sorted values, k, random generator -> initial centroids (float64).
+CENTROID_INITS: dict[CentroidInit, Callable[[_SortedValues, int, np.random.Generator], np.ndarray]] = {
+    CentroidInit.RANDOM: _init_random,
+    CentroidInit.DENSITY: _init_density,
+    CentroidInit.LINEAR: _init_linear,
+    CentroidInit.KMEANS_PP: _init_kmeans_pp,
+}
+
+
+def _sorted_values(values: np.ndarray) -> tuple[np.ndarray, _SortedValues]:
+    # sort in the input dtype (float32 sorts ~2x faster), then widen: float32 -> float64 is exact
+    sorted_native = np.sort(values)
+    return sorted_native, _SortedValues(sorted_native.astype(np.float64))
+
+
+def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.ndarray:
+    """Initial centroids for clustering ``values`` into ``k`` groups.
+
+    Args:
+        values: 1-D array of finite numbers.
+        k: number of centroids (>= 1).
+        init: a ``CentroidInit`` value ("random", "density", "linear", "kmeans++").
+        seed: seeds "random" and "kmeans++" (deterministic per seed).
+
+    Returns:
+        sorted float64 array; k entries, except that "random" and "kmeans++" stop at the number of
+        distinct values when there are fewer than k. "linear" and "density" may repeat values.
+
+    Raises:
+        ConfigError: empty or non-finite values, k < 1, unknown init.
+    """
+    values = _check_values(values)
+    k = _check_k(k)
+    method = CentroidInit(_enum_value(CentroidInit, init, "centroid init"))
+    _, sv = _sorted_values(values)
+    return CENTROID_INITS[method](sv, k, np.random.default_rng(seed))
+
+
+def _split_largest(sv: _SortedValues, bounds: np.ndarray, k: int) -> np.ndarray:
+    """Split the run with the largest SSE (at its mean) until there are k runs (needs k distinct values)."""
+    x = sv.x
+    while bounds.size - 1 < k:
+        lo, hi = bounds[:-1], bounds[1:]
+        means = sv.means(bounds)
+        spread = x[hi - 1] - x[lo]
+        score = np.where(spread > 0, sv.sse(bounds, means), -1.0)  # a run of one repeated value cannot split
+        if not score.max() > 0:
+            score = np.where(spread > 0, spread, -1.0)  # SSE lost to rounding: fall back to the widest run
+        j = int(np.argmax(score))
+        a, b = int(lo[j]), int(hi[j])
+        cut = a + int(np.searchsorted(x[a:b], means[j], side="right"))
+        if not a < cut < b:  # the mean rounded onto an end value: cut after the first value's run
+            cut = a + int(np.searchsorted(x[a:b], x[a], side="right"))
+        bounds = np.insert(bounds, j + 1, cut)
+    return bounds
+
+
+def _reseed_empty(sv: _SortedValues, bounds: np.ndarray, centers: np.ndarray, k: int) -> np.ndarray:
+    """Re-seed missing clusters with the values farthest from their current centers (as scikit-learn does).
+
+    ``bounds`` (from ``assign(centers)``) may hold empty runs and fewer than k runs. With m clusters
+    missing, the m values farthest from their run's center lie at run ends; each is cut off as a run
+    of its own. The result can still have fewer than k runs (a whole run was taken): the next
+    iteration re-seeds again. Cuts fall only between different values, so a value's run can be
+    recovered from the value alone. Needs more than k distinct values.
+    """
+    nonempty = np.diff(bounds) > 0
+    m = k - int(np.count_nonzero(nonempty))
+    if m == 0:
+        return bounds if nonempty.all() else np.unique(bounds)
+    x = sv.x
+    lo, hi, owner = bounds[:-1][nonempty], bounds[1:][nonempty], centers[nonempty]
+    # candidates: the m values at each end of each run (the distance to a run's center grows outwards)
+    steps = np.arange(m)
+    cand = np.concatenate([np.minimum(lo[:, None] + steps, hi[:, None] - 1).ravel(),
+                           np.maximum(hi[:, None] - 1 - steps, lo[:, None]).ravel()])
+    run = np.concatenate([np.repeat(np.arange(lo.size), m)] * 2)
+    cand, first = np.unique(cand, return_index=True)
+    dist = (x[cand] - owner[run[first]]) ** 2
+    far = x[cand[np.argsort(-dist, kind="stable")[:m]]]
+    cuts = [lo, [sv.n], np.searchsorted(x, far, side="left"), np.searchsorted(x, far, side="right")]
+    return np.unique(np.concatenate(cuts))
+
+
+def _complete(sv: _SortedValues, bounds: np.ndarray, centers: np.ndarray, k: int) -> np.ndarray:
+    """Final assignment: re-seed until there are exactly k runs (needs more than k distinct values)."""
+    bounds = _reseed_empty(sv, bounds, centers, k)
+    while bounds.size - 1 < k:
+        more = _reseed_empty(sv, bounds, sv.means(bounds), k)
+        bounds = more if more.size > bounds.size else _split_largest(sv, bounds, k)
+    return bounds
+
+
+def _labels(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each value, the number of thresholds strictly below it (its cluster index)."""
+    thresholds = thresholds.astype(values.dtype)  # exact: the thresholds are values of this array
+    if thresholds.size > 128:
+        return np.searchsorted(thresholds, values, side="left")
+    # few thresholds: k vectorised compares over cache-sized chunks beat a per-value binary search 3-5x
+    chunk = 1 << 15
+    out = np.empty(values.size, dtype=np.uint8)
+    scratch = np.empty(min(chunk, values.size), dtype=bool)
+    for start in range(0, values.size, chunk):
+        part = values[start:start + chunk]
+        acc = out[start:start + chunk]
+        acc.fill(0)
+        above = scratch[:part.size]
+        for t in thresholds:
+            np.greater(part, t, out=above)
+            np.add(acc, above, out=acc)
+    return out
+
+
+def kmeans_1d(
+    values: np.ndarray,
+    k: int,
+    init: str = "linear",
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means on scalars, exact and O(k log n) per iteration.
+
+    Stops when no assignment changes, when the centroids move less than ``tol`` (sum of squared
+    shifts relative to the variance of ``values``, as scikit-learn counts it) or after ``max_iter``
+    iterations. A last assignment step follows, and the returned centroids are the means of their
+    clusters. A cluster left empty is re-seeded by splitting the cluster with the largest squared
+    error at its mean (deterministic).
+
+    Args:
+        values: 1-D array of finite numbers.
+        k: number of centroids (>= 1).
+        init: a ``CentroidInit`` value.
+        seed: seeds "random" and "kmeans++".
+        max_iter: most Lloyd iterations (>= 1).
+        tol: relative convergence tolerance (>= 0).
+
+    Returns:
+        (centroids, labels): sorted float64 centroids of shape (k',) where k' = min(k, number of
+        distinct values) (with fewer distinct values than k they are exactly those values), and each
+        value's cluster index (uint8 when k' <= 129, else intp).
+
+    Raises:
+        ConfigError: empty or non-finite values, k < 1, unknown init, max_iter < 1, tol < 0.
+    """
+    values = _check_values(values)
+    k = _check_k(k)
+    method = CentroidInit(_enum_value(CentroidInit, init, "centroid init"))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not (isinstance(tol, numbers.Real) and tol >= 0):
+        raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
+
+    sorted_native, sv = _sorted_values(values)
+    # a strided sample with more than k distinct values settles it without a pass over all n
+    if _distinct(sorted_native[:: max(1, sv.n // (4 * k))]).size <= k:
+        distinct = _distinct(sorted_native)
+        if distinct.size <= k:
+            return distinct.astype(np.float64), _labels(values, distinct[:-1])
+
+    mean = sv.s1[-1] / sv.n
+    variance = float(np.dot(sv.x, sv.x)) / sv.n - mean * mean  # one fast pass; exact enough unless |mean| >> std
+    if not variance > 1e-6 * mean * mean:
+        variance = float(np.var(sv.x))
+    tol_abs = tol * variance
+    centers = np.sort(CENTROID_INITS[method](sv, k, np.random.default_rng(seed)))
+    bounds = None
+    for _ in range(max_iter):
+        new_bounds = sv.assign(centers)
+        if centers.size < k or not (new_bounds[1:] > new_bounds[:-1]).all():
+            new_bounds = _reseed_empty(sv, new_bounds, centers, k)
+        if bounds is not None and new_bounds.size == bounds.size and (new_bounds == bounds).all():
+            break  # no assignment changed: centers already are the means of these runs
+        new_centers = sv.means(new_bounds)
+        shift = float(np.sum((new_centers - centers) ** 2)) if new_centers.size == centers.size else np.inf
+        centers, bounds = new_centers, new_bounds
+        if shift <= tol_abs:
+            break
+    bounds = _complete(sv, sv.assign(centers), centers, k)
+    centers = sv.means(bounds)
+    return centers, _labels(values, sorted_native[bounds[1:-1] - 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parametrization
+# ---------------------------------------------------------------------------------------------------
 
 
 def index_dtype(num_centroids: int) -> torch.dtype:
     """Smallest integer dtype that holds indices 0..num_centroids (0 = pruned)."""
     return torch.uint8 if num_centroids <= 255 else torch.int32
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` (exact values, no arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
 
 
 class SharedWeights(nn.Module):
@@ -22,13 +421,16 @@ class SharedWeights(nn.Module):
     Buffers/parameters (all in the module's state_dict):
         centroids: float Parameter of shape (K,), the shared non-zero values.
         indices: integer buffer shaped like the weight; 0 = pruned (zero), k = centroids[k-1].
+
+    ``gradient`` ("sum" or "avg", see ``GradientMode``) is a plain attribute, not state.
     """
 
     kind = "shared"
 
-    def __init__(self, centroids: torch.Tensor, indices: torch.Tensor, bits: int):
+    def __init__(self, centroids: torch.Tensor, indices: torch.Tensor, bits: int, gradient: str = "sum"):
         super().__init__()
         self.bits = int(bits)
+        self.gradient = _enum_value(GradientMode, gradient, "gradient mode")
         self.centroids = nn.Parameter(centroids.detach().clone().float())
         self.register_buffer("indices", indices.to(index_dtype(centroids.numel())))
 
@@ -36,15 +438,224 @@ class SharedWeights(nn.Module):
         """(K+1,) tensor: 0.0 followed by the centroids."""
         return torch.cat([self.centroids.new_zeros(1), self.centroids])
 
+    def member_counts(self) -> torch.Tensor:
+        """(K,) number of weights assigned to each centroid."""
+        counts = torch.bincount(self.indices.reshape(-1).long(), minlength=self.centroids.numel() + 1)
+        return counts[1:self.centroids.numel() + 1]
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        centroids = self.centroids
+        if self.gradient == GradientMode.AVG.value:
+            # counts follow the indices buffer (e.g. after load_state_dict); identity on the values
+            scale = 1.0 / self.member_counts().clamp_min(1).to(centroids.dtype)
+            centroids = _ScaleGrad.apply(centroids, scale)
         # index_select's backward is a scatter-add: each centroid's grad is the SUM of its weights' grads
-        flat = self.codebook().index_select(0, self.indices.reshape(-1).long())
+        codebook = torch.cat([centroids.new_zeros(1), centroids])
+        flat = codebook.index_select(0, self.indices.reshape(-1).long())
         return flat.view(self.indices.shape).to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, centroids={self.centroids.numel()}"
+        extra = f", gradient={self.gradient}" if self.gradient != GradientMode.SUM.value else ""
+        return f"bits={self.bits}, centroids={self.centroids.numel()}{extra}"
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], bits: int) -> "SharedWeights":
+    def from_state(cls, tensors: dict[str, torch.Tensor], bits: int, gradient: str = "sum") -> "SharedWeights":
         """Rebuild with placeholder tensors shaped like a saved state (values come from load_state_dict)."""
-        return cls(torch.zeros_like(tensors["centroids"]), torch.zeros_like(tensors["indices"]), bits)
+        return cls(torch.zeros_like(tensors["centroids"]), torch.zeros_like(tensors["indices"]), bits, gradient)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model layer
+# ---------------------------------------------------------------------------------------------------
+
+
+def _str_tuple(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}") from None
+    if not all(isinstance(v, str) for v in out):
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of one weight-sharing step (``dataclasses.asdict`` goes into checkpoint meta)."""
+
+    bits: int = 4  # 16 shared values per layer: the lab's setting, small codebooks, little accuracy loss
+    bits_conv: int | None = None  # conv layers; None = ``bits`` (the paper used 8 for AlexNet's convs)
+    bits_fc: int | None = None  # fully connected layers; None = ``bits`` (the paper used 5)
+    bits_by_pattern: tuple[tuple[str, int], ...] = ()  # FQN glob -> bits; first match wins, beats conv/fc
+    init: str = "linear"  # a CentroidInit value; linear keeps large weights represented (paper's best)
+    seed: int = 0  # seeds random/kmeans++ inits; each layer derives its own seed from this and its FQN
+    max_iter: int = 100  # Lloyd iterations per layer; 1-D k-means rarely needs more
+    include: tuple[str, ...] | None = None  # FQN globs; None = every layer of the selected kinds
+    exclude: tuple[str, ...] = ()  # FQN globs removed after include
+    kinds: tuple[str, ...] = ("conv", "fc")  # custom layers opt in explicitly
+    gradient: str = "sum"  # a GradientMode value; sum is the paper's Eq. 3
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
+        set_(self, "bits", _check_bits(self.bits))
+        for name in ("bits_conv", "bits_fc"):
+            value = getattr(self, name)
+            set_(self, name, None if value is None else _check_bits(value, name))
+        try:
+            pairs = tuple((p, b) for p, b in self.bits_by_pattern)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"bits_by_pattern must be a sequence of (glob, bits) pairs, got {self.bits_by_pattern!r}"
+            ) from None
+        for pattern, b in pairs:
+            if not isinstance(pattern, str):
+                raise ConfigError(f"bits_by_pattern: pattern must be a string, got {pattern!r}")
+            _check_bits(b, f"bits_by_pattern entry {pattern!r}")
+        set_(self, "bits_by_pattern", tuple((p, int(b)) for p, b in pairs))
+        set_(self, "init", _enum_value(CentroidInit, self.init, "centroid init"))
+        set_(self, "gradient", _enum_value(GradientMode, self.gradient, "gradient mode"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
+            raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        set_(self, "include", None if self.include is None else _str_tuple(self.include, "include"))
+        set_(self, "exclude", _str_tuple(self.exclude, "exclude"))
+        set_(self, "kinds", _str_tuple(self.kinds, "kinds"))
+
+
+def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
+    """Bits for one weight: first matching ``bits_by_pattern`` glob, else ``bits_conv``/``bits_fc`` by
+    layer kind when set, else ``bits``."""
+    for pattern, bits in config.bits_by_pattern:
+        if fnmatch.fnmatchcase(ref.fqn, pattern):
+            return bits
+    by_kind = {"conv": config.bits_conv, "fc": config.bits_fc}.get(ref.kind)
+    return config.bits if by_kind is None else by_kind
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, init: str = "linear", seed: int = 0, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the non-zero entries of ``weight`` into at most ``2**bits`` shared values.
+
+    Returns:
+        (centroids, indices): float32 centroids of shape (K,), K <= 2**bits (fewer when there are fewer
+        distinct non-zero values; 0 for an all-zero weight), and integer indices shaped like
+        ``weight``: 0 where ``weight == 0``, 1..K elsewhere. Both on ``weight``'s device.
+
+    Raises:
+        ConfigError: bits outside 1..16, NaN/inf entries, unknown init.
+    """
+    bits = _check_bits(bits)
+    flat = weight.detach().reshape(-1).to("cpu", torch.float32)
+    keep = flat != 0
+    values = flat[keep].numpy()
+    if values.size == 0:
+        centroids = torch.zeros(0)
+        labels = torch.zeros(0, dtype=torch.uint8)
+    else:
+        c, lab = kmeans_1d(values, 2**bits, init, seed=seed, max_iter=max_iter)
+        centroids, labels = torch.from_numpy(c).float(), torch.from_numpy(lab)
+    indices = torch.zeros(flat.numel(), dtype=index_dtype(centroids.numel()))
+    indices[keep] = labels.to(indices.dtype) + 1
+    return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
+
+
+def _shared_of(module: nn.Module, name: str) -> SharedWeights | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, SharedWeights)), None)
+
+
+def _layer_seed(seed: int, fqn: str) -> int:
+    # from the name, not the position: adding a layer to the selection does not reseed the others
+    return (seed + zlib.crc32(fqn.encode())) % 2**32
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) -> dict[str, dict]:
+    """Share weights in every selected layer: k-means on its non-zero *effective* entries.
+
+    A layer's ``Masked`` mask is baked in first, so its zeros form the pruned set (index 0);
+    ``SharedWeights`` is attached instead and the stored original is frozen (``requires_grad=False``):
+    train the centroids with a fresh optimizer. All layers are clustered before any is changed, so an
+    error leaves the model as it was.
+
+    Returns:
+        ``{fqn: {"bits", "num_centroids", "mse", "nonzero", "numel"}}`` in module order; mse is the
+        mean squared quantization error over the layer's non-zero weights.
+
+    Raises:
+        ConfigError: a selected weight is already quantized, carries a foreign parametrization or holds
+        NaN/inf, a bits setting is out of range, a pattern matches nothing.
+    """
+    refs = select_weights(model, config.include, config.exclude, config.kinds)
+    fqns = [r.fqn for r in refs]
+    for pattern, _ in config.bits_by_pattern:
+        if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
+            raise ConfigError(
+                f"bits_by_pattern pattern {pattern!r} matches no selected weight; selected: {', '.join(fqns)}"
+            )
+    if not refs:
+        logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds))
+        return {}
+
+    plans = []
+    for ref in refs:
+        module, name = resolve(model, ref.fqn)
+        shared = _shared_of(module, name)
+        if shared is not None:
+            raise ConfigError(f"{ref.fqn} is already quantized ({shared.bits} bits); strip() the model to re-quantize")
+        if parametrize.is_parametrized(module, name):
+            # only masks get baked in; by kind, since quantize never imports prune
+            foreign = [type(p).__name__ for p in module.parametrizations[name] if getattr(p, "kind", None) != "masked"]
+            if foreign:
+                raise ConfigError(f"{ref.fqn} carries parametrizations deepshrink did not attach "
+                                  f"({', '.join(foreign)}); remove them first")
+        bits = bits_for(ref, config)
+        with torch.no_grad():
+            weight = getattr(module, name).detach()
+        if not weight.is_floating_point():
+            raise ConfigError(f"{ref.fqn}: expected a floating-point weight, got {weight.dtype}")
+        try:
+            seed = _layer_seed(config.seed, ref.fqn)
+            centroids, indices = quantize_weight(weight, bits, config.init, seed, config.max_iter)
+        except ConfigError as e:
+            raise ConfigError(f"{ref.fqn}: {e}") from None
+        nonzero = indices != 0
+        with torch.no_grad():
+            codebook = torch.cat([centroids.new_zeros(1), centroids]).double()
+            err = codebook[indices.long()][nonzero] - weight.double()[nonzero]
+            mse = float(err.square().mean()) if err.numel() else 0.0
+        info = {"bits": bits, "num_centroids": centroids.numel(), "mse": mse,
+                "nonzero": int(nonzero.sum()), "numel": weight.numel()}
+        plans.append((ref.fqn, module, name, centroids, indices, info))
+
+    layers = {}
+    for fqn, module, name, centroids, indices, info in plans:
+        if parametrize.is_parametrized(module, name):
+            # leave_parametrized: the Parameter object stays, now holding the masked values
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        shared = SharedWeights(centroids, indices, info["bits"], config.gradient)
+        parametrize.register_parametrization(module, name, shared)
+        module.parametrizations[name].original.requires_grad_(False)
+        layers[fqn] = info
+        logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
+                     fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
+    logger.info("quantized %d weights (%s init)", len(layers), config.init)
+    return layers
+
+
+def codebooks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """``{fqn: (centroids, indices, bits)}`` of every quantized weight (centroids detached, not copied)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in module.parametrizations.keys():
+            shared = _shared_of(module, name)
+            if shared is not None:
+                fqn = f"{module_name}.{name}" if module_name else name
+                out[fqn] = (shared.centroids.detach(), shared.indices, shared.bits)
+    return out
