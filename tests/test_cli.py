@@ -25,6 +25,7 @@ def dense(tmp_path):
 def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
     pruned, tuned, quant = tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "q.pt"
     assert main(["prune", str(dense), "--method", "percentile", "--q", "75", "--out", str(pruned)]) == 0
+    capsys.readouterr()
     assert main(["summary", str(pruned), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["total"]["sparsity"] == pytest.approx(0.75, abs=0.01)
@@ -40,7 +41,6 @@ def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
 
     dsz = tmp_path / "m.dsz"
     assert main(["encode", str(quant), "--out", str(dsz), "--coder", "ans"]) == 0
-    assert main(["inspect", str(dsz), "--json"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(dsz), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

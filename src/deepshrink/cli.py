@@ -15,7 +15,8 @@ from rich.console import Console
 from . import report
 from .errors import DeepShrinkError
 
-console = Console()
+# a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
+console = Console(width=None if sys.stdout.isatty() else 140)
 log = logging.getLogger("deepshrink")
 
 
@@ -111,6 +112,13 @@ def _run(recipe, out, args) -> None:
     console.print(report.render_table(result.stages, STAGE_COLUMNS, title=f"{recipe.name}: stages"))
     console.print(report.render_table(result.layers + [report.summary_totals(result.layers)], report.LAYER_COLUMNS,
                                       title="per-layer summary (final model)"))
+    final = result.stages[-1]
+    if final["kind"] == "encode":
+        console.print(
+            f"[bold]{final['file']}[/]: {final['file_bytes']:,} bytes, {final['ratio']:.1f}x smaller than the dense "
+            f"float32 state dict ({final['dense_bytes']:,} bytes); decoded model accuracy "
+            f"{100 * final['decoded_accuracy']:.2f}%. The lab's estimate would say {final['lab_estimate_ratio']:.1f}x."
+        )
     console.print(f"report: {out / 'report.md'}")
 
 
@@ -259,11 +267,15 @@ def _print_file_report(file_report) -> None:
 
     console.print(report.render_table(file_report.rows, FILE_COLUMNS, title=str(file_report.path)))
     console.print(
-        f"file {file_report.file_bytes:,} bytes; dense float32 {file_report.dense_bytes:,} bytes; "
-        f"[bold]ratio {file_report.ratio:.1f}x[/] ({100 / file_report.ratio:.2f}% of fp32)\n"
-        f"lab estimate (non-zero fraction x avg code length / 32, ignores positions and codebooks): "
-        f"{file_report.lab_estimate_ratio:.1f}x  -- an estimate, not a file size"
+        f"file {file_report.file_bytes:,} bytes; dense float32 state dict {file_report.dense_bytes:,} bytes; "
+        f"[bold]ratio {file_report.ratio:.1f}x[/] ({100 / file_report.ratio:.2f}% of fp32); "
+        f"entropy bound {file_report.entropy_bound_ratio:.1f}x"
     )
+    if file_report.lab_estimate_ratio:
+        console.print(
+            f"lab estimate (non-zero fraction x average code length / 32; leaves out positions, codebooks "
+            f"and raw tensors): {file_report.lab_estimate_ratio:.1f}x -- an estimate, not a file size"
+        )
 
 
 def cmd_inspect(args) -> None:

@@ -929,7 +929,8 @@ class FileReport:
     ``dense_bytes`` is the plain state dict as torch holds it with floats at float32 (4 bytes per
     float element, itemsize for integer/bool tensors). ``lab_estimate_*`` is the quick estimate
     (non-zero fraction x average weight code length / 32 over coded layers): it ignores positions,
-    codebooks and raw tensors, so it is not a file size.
+    codebooks and raw tensors, so it is not a file size. ``entropy_bound_ratio`` replaces each coded
+    stream by its Shannon entropy: no coder of these symbols (memoryless) can beat it.
     """
 
     path: str
@@ -941,6 +942,7 @@ class FileReport:
     totals: dict
     lab_estimate_fraction: float | None
     lab_estimate_ratio: float | None
+    entropy_bound_ratio: float  # the ratio if every coded stream took exactly its entropy
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -1005,10 +1007,14 @@ def inspect_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EX
     if totals["coded_numel"] and totals["coded_nonzero"]:
         # (nnz / numel) x (weight bits / nnz) / 32 = weight bits / (32 numel)
         fraction = totals["weight_stream_bits"] / (32 * totals["coded_numel"])
+    stream_bits = totals["weight_stream_bits"] + totals["position_stream_bits"]
+    entropy = totals["weight_entropy_bits"] + totals["position_entropy_bits"]
+    bound_bytes = parsed.file_bytes - stream_bits / 8 + entropy / 8
     return FileReport(
         path=str(parsed.path), file_bytes=parsed.file_bytes, header_bytes=parsed.header_bytes,
         dense_bytes=dense_bytes, ratio=dense_bytes / parsed.file_bytes, rows=rows, totals=totals,
         lab_estimate_fraction=fraction, lab_estimate_ratio=1 / fraction if fraction else None,
+        entropy_bound_ratio=dense_bytes / bound_bytes,
     )
 
 

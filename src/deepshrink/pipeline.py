@@ -241,6 +241,7 @@ def _stage_encode(model, options, ctx) -> dict:
         "dense_bytes": file_report.dense_bytes,
         "ratio": file_report.ratio,
         "lab_estimate_ratio": file_report.lab_estimate_ratio,
+        "entropy_bound_ratio": file_report.entropy_bound_ratio,
         "decoded_accuracy": decoded_eval["accuracy"],
     }
 
@@ -368,6 +369,7 @@ STAGE_COLUMNS = [
     ("sparsity", "sparsity", _fmt_pct),
     ("file_bytes", "file bytes", lambda v: "" if v is None else f"{v:,}"),
     ("ratio", "ratio", _fmt_ratio),
+    ("entropy_bound_ratio", "entropy bound", _fmt_ratio),
     ("lab_estimate_ratio", "lab estimate", _fmt_ratio),
     ("decoded_accuracy", "decoded acc.", _fmt_pct),
     ("seconds", "seconds", lambda v: f"{v:.1f}"),

@@ -253,7 +253,7 @@ ATTACKS: dict[str, Attack] = {
                                      edit(_set("a.weight/coder_params/weights/code_lengths", "111")),
                                      "lengths that are no prefix code"),
     "coder_params_wrong_alphabet": Attack(E.CodecError, "header",
-                                          edit(_set("a.weight/coder_params/weights/code_lengths", "11")),
+                                          edit(_set("a.weight/coder_params/weights/code_lengths", "2222" + "0" * 300)),
                                           "table for another alphabet"),
     "ans_frequencies_bad_sum": Attack(E.CodecError, "header",
                                       edit(_set("z.weight/coder_params/weights/frequencies",
