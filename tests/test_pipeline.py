@@ -78,7 +78,12 @@ def test_every_shipped_recipe_runs_end_to_end_on_tiny_data(name, tmp_path):
     assert final["file_bytes"] == (tmp_path / "run" / final["dir"] / "model.dsz").stat().st_size
     # the decoded file is the quantized model: same accuracy as the stage before encoding
     assert final["decoded_accuracy"] == pytest.approx(result.stages[-2]["accuracy"], abs=1e-9)
-    assert (tmp_path / "run" / "report.md").read_text().startswith(f"# {recipe.name}")
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert text.startswith(f"# {recipe.name}")
+    # before pruning / after pruning / after quantization histograms, one PNG per layer, all linked
+    histograms = sorted((tmp_path / "run" / "plots").glob("hist_*.png"))
+    assert len(histograms) == len(result.layers)
+    assert all(f"plots/{p.name}" in text for p in histograms)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"] == result.stages
 
 

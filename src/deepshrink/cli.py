@@ -239,14 +239,12 @@ def cmd_quantize(args) -> None:
 def cmd_plot(args) -> None:
     from .checkpoint import load_checkpoint
 
-    stages = {}
+    stages: dict[str, dict] = {}
     for path in args.checkpoints:
         model, payload = load_checkpoint(path)
         label = payload["meta"].get("stage", {}).get("kind") or Path(path).stem
-        for row in report.layer_summary(model):
-            module_name, _, name = row["name"].rpartition(".")
-            weight = getattr(model.get_submodule(module_name) if module_name else model, name)
-            stages.setdefault(row["name"], {})[label] = weight.detach().cpu().numpy()
+        for fqn, values in report.effective_weights(model).items():
+            stages.setdefault(fqn, {})[label] = values
     paths = report.weight_histograms(stages, args.out)
     console.print(f"wrote {len(paths)} histogram(s) to {args.out}")
 
@@ -320,7 +318,8 @@ def cmd_sweep(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no per-epoch lines)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train, prune, retrain, quantize and encode an MLP on scikit-learn's digits")
@@ -423,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
     except DeepShrinkError as e:

@@ -331,6 +331,7 @@ def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult) -> Path:
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     report.sparsity_bars(result.layers, plots / "sparsity.png")
+    histograms = [p.relative_to(out_dir) for p in _weight_histograms(out_dir, result.stages, plots)]
     lines = [
         f"# {recipe.name}",
         "",
@@ -346,11 +347,35 @@ def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult) -> Path:
         "",
         "![per-layer sparsity](plots/sparsity.png)",
         "",
+        "## Weight histograms",
+        "",
+        *(f"![{p.stem}]({p.as_posix()})" for p in histograms),
+        "",
     ]
     path = out_dir / "report.md"
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     _write_json(out_dir / "metrics.json", {"recipe": recipe.to_dict(), "stages": result.stages, "layers": result.layers})
     return path
+
+
+def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path) -> list[Path]:
+    """Per-layer histograms of the weights before pruning, after pruning and after quantization."""
+    kinds = [s["kind"] for s in stages]
+    picks: dict[str, int] = {}  # label -> index of the stage whose checkpoint shows it
+    if "prune" in kinds and kinds.index("prune") > 0:
+        picks["before pruning"] = kinds.index("prune") - 1
+    if "quantize" in kinds:
+        if "prune" in kinds and kinds.index("prune") < kinds.index("quantize"):
+            picks["after pruning"] = kinds.index("quantize") - 1
+        picks["after quantization"] = len(stages) - 1
+    elif "prune" in kinds:
+        picks["after pruning"] = len(stages) - 1
+    weights: dict[str, dict] = {}
+    for label, i in picks.items():
+        model, _ = load_checkpoint(out_dir / stages[i]["dir"] / "checkpoint.pt")
+        for fqn, values in report.effective_weights(model).items():
+            weights.setdefault(fqn, {})[label] = values
+    return report.weight_histograms(weights, plots) if weights else []
 
 
 def _fmt_pct(v):

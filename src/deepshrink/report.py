@@ -67,6 +67,16 @@ def layer_summary(model: nn.Module, include: Sequence[str] | None = None) -> lis
     return rows
 
 
+@torch.no_grad()
+def effective_weights(model: nn.Module, include: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The values each compressible weight takes in the forward pass (masked/shared), as numpy."""
+    weights = {}
+    for ref in select_weights(model, include):
+        module, name = resolve(model, ref.fqn)
+        weights[ref.fqn] = getattr(module, name).detach().cpu().numpy()
+    return weights
+
+
 def summary_totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Totals over layer rows: ``{"name": "total", "params", "nonzero", "sparsity"}``."""
     params = sum(r["params"] for r in rows)
