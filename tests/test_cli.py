@@ -66,3 +66,15 @@ def test_plot_writes_histograms(dense, tmp_path):
     main(["prune", str(dense), "--q", "50", "--out", str(pruned)])
     assert main(["plot", str(dense), str(pruned), "--out", str(tmp_path / "plots")]) == 0
     assert len(list((tmp_path / "plots").glob("*.png"))) == len(layer_summary(build_model(SPEC)))
+
+
+def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
+    ckpt = tmp_path / "dense.pt"
+    args = ["train", "--model", "mlp", "--model-kwargs", '{"hidden": [16]}', "--dataset", "digits",
+            "--epochs", "5", "--lr", "0.1", "--batch-size", "32", "--out", str(ckpt)]
+    assert main(args) == 0
+    model, payload = load_checkpoint(ckpt)
+    assert payload["model"] == {"arch": "mlp", "kwargs": {"hidden": [16]}}
+    assert payload["meta"]["dataset"] == {"name": "digits"} and payload["meta"]["metrics"]["test_accuracy"] > 0.5
+    assert main(["sweep", "prune-percentile", str(ckpt), "--out", str(tmp_path / "sweep"), "--epochs", "0"]) == 0
+    assert "sweep: prune-percentile" in capsys.readouterr().out

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from deepshrink.checkpoint import save_checkpoint
+from deepshrink.errors import ConfigError
+from deepshrink.models import build_model
+from deepshrink.sweep import BITS, INITS, PERCENTILES, STD_VALUES, run_sweep
+from deepshrink.train import TrainConfig, train
+from deepshrink.data import load_dataset
+
+SPEC = {"arch": "mlp", "kwargs": {"hidden": [32]}}
+DATASET = {"name": "digits", "train_subset": 200, "test_subset": 100}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    train(model, load_dataset("digits").subset(200), TrainConfig(epochs=3, lr=0.05, progress=False))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "dense.pt", model, SPEC, {"dataset": DATASET})
+
+
+@pytest.mark.parametrize("kind, key, values", [("prune-std", "s", STD_VALUES), ("prune-percentile", "q", PERCENTILES)])
+def test_pruning_sweeps_write_table_csv_json_and_plot(trained, tmp_path, kind, key, values):
+    result = run_sweep(kind, trained, tmp_path, epochs=1)
+    assert [r[key] for r in result.rows] == list(values)
+    sparsities = [r["sparsity"] for r in result.rows]
+    assert sparsities[0] == 0.0 and sparsities == sorted(sparsities) and sparsities[-1] > 0.25
+    if kind == "prune-percentile":
+        assert sparsities == pytest.approx([q / 100 for q in values], abs=0.01)
+    assert all(r["retrained_accuracy"] is not None for r in result.rows)
+    assert result.report.read_text().startswith(f"# Sweep: {kind}")
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == result.rows
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[0].startswith(key)
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_quantization_sweeps_cover_bits_and_inits(trained, tmp_path):
+    bits = run_sweep("bits", trained, tmp_path / "bits", epochs=0)
+    assert [r["bits"] for r in bits.rows] == list(BITS)
+    assert all(r["retrained_accuracy"] is None for r in bits.rows)
+    # fewer bits cannot be closer to the dense model than 6 bits by much: check the trend's ends
+    assert bits.rows[0]["accuracy"] >= bits.rows[-1]["accuracy"] - 0.05
+    inits = run_sweep("init", trained, tmp_path / "init", epochs=1)
+    assert [r["init"] for r in inits.rows] == list(INITS)
+    assert all(r["accuracy_before"] == inits.rows[0]["accuracy_before"] for r in inits.rows)
+
+
+def test_sensitivity_prunes_one_layer_at_a_time(trained, tmp_path):
+    result = run_sweep("sensitivity", trained, tmp_path, epochs=0)
+    layers = sorted({r["layer"] for r in result.rows})
+    assert layers == ["fc1.weight", "fc2.weight"]
+    assert len(result.rows) == 2 * 4
+
+
+def test_unknown_sweep_and_missing_dataset(trained, tmp_path):
+    with pytest.raises(ConfigError, match="unknown sweep"):
+        run_sweep("bogus", trained, tmp_path)
+    bare = save_checkpoint(tmp_path / "bare.pt", build_model(SPEC), SPEC)
+    with pytest.raises(ConfigError, match="names no dataset"):
+        run_sweep("bits", bare, tmp_path)
