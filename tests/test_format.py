@@ -439,10 +439,12 @@ def test_report_accounts_for_every_byte(coder, tmp_path):
 
 
 def test_file_columns_name_real_row_keys(tmp_path):
+    from deepshrink.report import FILE_COLUMNS, render_table
+
     report = compress_model(quantized_tiny(), tmp_path / "m.dsz")
-    for key, _label, formatter in fmt.FILE_COLUMNS:
-        for row in report.rows:
-            assert isinstance(formatter(row[key]), str)
+    for key, _label, _formatter in FILE_COLUMNS:
+        assert all(key in row for row in report.rows), key
+    assert render_table(report.rows, FILE_COLUMNS).row_count == len(report.rows)
 
 
 # ---------------------------------------------------------------- attacks: one crafted file per check

@@ -101,7 +101,7 @@ def cmd_run(args) -> None:
 
 
 def _run(recipe, out, args) -> None:
-    from .pipeline import STAGE_COLUMNS, run_recipe
+    from .pipeline import run_recipe
 
     def on_stage(m):
         console.print(f"  stage {m['stage']} {m['kind']:<9} accuracy {100 * m['accuracy']:.2f}%  "
@@ -109,7 +109,7 @@ def _run(recipe, out, args) -> None:
 
     result = run_recipe(recipe, out, data_dir=getattr(args, "data_dir", None), device=getattr(args, "device", None),
                         resume=getattr(args, "resume", False), on_stage=on_stage)
-    console.print(report.render_table(result.stages, STAGE_COLUMNS, title=f"{recipe.name}: stages"))
+    console.print(report.render_table(result.stages, report.STAGE_COLUMNS, title=f"{recipe.name}: stages"))
     console.print(report.render_table(result.layers + [report.summary_totals(result.layers)], report.LAYER_COLUMNS,
                                       title="per-layer summary (final model)"))
     final = result.stages[-1]
@@ -261,9 +261,7 @@ def cmd_encode(args) -> None:
 
 
 def _print_file_report(file_report) -> None:
-    from .format import FILE_COLUMNS
-
-    console.print(report.render_table(file_report.rows, FILE_COLUMNS, title=str(file_report.path)))
+    console.print(report.render_table(file_report.rows, report.FILE_COLUMNS, title=str(file_report.path)))
     console.print(
         f"file {file_report.file_bytes:,} bytes; dense float32 state dict {file_report.dense_bytes:,} bytes; "
         f"[bold]ratio {file_report.ratio:.1f}x[/] ({100 / file_report.ratio:.2f}% of fp32); "

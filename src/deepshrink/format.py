@@ -897,31 +897,6 @@ def _check_fits(expected: dict[str, torch.Tensor] | None, tensors: dict[str, tor
 # ---------------------------------------------------------------- accounting
 
 
-def _fmt_int(v):
-    return "" if v is None else f"{v:,}"
-
-
-def _fmt_float(v):
-    return "" if v is None else f"{v:.2f}"
-
-
-#: (key, label, formatter) columns for ``report.render_table(file_report.rows, FILE_COLUMNS)``.
-FILE_COLUMNS = [
-    ("name", "tensor", str),
-    ("shape", "shape", lambda v: "x".join(map(str, v)) or "scalar"),
-    ("nonzero", "non-zero", _fmt_int),
-    ("bits", "bits", _fmt_int),
-    ("index_bits", "idx bits", _fmt_int),
-    ("fillers", "fillers", _fmt_int),
-    ("weight_stream_bits", "weight bits", _fmt_int),
-    ("weight_entropy_bits", "(entropy)", lambda v: "" if v is None else f"{v:,.0f}"),
-    ("position_stream_bits", "position bits", _fmt_int),
-    ("position_entropy_bits", "(entropy)", lambda v: "" if v is None else f"{v:,.0f}"),
-    ("stored_bytes", "stored B", _fmt_int),
-    ("bits_per_nonzero", "bits/nz", _fmt_float),
-]
-
-
 @dataclass(frozen=True)
 class FileReport:
     """Where the bytes of a compressed file go. ``ratio`` is measured on disk, headers included.

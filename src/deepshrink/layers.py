@@ -87,6 +87,19 @@ def select_weights(
     return [r for r in refs if not _matches(r.fqn, exclude)]
 
 
+def as_patterns(value, what: str) -> tuple[str, ...]:
+    """Normalise a config's glob list (a str, list or tuple of str; YAML gives lists) to a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}") from None
+    if not all(isinstance(v, str) for v in out):
+        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}")
+    return out
+
+
 def resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     """Split ``"a.b.weight"`` into (module ``a.b``, ``"weight"``), with a clear error if absent."""
     module_name, _, param_name = fqn.rpartition(".")

@@ -339,7 +339,7 @@ def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult) -> Path:
         "",
         "## Stages",
         "",
-        report.table_markdown(result.stages, STAGE_COLUMNS),
+        report.table_markdown(result.stages, report.STAGE_COLUMNS),
         "",
         "## Layers (final model)",
         "",
@@ -376,29 +376,6 @@ def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path) -> list[P
         for fqn, values in report.effective_weights(model).items():
             weights.setdefault(fqn, {})[label] = values
     return report.weight_histograms(weights, plots) if weights else []
-
-
-def _fmt_pct(v):
-    return "" if v is None else f"{100 * v:.2f}%"
-
-
-def _fmt_ratio(v):
-    return "" if v is None else f"{v:.1f}x"
-
-
-STAGE_COLUMNS = [
-    ("stage", "#", str),
-    ("kind", "stage", str),
-    ("accuracy", "accuracy", _fmt_pct),
-    ("nonzero", "non-zero", lambda v: f"{v:,}"),
-    ("sparsity", "sparsity", _fmt_pct),
-    ("file_bytes", "file bytes", lambda v: "" if v is None else f"{v:,}"),
-    ("ratio", "ratio", _fmt_ratio),
-    ("entropy_bound_ratio", "entropy bound", _fmt_ratio),
-    ("lab_estimate_ratio", "lab estimate", _fmt_ratio),
-    ("decoded_accuracy", "decoded acc.", _fmt_pct),
-    ("seconds", "seconds", lambda v: f"{v:.1f}"),
-]
 
 
 def _write_json(path: Path, obj) -> None:

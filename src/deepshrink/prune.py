@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .layers import resolve, select_weights
+from .layers import as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
 
@@ -306,18 +306,6 @@ def _kth_smallest_key(keys_of: Callable[[int], torch.Tensor], n_chunks: int, k: 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _str_tuple(value, what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    try:
-        out = tuple(value)
-    except TypeError:
-        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}") from None
-    if not all(isinstance(v, str) for v in out):
-        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}")
-    return out
-
-
 def _pairs(value, what: str, check: Callable[[float], float]) -> tuple[tuple[str, float], ...]:
     try:
         pairs = tuple((str(p), v) for p, v in value)
@@ -356,9 +344,9 @@ class PruneConfig:
         set_(self, "method", method)
         set_(self, "s", float(self.s))
         set_(self, "q", float(self.q))
-        set_(self, "include", None if self.include is None else _str_tuple(self.include, "include"))
-        set_(self, "exclude", _str_tuple(self.exclude, "exclude"))
-        set_(self, "kinds", _str_tuple(self.kinds, "kinds"))
+        set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
+        set_(self, "exclude", as_patterns(self.exclude, "exclude"))
+        set_(self, "kinds", as_patterns(self.kinds, "kinds"))
         set_(self, "q_by_pattern", _pairs(self.q_by_pattern, "q_by_pattern", lambda q: _check_q(q, warn=False)))
         set_(self, "s_by_pattern", _pairs(self.s_by_pattern, "s_by_pattern", _check_s))
         if method == PruneMethod.STD and self.q_by_pattern:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .layers import WeightRef, resolve, select_weights
+from .layers import WeightRef, as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
 
@@ -469,18 +469,6 @@ class SharedWeights(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _str_tuple(value, what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    try:
-        out = tuple(value)
-    except TypeError:
-        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}") from None
-    if not all(isinstance(v, str) for v in out):
-        raise ConfigError(f"{what} must be a sequence of strings, got {value!r}")
-    return out
-
-
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Settings of one weight-sharing step (``dataclasses.asdict`` goes into checkpoint meta)."""
@@ -520,9 +508,9 @@ class QuantizeConfig:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        set_(self, "include", None if self.include is None else _str_tuple(self.include, "include"))
-        set_(self, "exclude", _str_tuple(self.exclude, "exclude"))
-        set_(self, "kinds", _str_tuple(self.kinds, "kinds"))
+        set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
+        set_(self, "exclude", as_patterns(self.exclude, "exclude"))
+        set_(self, "kinds", as_patterns(self.kinds, "kinds"))
 
 
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:

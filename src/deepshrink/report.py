@@ -118,6 +118,47 @@ LAYER_COLUMNS: list[Column] = [
     ("bits", "bits", None),
     ("distinct", "distinct values", None),
 ]
+
+def fmt_ratio(value: Any) -> str:
+    """23.4567 -> '23.5x'."""
+    return f"{value:.1f}x"
+
+
+def _fmt_bits(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+#: Columns for a pipeline run's per-stage metrics (``pipeline.run_recipe``).
+STAGE_COLUMNS: list[Column] = [
+    ("stage", "#", None),
+    ("kind", "stage", None),
+    ("accuracy", "accuracy", fmt_percent),
+    ("nonzero", "non-zero", None),
+    ("sparsity", "sparsity", fmt_percent),
+    ("file_bytes", "file bytes", None),
+    ("ratio", "ratio", fmt_ratio),
+    ("entropy_bound_ratio", "entropy bound", fmt_ratio),
+    ("lab_estimate_ratio", "lab estimate", fmt_ratio),
+    ("decoded_accuracy", "decoded acc.", fmt_percent),
+    ("seconds", "seconds", lambda v: f"{v:.1f}"),
+]
+
+#: Columns for ``format.FileReport.rows``: each coded stream's size beside its entropy.
+FILE_COLUMNS: list[Column] = [
+    ("name", "tensor", None),
+    ("shape", "shape", lambda v: "x".join(map(str, v)) or "scalar"),
+    ("nonzero", "non-zero", None),
+    ("bits", "bits", None),
+    ("index_bits", "idx bits", None),
+    ("fillers", "fillers", None),
+    ("weight_stream_bits", "weight bits", None),
+    ("weight_entropy_bits", "(entropy)", _fmt_bits),
+    ("position_stream_bits", "position bits", None),
+    ("position_entropy_bits", "(entropy)", _fmt_bits),
+    ("stored_bytes", "stored B", None),
+    ("bits_per_nonzero", "bits/nz", lambda v: f"{v:.2f}"),
+]
+
 _KNOWN = {key: (header, fmt) for key, header, fmt in LAYER_COLUMNS}
 
 

@@ -44,10 +44,6 @@ class SweepResult:
     report: Path
 
 
-def _pct(v):
-    return "" if v is None else f"{100 * v:.2f}%"
-
-
 def run_sweep(
     kind: str,
     checkpoint: str | Path,
@@ -149,18 +145,18 @@ def _sensitivity_points(base, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": accuracy(model), "drop": dense - accuracy(model)}
 
 
-_ACC = [("accuracy", "accuracy", _pct), ("retrained_accuracy", "after retraining", _pct)]
+_ACC = [("accuracy", "accuracy", report.fmt_percent), ("retrained_accuracy", "after retraining", report.fmt_percent)]
 SWEEPS: dict[str, Sweep] = {
-    "prune-std": Sweep(_prune_points("s", STD_VALUES), [("s", "s", str), ("sparsity", "sparsity", _pct), *_ACC],
+    "prune-std": Sweep(_prune_points("s", STD_VALUES), [("s", "s", None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
                        "s", ("accuracy", "retrained_accuracy"), "s (threshold = s x std)"),
-    "prune-percentile": Sweep(_prune_points("q", PERCENTILES), [("q", "q", str), ("sparsity", "sparsity", _pct), *_ACC],
+    "prune-percentile": Sweep(_prune_points("q", PERCENTILES), [("q", "q", None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
                               "q", ("accuracy", "retrained_accuracy"), "q (percent pruned per layer)"),
-    "bits": Sweep(_quantize_points("bits"), [("bits", "bits", str), ("accuracy_before", "before", _pct), *_ACC],
+    "bits": Sweep(_quantize_points("bits"), [("bits", "bits", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],
                   "bits", ("accuracy", "retrained_accuracy"), "bits per weight"),
-    "init": Sweep(_quantize_points("init"), [("init", "init", str), ("accuracy_before", "before", _pct), *_ACC],
+    "init": Sweep(_quantize_points("init"), [("init", "init", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],
                   "init", ("accuracy", "retrained_accuracy"), "centroid initialisation"),
-    "sensitivity": Sweep(_sensitivity_points, [("layer", "layer", str), ("q", "q", str),
-                                                ("accuracy", "accuracy", _pct), ("drop", "drop", _pct)],
+    "sensitivity": Sweep(_sensitivity_points, [("layer", "layer", None), ("q", "q", None),
+                                                ("accuracy", "accuracy", report.fmt_percent), ("drop", "drop", report.fmt_percent)],
                          "q", ("accuracy",), "q (percent of this layer pruned)"),
 }
 
