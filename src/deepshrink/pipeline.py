@@ -202,7 +202,8 @@ StageFn = Callable[..., dict]
 
 def _stage_train(model, options, ctx) -> dict:
     config = make_config(TrainConfig, {"seed": ctx["seed"], **options}, f"stage {ctx['label']}")
-    result = train(model, ctx["train"], config, eval_data=ctx["test"], device=ctx["device"])
+    # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
+    result = train(model, ctx["train"], config, device=ctx["device"])
     zero_pruned_(model)
     return {"history": result.history, "config": dataclasses.asdict(config)}
 
