@@ -27,23 +27,17 @@ from deepshrink.errors import (
     FormatError,
     TensorInfoMismatch,
 )
-from deepshrink.format import (
+from deepshrink.encode import (
     EncodeConfig,
     RawTensor,
-    compress_model,
     decode_quantized,
     encode_quantized,
     encode_raw,
     entries_to_positions,
-    inspect_file,
-    load,
     plain_state_dict,
     positions_to_entries,
-    read_file,
-    read_header,
-    serialize,
-    write_file,
 )
+from deepshrink.format import compress_model, inspect_file, load, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model, strip
 from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import report
-from .errors import DeepShrinkError
+from .errors import ConfigError, DeepShrinkError
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -63,7 +63,7 @@ def _dataset_entry(args, meta: dict | None = None) -> dict:
     if args.data_dir:
         entry["root"] = args.data_dir
     if "name" not in entry:
-        raise DeepShrinkError("no dataset known for this checkpoint: pass --dataset (and --data-dir)")
+        raise ConfigError("no dataset known for this checkpoint: pass --dataset (and --data-dir)")
     return entry
 
 
@@ -84,7 +84,7 @@ def _save(path, model, payload, meta_update: dict) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .pipeline import load_recipe, run_recipe
+    from .pipeline import load_recipe
 
     recipe = load_recipe("demo-digits")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deepshrink-demo-"))
@@ -125,13 +125,13 @@ def _run(recipe, out, args) -> None:
 def cmd_train(args) -> None:
     from .checkpoint import save_checkpoint
     from .models import build_model, load_foreign_weights, model_spec
-    from .pipeline import load_splits, resolve_device
+    from .pipeline import resolve_device
     from .train import init_distributed, is_main_process, train
 
-    if args.model_kwargs:
-        kwargs = json.loads(args.model_kwargs)
-    else:
-        kwargs = {}
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
     spec = model_spec(args.model, **kwargs)
     model = build_model(spec)
     if args.init_from:
@@ -150,7 +150,7 @@ def cmd_train(args) -> None:
 def _load(dataset: dict):
     from .pipeline import load_splits
 
-    return load_splits(dataset)
+    return load_splits(dataset)  # (train, test)
 
 
 def cmd_eval(args) -> None:
@@ -165,7 +165,7 @@ def cmd_eval(args) -> None:
 
         model, meta = load(path), read_header(path).get("meta", {})
         if isinstance(model, dict):
-            raise DeepShrinkError(f"{path}: the file holds a user model's weights; evaluate it from Python with deepshrink.load()")
+            raise ConfigError(f"{path}: the file holds a user model's weights; evaluate it from Python with deepshrink.load()")
     else:
         model, payload = load_checkpoint(path)
         meta = payload["meta"]
@@ -251,7 +251,8 @@ def cmd_plot(args) -> None:
 
 def cmd_encode(args) -> None:
     from .checkpoint import load_checkpoint
-    from .format import EncodeConfig, compress_model
+    from .encode import EncodeConfig
+    from .format import compress_model
 
     model, payload = load_checkpoint(args.checkpoint)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,

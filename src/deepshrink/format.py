@@ -1,4 +1,4 @@
-"""Stage 4: the compressed file. Quantized weights as entropy-coded sparse streams, the rest raw.
+"""Stage 4: the compressed file that holds ``encode.py``'s coded and raw tensors, and its safe loader.
 
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
 length N, N bytes of JSON header (space-padded so the payload starts 8-byte aligned), then the
@@ -13,29 +13,40 @@ order, and each failure raises its own ``FormatError`` subclass (see ``read_head
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
 import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .checkpoint import atomic_write
 from .coding import CODERS, entropy_bits, get_coder
+from .encode import (
+    DTYPES,
+    MAX_BITS,
+    MAX_TENSOR_ELEMENTS,
+    CodedTensor,
+    Encoded,
+    EncodeConfig,
+    RawTensor,
+    decode_quantized,
+    decode_symbols,
+    encode_model,
+    is_int,
+    jsonable,
+    untrusted_call,
+)
 from .errors import (
     BadMagic,
     ChecksumMismatch,
-    CodecError,
     ConfigError,
     DeepShrinkError,
     FormatError,
@@ -47,8 +58,6 @@ from .errors import (
     TrailingBytes,
     UnsupportedVersion,
 )
-from .layers import LAYER_KINDS
-from .quantize import SharedWeights
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +70,6 @@ ALIGN = 8
 MAX_HEADER_BYTES = 16 << 20  # a header larger than this is an attack, not a model
 MAX_SPEC_BYTES = 16 << 10  # model spec as JSON: real ones are a name and a few kwargs
 MAX_NDIM = 32
-MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
-MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
 #: Decoded elements of coded tensors allowed per byte of file, plus a fixed allowance: a tiny file
 #: must not make the loader allocate gigabytes of zeros (raise it for files you trust). Decoding
 #: peaks near 24 bytes per element, so a file of B bytes costs at most ~24 * (2**16 + 1024 * B).
@@ -70,19 +77,6 @@ MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
 DEFAULT_MAX_EXPANSION = 1024
 EXPANSION_ALLOWANCE = 1 << 16
 
-#: Stored dtype name -> (little-endian numpy dtype, torch dtype).
-DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "float64": (np.dtype("<f8"), torch.float64),
-    "float32": (np.dtype("<f4"), torch.float32),
-    "float16": (np.dtype("<f2"), torch.float16),
-    "int64": (np.dtype("<i8"), torch.int64),
-    "int32": (np.dtype("<i4"), torch.int32),
-    "int16": (np.dtype("<i2"), torch.int16),
-    "int8": (np.dtype("i1"), torch.int8),
-    "uint8": (np.dtype("u1"), torch.uint8),
-    "bool": (np.dtype("?"), torch.bool),
-}
-_TORCH_TO_NAME = {t: name for name, (_, t) in DTYPES.items()}
 CODED_DTYPES = ("float32",)  # dtype of a decoded deep_compression tensor
 CODEBOOK_DTYPES = ("float32", "float16")
 
@@ -92,279 +86,6 @@ CODED_KEYS = {
     "num_entries", "codebook", "weights_stream", "positions_stream",
 }
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}
-
-
-class StoredFloat(str, Enum):
-    """Float precision on disk. FLOAT16 halves raw tensors/codebooks; decoded values are then the
-    float16-rounded numbers (bit-exact with respect to what is stored, not to the float32 model)."""
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    """How ``compress_model`` writes a file. Every choice is recorded in the file itself."""
-
-    coder: str = "huffman"  # the paper's coder; "ans" gets closer to the entropy
-    index_bits_conv: int = 8  # paper: 8-bit relative indices for conv layers
-    index_bits_fc: int = 5  # paper: 5 bits for fc layers (sparser rows, shorter runs)
-    index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
-    codebook_dtype: StoredFloat = StoredFloat.FLOAT32  # float32 keeps the decoded model bit-exact
-    raw_dtype: StoredFloat = StoredFloat.FLOAT32  # biases/BN stats: few bytes, keep them exact
-
-    def __post_init__(self):
-        coder = self.coder.value if isinstance(self.coder, Enum) else self.coder
-        if not isinstance(coder, str) or coder not in CODERS:
-            raise ConfigError(f"unknown coder {self.coder!r}; valid: {', '.join(sorted(CODERS))}")
-        object.__setattr__(self, "coder", coder)
-        for label in ("codebook_dtype", "raw_dtype"):
-            object.__setattr__(self, label, StoredFloat(_stored_float(getattr(self, label), label)))
-        try:
-            patterns = tuple(tuple(p) for p in self.index_bits_by_pattern)  # YAML gives lists
-        except TypeError:
-            patterns = ((),)
-        if not all(len(p) == 2 and isinstance(p[0], str) for p in patterns):
-            raise ConfigError(f"index_bits_by_pattern must be (glob, bits) pairs, got {self.index_bits_by_pattern!r}")
-        object.__setattr__(self, "index_bits_by_pattern", patterns)
-        for label, bits in [("index_bits_conv", self.index_bits_conv), ("index_bits_fc", self.index_bits_fc)] + [
-            (f"index_bits_by_pattern[{p!r}]", b) for p, b in patterns
-        ]:
-            _check_index_bits(bits, label)
-
-    def index_bits_for(self, fqn: str, kind: str) -> int:
-        """Index bits for weight ``fqn`` of a layer of ``kind`` ("conv" or anything else = fc)."""
-        for pattern, bits in self.index_bits_by_pattern:
-            if fnmatch.fnmatchcase(fqn, pattern):
-                return int(bits)
-        return self.index_bits_conv if kind == "conv" else self.index_bits_fc
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _stored_float(value: Any, label: str) -> str:
-    try:
-        return StoredFloat(value).value
-    except ValueError:
-        raise ConfigError(f"{label} {value!r} is not one of: {', '.join(s.value for s in StoredFloat)}") from None
-
-
-def _check_index_bits(bits: Any, label: str) -> None:
-    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{label} must be an integer in 1..{MAX_BITS}, got {bits!r}")
-
-
-# ---------------------------------------------------------------- encoded tensors (the functional core)
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    """A tensor stored as its bytes: ``array`` is C-ordered in a dtype of ``DTYPES``."""
-
-    array: np.ndarray
-
-
-@dataclass(frozen=True)
-class CodedTensor:
-    """A quantized weight as Deep Compression stores it (see ``encode_quantized``)."""
-
-    shape: tuple[int, ...]
-    bits: int
-    index_bits: int
-    coder: str
-    codebook: np.ndarray  # (K,) float32 or float16: the value of cluster symbol s is codebook[s]
-    num_nonzero: int  # symbols in the weights stream
-    num_entries: int  # symbols in the positions stream (non-zeros + fillers)
-    weights_stream: bytes
-    positions_stream: bytes
-    coder_params: dict = field(default_factory=dict)  # {"weights": {...}, "positions": {...}}
-
-
-Encoded = Union[RawTensor, CodedTensor]
-
-
-def positions_to_entries(positions: np.ndarray, index_bits: int) -> np.ndarray:
-    """Relative-index entries for strictly increasing flat positions of the non-zeros.
-
-    Entry value r < F = 2**index_bits - 1 means "skip r zeros, then a non-zero"; the value F itself
-    is a filler: "skip F zeros, no weight". Runs of zeros at the end of the tensor are not stored.
-
-    Returns:
-        (num_entries,) uint32 array: for each non-zero, ``run // F`` fillers then ``run % F``.
-    """
-    filler = (1 << index_bits) - 1
-    runs = np.diff(positions.astype(np.int64), prepend=-1) - 1  # zeros before each non-zero
-    fillers = runs // filler
-    ends = np.cumsum(fillers + 1) - 1  # where each non-zero's entry lands
-    entries = np.full(int(ends[-1]) + 1 if len(ends) else 0, filler, dtype=np.uint32)
-    entries[ends] = runs % filler
-    return entries
-
-
-def entries_to_positions(entries: np.ndarray, index_bits: int, numel: int, where: str = "tensor") -> np.ndarray:
-    """Inverse of ``positions_to_entries``, checked: every position inside ``numel``, no trailing filler.
-
-    Raises:
-        TensorInfoMismatch: an entry exceeds the alphabet, ends with a filler, or points past the end.
-    """
-    filler = (1 << index_bits) - 1
-    if len(entries) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if int(entries.max()) > filler:
-        raise TensorInfoMismatch(f"{where}: position entry {int(entries.max())} exceeds the {index_bits}-bit alphabet")
-    is_weight = entries != filler
-    if not is_weight[-1]:
-        raise TensorInfoMismatch(f"{where}: positions stream ends with a filler entry (the writer never emits one)")
-    # an entry advances the cursor by r + 1 (weight) or F (filler): entry + is_weight. In place: this
-    # runs on hostile counts, so keep it to one int64 array.
-    cursor = entries.astype(np.int64)
-    cursor += is_weight
-    np.cumsum(cursor, out=cursor)  # one past each entry's last position
-    positions = cursor[is_weight]
-    del cursor
-    positions -= 1  # strictly increasing: every entry advances at least 1
-    if int(positions[-1]) >= numel:
-        raise TensorInfoMismatch(f"{where}: positions stream places a weight at {int(positions[-1])}, "
-                                 f"past the end of a tensor of {numel} elements")
-    return positions
-
-
-def encode_quantized(
-    indices: np.ndarray,
-    codebook: np.ndarray,
-    bits: int,
-    index_bits: int,
-    coder: str = "huffman",
-    codebook_dtype: str = "float32",
-    where: str = "tensor",
-) -> CodedTensor:
-    """Encode a quantized weight given as cluster indices (0 = pruned, k = codebook[k-1]).
-
-    Args:
-        indices: integer array shaped like the weight, values in 0..K.
-        codebook: (K,) centroid values, K <= 2**bits.
-        bits: cluster bits of the layer (recorded; bounds K).
-        index_bits: width of the relative position entries (alphabet 2**index_bits).
-        coder: a name in ``deepshrink.coding.CODERS``.
-        codebook_dtype: "float32" or "float16" on disk.
-
-    Raises:
-        ConfigError: bad bits/index_bits/coder/dtype, or an index outside 0..K.
-    """
-    where = where or "tensor"
-    _check_index_bits(index_bits, f"{where}: index_bits")
-    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{where}: bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    if coder not in CODERS:
-        raise ConfigError(f"{where}: unknown coder {coder!r}; valid: {', '.join(sorted(CODERS))}")
-    codebook_dtype = _stored_float(codebook_dtype, f"{where}: codebook_dtype")
-    codebook = np.asarray(codebook).reshape(-1)
-    num_centroids = len(codebook)
-    if num_centroids > 1 << bits:
-        raise ConfigError(f"{where}: {num_centroids} centroids do not fit in {bits} bits")
-    indices = np.asarray(indices)
-    if indices.size > MAX_TENSOR_ELEMENTS:
-        raise ConfigError(f"{where}: {indices.size} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
-    flat = indices.reshape(-1)  # C order
-    positions = np.flatnonzero(flat)
-    symbols = flat[positions].astype(np.int64) - 1
-    if len(symbols) and (symbols.min() < 0 or symbols.max() >= num_centroids):
-        bad = int(flat[positions][(symbols < 0) | (symbols >= num_centroids)][0])
-        raise ConfigError(f"{where}: cluster index {bad} outside 0..{num_centroids}")
-    entries = positions_to_entries(positions, index_bits)
-    codec = get_coder(coder)
-    weights_stream, weights_params = _encode_stream(codec, symbols.astype(np.uint32), num_centroids)
-    positions_stream, positions_params = _encode_stream(codec, entries, 1 << index_bits)
-    return CodedTensor(
-        shape=tuple(int(d) for d in indices.shape), bits=int(bits), index_bits=int(index_bits), coder=coder,
-        codebook=codebook.astype(DTYPES[codebook_dtype][0]), num_nonzero=len(symbols), num_entries=len(entries),
-        weights_stream=weights_stream, positions_stream=positions_stream,
-        coder_params={"weights": weights_params, "positions": positions_params},
-    )
-
-
-def _encode_stream(codec, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]:
-    # an empty stream is zero bytes with {} params: no coder call, nothing a reader must trust
-    if len(symbols) == 0:
-        return b"", {}
-    payload, params = codec.encode(symbols, alphabet_size)
-    return bytes(payload), _jsonable(params)
-
-
-def _untrusted_call(fn: Callable, where: str, *args):
-    """Call a coder on file data: its CodecError gets the tensor's name, anything else becomes a CodecError."""
-    try:
-        return fn(*args)
-    except DeepShrinkError as e:
-        raise type(e)(f"{where}: {e}") from e
-    except Exception as e:  # a coder bug on hostile input must not escape as a numpy/constriction error
-        raise CodecError(f"{where}: coder failed ({type(e).__name__}: {e})") from e
-
-
-def decode_symbols(coded: CodedTensor, where: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
-    """Decode both streams: (cluster symbols (num_nonzero,), position entries (num_entries,)), checked.
-
-    Raises:
-        CodecError: a stream is malformed; TensorInfoMismatch: decoded symbols out of range or miscounted.
-    """
-    codec = get_coder(coded.coder)
-    num_centroids = len(coded.codebook)
-    streams = (
-        ("weights", coded.weights_stream, coded.num_nonzero, num_centroids),
-        ("positions", coded.positions_stream, coded.num_entries, 1 << coded.index_bits),
-    )
-    decoded = []
-    for label, payload, count, alphabet in streams:
-        if count == 0:
-            decoded.append(np.zeros(0, dtype=np.uint32))
-            continue
-        symbols = np.asarray(_untrusted_call(codec.decode, f"{where}: {label} stream", payload,
-                                             coded.coder_params[label], count, alphabet))
-        if symbols.shape != (count,):
-            raise TensorInfoMismatch(f"{where}: {label} stream decoded {symbols.shape} symbols, header says {count}")
-        if int(symbols.max()) >= alphabet:
-            raise TensorInfoMismatch(f"{where}: {label} stream holds symbol {int(symbols.max())}, "
-                                     f"alphabet has {alphabet}")
-        decoded.append(symbols)
-    return decoded[0], decoded[1]
-
-
-def decode_quantized(coded: CodedTensor, where: str = "tensor") -> np.ndarray:
-    """Dense float32 array: ``codebook[symbol]`` at each decoded position, zero elsewhere.
-
-    Raises:
-        CodecError, TensorInfoMismatch: see ``decode_symbols`` and ``entries_to_positions``.
-    """
-    numel = math.prod(coded.shape)
-    symbols, entries = decode_symbols(coded, where)
-    positions = entries_to_positions(entries, coded.index_bits, numel, where)
-    if len(positions) != coded.num_nonzero:
-        raise TensorInfoMismatch(f"{where}: positions stream places {len(positions)} weights, "
-                                 f"header says num_nonzero={coded.num_nonzero}")
-    dense = np.zeros(numel, dtype=np.float32)
-    dense[positions] = coded.codebook.astype(np.float32)[symbols]
-    return dense.reshape(coded.shape)
-
-
-def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> RawTensor:
-    """Raw entry: floats converted to ``raw_dtype``, integers and bools kept as they are.
-
-    Raises:
-        ConfigError: a dtype the format cannot store (complex, unsigned > 8 bits...).
-    """
-    tensor = tensor.detach().cpu()
-    if tensor.dtype.is_floating_point:
-        name = _stored_float(raw_dtype, f"{where}: raw_dtype")
-        tensor = tensor.float()  # bfloat16 has no numpy dtype; float32 holds it exactly
-    else:
-        name = _TORCH_TO_NAME.get(tensor.dtype)
-        if name is None:
-            raise ConfigError(f"{where}: dtype {tensor.dtype} cannot be stored; supported: {', '.join(DTYPES)}")
-    if tensor.numel() > MAX_TENSOR_ELEMENTS:
-        raise ConfigError(f"{where}: {tensor.numel()} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
-    return RawTensor(tensor.numpy().astype(DTYPES[name][0], order="C"))  # astype copies; keeps 0-d shape
 
 
 # ---------------------------------------------------------------- writing
@@ -451,55 +172,6 @@ def write_file(
     return atomic_write(path, write)
 
 
-def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[SharedWeights, str]]]:
-    """The state dict ``prune.strip(model)`` would give, computed without touching the model.
-
-    Returns:
-        (state, shared): ``state`` maps plain names ("fc1.weight") to detached tensors, parametrized
-        weights evaluated; ``shared`` maps the names whose last parametrization is ``SharedWeights``
-        to (that parametrization, layer kind).
-    """
-    state = model.state_dict()
-    replaced: dict[str, tuple[str, torch.Tensor]] = {}  # dropped prefix -> (plain name, value)
-    shared: dict[str, tuple[SharedWeights, str]] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        kind = next((k for cls, k in LAYER_KINDS.items() if isinstance(module, cls)), "custom")
-        for param_name, plist in module.parametrizations.items():
-            fqn = f"{module_name}.{param_name}" if module_name else param_name
-            prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
-            with torch.no_grad():
-                replaced[prefix] = (fqn, getattr(module, param_name).detach())
-            if isinstance(plist[-1], SharedWeights):
-                shared[fqn] = (plist[-1], kind)
-    plain: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in replaced if key.startswith(p)), None)
-        if prefix is None:
-            plain[key] = value.detach()
-        else:
-            fqn, weight = replaced[prefix]
-            plain.setdefault(fqn, weight)
-    return plain, shared
-
-
-def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
-    """Encode every tensor of the model's plain state dict: SharedWeights ones coded, the rest raw."""
-    plain, shared = plain_state_dict(model)
-    encoded: dict[str, Encoded] = {}
-    for name, tensor in plain.items():
-        if name in shared:
-            sw, kind = shared[name]
-            encoded[name] = encode_quantized(
-                sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
-                config.index_bits_for(name, kind), config.coder, config.codebook_dtype, where=name,
-            )
-        else:
-            encoded[name] = encode_raw(tensor, config.raw_dtype, where=name)
-    return encoded
-
-
 def compress_model(
     model: nn.Module,
     path: str | os.PathLike,
@@ -520,7 +192,7 @@ def compress_model(
     """
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
-    meta = {"encode": _jsonable(dataclasses.asdict(config)), **(meta or {})}  # the caller's keys win
+    meta = {"encode": jsonable(dataclasses.asdict(config)), **(meta or {})}  # the caller's keys win
     write_file(path, encode_model(model, config), model_spec, meta)
     file_report = inspect_file(path)
     log.info("%s: %d bytes, %.1fx smaller than dense float32", path, file_report.file_bytes, file_report.ratio)
@@ -564,7 +236,7 @@ class _Parsed:
 def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     """Run every check that needs no decoding, in the documented order; return the parsed file."""
     path = Path(path)
-    if not _is_int(max_expansion) or max_expansion < 0:
+    if not is_int(max_expansion) or max_expansion < 0:
         raise ConfigError(f"max_expansion must be an integer >= 0, got {max_expansion!r}")
     try:
         data = path.read_bytes()
@@ -631,16 +303,16 @@ def _check_keys(obj: Any, keys: set[str], where: str) -> None:
 
 def _int_field(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
     v = obj[key]
-    _expect(_is_int(v), where, f"{key!r} must be an integer, got {v!r}")
+    _expect(is_int(v), where, f"{key!r} must be an integer, got {v!r}")
     _expect(lo <= v <= hi, where, f"{key!r}={v} outside {lo}..{hi}", TensorInfoMismatch)
     return int(v)
 
 
 def _section(obj: Any, where: str, sections: list[_Section], label: str) -> int:
     """Validate an {"offsets": [b, e], "crc32": c} part, record the section, return its length."""
-    _expect(_is_int(obj.get("crc32")) and 0 <= obj["crc32"] < 1 << 32, where, f"section {label}: 'crc32' must be a u32")
+    _expect(is_int(obj.get("crc32")) and 0 <= obj["crc32"] < 1 << 32, where, f"section {label}: 'crc32' must be a u32")
     offsets = obj.get("offsets")
-    _expect(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets), where,
+    _expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets), where,
             f"section {label}: 'offsets' must be [begin, end] integers, got {offsets!r}")
     begin, end = offsets
     _expect(0 <= begin <= end, where, f"section {label}: offsets [{begin}, {end}] are not 0 <= begin <= end",
@@ -653,7 +325,7 @@ def _shape(entry: dict, where: str) -> int:
     shape = entry["shape"]
     _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM, where,
             f"'shape' must be a list of at most {MAX_NDIM} integers, got {shape!r}")
-    _expect(all(_is_int(d) and d >= 0 for d in shape), where,
+    _expect(all(is_int(d) and d >= 0 for d in shape), where,
             f"'shape' entries must be non-negative integers: {shape!r}")
     _expect(all(d <= MAX_TENSOR_ELEMENTS for d in shape), where,
             f"shape {shape} has a dimension over {MAX_TENSOR_ELEMENTS}", TensorInfoMismatch)
@@ -667,7 +339,7 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int) 
     """Known keys, types, allowlists and bounds; returns every section the entries claim."""
     _check_keys(header, TOP_KEYS, f"{where}: header")
     _expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
-    _expect(_is_int(header["version"]) and header["version"] == VERSION, where,
+    _expect(is_int(header["version"]) and header["version"] == VERSION, where,
             f"header version {header['version']!r} disagrees with the prefix version {VERSION}", UnsupportedVersion)
     _expect(header["model"] is None or isinstance(header["model"], dict), where, "'model' must be an object or null")
     spec_bytes = len(json.dumps(header["model"]))
@@ -732,7 +404,7 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
             _expect(length == 0 and params[label] == {}, at, f"empty {label} stream must have 0 bytes and {{}} "
                     f"params, got {length} bytes", TensorInfoMismatch)
             continue
-        _untrusted_call(coder.validate_params, f"{at}: {label} coder params", params[label], alphabet)
+        untrusted_call(coder.validate_params, f"{at}: {label} coder params", params[label], alphabet)
         bound = _max_symbols(entry["coder"], length)
         _expect(bound is None or count <= bound, at, f"{label} stream of {length} bytes cannot hold {count} "
                 f"{entry['coder']} symbols (at most {bound})", TensorInfoMismatch)
@@ -993,16 +665,3 @@ def inspect_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EX
     )
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types (numpy scalars/arrays and tuples converted) so the header serializes the same way."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Enum):
-        return obj.value
-    return obj

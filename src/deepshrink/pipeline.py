@@ -39,7 +39,8 @@ from . import report
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .data import ImageData, load_dataset
 from .errors import ConfigError
-from .format import EncodeConfig, compress_model, inspect_file, load
+from .encode import EncodeConfig
+from .format import compress_model, inspect_file, load
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
 from .quantize import QuantizeConfig, quantize_model
@@ -292,7 +293,6 @@ def run_recipe(
     spec = recipe.model
     model = build_model(spec)
     result = RunResult(out_dir)
-    histograms: dict[str, dict] = {}
     for i, (kind, options) in enumerate(recipe.stages):
         stage_dir = out_dir / f"{i + 1:02d}-{kind}"
         metrics_file, ckpt_file = stage_dir / "metrics.json", stage_dir / "checkpoint.pt"
@@ -301,7 +301,7 @@ def run_recipe(
             result.stages.append(metrics)
             log.info("stage %s already complete, skipped", stage_dir.name)
             continue
-        if result.stages:  # continue from the last completed stage's checkpoint
+        if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
             model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt")
         start = time.perf_counter()
         ctx = {

@@ -21,7 +21,8 @@ import numpy as np
 
 from deepshrink import errors
 from deepshrink.coding import get_coder
-from deepshrink.format import MAGIC, PREFIX_SIZE, CodedTensor, RawTensor, encode_quantized, serialize
+from deepshrink.encode import CodedTensor, RawTensor, encode_quantized
+from deepshrink.format import MAGIC, PREFIX_SIZE, serialize
 
 
 def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman") -> CodedTensor:
