@@ -34,10 +34,13 @@ def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
     model, _ = load_checkpoint(tuned)
     assert sum(r["nonzero"] for r in layer_summary(model)) == summary["total"]["nonzero"]
 
-    args = ["quantize", str(tuned), "--bits", "3", "--train-centroids", "--epochs", "1", "--out", str(quant)]
+    args = ["quantize", str(tuned), "--bits", "3", "--bits-layer", "fc3.*=2", "--train-centroids", "--epochs", "1",
+            "--out", str(quant)]
     assert main(args) == 0
     model, _ = load_checkpoint(quant)
-    assert all(r["bits"] == 3 and r["distinct"] <= 8 for r in layer_summary(model))
+    bits = {r["name"]: r["bits"] for r in layer_summary(model)}
+    assert bits == {"fc1.weight": 3, "fc2.weight": 3, "fc3.weight": 2}
+    assert all(r["distinct"] <= 2 ** r["bits"] for r in layer_summary(model))
 
     dsz = tmp_path / "m.dsz"
     assert main(["encode", str(quant), "--out", str(dsz), "--coder", "ans"]) == 0
@@ -56,9 +59,18 @@ def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
         assert torch.equal(decoded[name], tensor)
 
 
-def test_library_errors_become_a_message_and_exit_code_2(tmp_path, capsys):
+def test_library_errors_become_a_message_and_exit_code_2(dense, tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().out
+    assert main(["prune", str(dense), "--q-layer", "fc1.weight", "--out", str(tmp_path / "p.pt")]) == 2
+    assert "expected GLOB=VALUE, got 'fc1.weight'" in capsys.readouterr().out
+
+
+def test_per_layer_q_from_the_command_line(dense, tmp_path, capsys):
+    pruned = tmp_path / "p.pt"
+    assert main(["prune", str(dense), "--q", "50", "--q-layer", "fc1.*=90", "--out", str(pruned)]) == 0
+    sparsity = {r["name"]: r["sparsity"] for r in layer_summary(load_checkpoint(pruned)[0])}
+    assert sparsity["fc1.weight"] == pytest.approx(0.9, abs=1e-3) and sparsity["fc2.weight"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_plot_writes_histograms(dense, tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +66,17 @@ def _dataset_entry(args, meta: dict | None = None) -> dict:
     if "name" not in entry:
         raise ConfigError("no dataset known for this checkpoint: pass --dataset (and --data-dir)")
     return entry
+
+
+def _pattern_value(text: str, cast):
+    """'layer1.*=6' -> ('layer1.*', 6)."""
+    pattern, sep, value = text.rpartition("=")
+    try:
+        if not (sep and pattern):
+            raise ValueError
+        return pattern, cast(value)
+    except ValueError:
+        raise ConfigError(f"expected GLOB=VALUE, got {text!r}") from None
 
 
 def _print_layers(model, title: str) -> None:
@@ -138,7 +150,8 @@ def cmd_train(args) -> None:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
     train_data, test_data = _load(dataset)
-    rank, world, device = init_distributed() if args.distributed else (0, 1, resolve_device(args.device))
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world, device = init_distributed() if args.distributed or under_torchrun else (0, 1, resolve_device(args.device))
     config = _train_config(args)
     result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
     if is_main_process():
@@ -191,7 +204,8 @@ def cmd_prune(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint)
     config = PruneConfig(method=args.method, s=args.s, q=args.q, include=tuple(args.include) if args.include else None,
-                         exclude=tuple(args.exclude))
+                         exclude=tuple(args.exclude), q_by_pattern=tuple(_pattern_value(v, float) for v in args.q_layer),
+                         s_by_pattern=tuple(_pattern_value(v, float) for v in args.s_layer))
     prune_model(model, config)
     _print_layers(model, f"pruned ({args.method})")
     _save(args.out, model, payload, {"prune": dataclasses.asdict(config)})
@@ -221,7 +235,8 @@ def cmd_quantize(args) -> None:
     from .train import train
 
     model, payload = load_checkpoint(args.checkpoint)
-    config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init, seed=args.seed)
+    config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
+                            seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer))
     quantize_model(model, config)
     meta = {"quantize": dataclasses.asdict(config)}
     if args.train_centroids:
@@ -359,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["std", "percentile", "global"], default="percentile")
     p.add_argument("--s", type=float, default=0.5, help="std method: prune |w| < s * std(w)")
     p.add_argument("--q", type=float, default=50.0, help="percentile/global: prune the q%% smallest |w|")
+    p.add_argument("--q-layer", action="append", default=[], metavar="GLOB=Q", help="per-layer q (repeatable)")
+    p.add_argument("--s-layer", action="append", default=[], metavar="GLOB=S", help="per-layer s (repeatable)")
     p.add_argument("--include", nargs="*", help="glob patterns of weight names to prune (default: all conv/fc)")
     p.add_argument("--exclude", nargs="*", default=[])
     p.add_argument("--out", required=True)
@@ -376,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--bits-conv", type=int)
     p.add_argument("--bits-fc", type=int)
+    p.add_argument("--bits-layer", action="append", default=[], metavar="GLOB=BITS",
+                   help="bits for weights whose name matches GLOB (repeatable; first match wins over conv/fc)")
     p.add_argument("--init", choices=["linear", "random", "density", "kmeans++"], default="linear")
     p.add_argument("--train-centroids", action="store_true")
     p.add_argument("--out", required=True)
