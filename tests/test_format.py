@@ -228,15 +228,15 @@ def test_encoder_rejects_bad_settings():
 
 def test_empty_file_bytes_are_pinned():
     header = b'{"format":"deepshrink","meta":{},"model":null,"tensors":{},"version":1}'
-    padded = header + b" " * (-(20 + len(header)) % 8)
-    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 1, 0, len(padded)) + padded
+    packed = zlib.compress(header, 9)
+    padded = packed + bytes(-(20 + len(packed)) % 8)
+    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 1, 1, len(padded)) + padded
     assert len(padded) % 8 == 4  # 20-byte prefix + header: the payload starts on an 8-byte boundary
 
 
 def test_raw_section_layout_is_pinned():
     data = b"".join(serialize({"b": RawTensor(np.array([1.5], "<f4")), "a": RawTensor(np.array([1, 2], "<i2"))}))
-    header_len = struct.unpack_from("<Q", data, 12)[0]
-    header, payload = json.loads(data[20 : 20 + header_len]), data[20 + header_len :]
+    header, payload = attacks.split(data)
     assert header["tensors"]["a"] == {"codec": "raw", "dtype": "int16", "shape": [2], "offsets": [0, 4],
                                       "crc32": zlib.crc32(b"\x01\x00\x02\x00")}
     assert header["tensors"]["b"]["offsets"] == [8, 12]  # 8-aligned, sorted by name
@@ -522,8 +522,8 @@ MEMORY_LIMIT = 50 << 20
 
 
 def _split(data: bytes) -> tuple[dict, bytes, int]:
-    header_len = struct.unpack_from("<Q", data, 12)[0]
-    return json.loads(data[20 : 20 + header_len]), data[20 + header_len :], 20 + header_len
+    header, payload = attacks.split(data)
+    return header, payload, len(data) - len(payload)
 
 
 def _assert_bounded(data: bytes, path: Path, case: str) -> None:

@@ -63,7 +63,12 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"DSHRINK\0"
 VERSION = 1
-_PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags (reserved, 0), header length
+_PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
+#: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
+#: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
+#: plain header was up to a fifth of the file. Other bits are reserved.
+FLAG_DEFLATED_HEADER = 1
+KNOWN_FLAGS = (0, FLAG_DEFLATED_HEADER)
 PREFIX_SIZE = _PREFIX.size  # 20
 ALIGN = 8
 
@@ -152,11 +157,11 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model spec, meta or coder params are not plain JSON ({e})") from None
-    raw = text.encode("utf-8")
-    raw += b" " * (_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # payload starts 8-aligned
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ConfigError(f"header of {len(raw)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
-    return [_PREFIX.pack(MAGIC, VERSION, 0, len(raw)) + raw, *sections]
+    if len(text) > MAX_HEADER_BYTES:
+        raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
+    raw = zlib.compress(text.encode("utf-8"), 9)
+    raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
+    return [_PREFIX.pack(MAGIC, VERSION, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
 
 
 def write_file(
@@ -249,9 +254,9 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     magic, version, flags, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise BadMagic(f"{where}: starts with {magic!r}, expected {MAGIC!r} (not a deepshrink file)")
-    if version != VERSION or flags != 0:
+    if version != VERSION or flags not in KNOWN_FLAGS:
         raise UnsupportedVersion(f"{where}: version {version} flags {flags:#x}; this reader knows version {VERSION}, "
-                                 "flags 0")
+                                 f"flags {KNOWN_FLAGS}")
     # 2. header length: capped, inside the file, payload aligned
     if header_len > MAX_HEADER_BYTES:
         raise HeaderTooLarge(f"{where}: header length {header_len} exceeds the cap {MAX_HEADER_BYTES}")
@@ -262,9 +267,12 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     if (PREFIX_SIZE + header_len) % ALIGN:
         raise InvalidHeader(f"{where}: header length {header_len} leaves the payload unaligned "
                             f"(prefix + header must be a multiple of {ALIGN})")
-    # 3. strict UTF-8, JSON without duplicate keys or NaN, then the schema
+    # 3. inflate (bounded), strict UTF-8, JSON without duplicate keys or NaN, then the schema
+    header_bytes = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
+    if flags & FLAG_DEFLATED_HEADER:
+        header_bytes = _inflate_header(header_bytes, where)
     try:
-        text = data[PREFIX_SIZE : PREFIX_SIZE + header_len].decode("utf-8")
+        text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidHeader(f"{where}: header is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
@@ -283,6 +291,22 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
         if crc != s.crc32:
             raise ChecksumMismatch(f"{where}: section {s.label}: CRC32 {crc:#010x}, header says {s.crc32:#010x}")
     return _Parsed(path, len(data), PREFIX_SIZE + header_len, header, payload, sections)
+
+
+def _inflate_header(data: bytes, where: str) -> bytes:
+    """Decompress a deflated header without ever producing more than MAX_HEADER_BYTES (no zip bomb)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_HEADER_BYTES + 1)
+    except zlib.error as e:
+        raise InvalidHeader(f"{where}: compressed header is corrupt ({e})") from None
+    if len(text) > MAX_HEADER_BYTES:
+        raise HeaderTooLarge(f"{where}: compressed header inflates past the cap {MAX_HEADER_BYTES}")
+    if not inflater.eof:
+        raise InvalidHeader(f"{where}: compressed header is truncated")
+    if inflater.unused_data.strip(b"\0"):
+        raise InvalidHeader(f"{where}: bytes other than zero padding follow the compressed header")
+    return text
 
 
 def _one_of(value: Any, allowed) -> bool:

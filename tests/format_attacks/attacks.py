@@ -11,6 +11,7 @@ To look at the files themselves::
 from __future__ import annotations
 
 import json
+import zlib
 import struct
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from deepshrink import errors
 from deepshrink.coding import get_coder
 from deepshrink.encode import CodedTensor, RawTensor, encode_quantized
-from deepshrink.format import MAGIC, PREFIX_SIZE, serialize
+from deepshrink.format import FLAG_DEFLATED_HEADER, MAGIC, PREFIX_SIZE, serialize
 
 
 def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman") -> CodedTensor:
@@ -57,8 +58,11 @@ def base_file() -> bytes:
 
 def split(data: bytes) -> tuple[dict, bytes]:
     """(header dict, payload) of a valid file."""
-    header_len = struct.unpack_from("<Q", data, 12)[0]
-    return json.loads(data[PREFIX_SIZE : PREFIX_SIZE + header_len]), data[PREFIX_SIZE + header_len :]
+    flags, header_len = struct.unpack_from("<HQ", data, 10)
+    header = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
+    if flags & FLAG_DEFLATED_HEADER:
+        header = zlib.decompressobj().decompress(header)
+    return json.loads(header), data[PREFIX_SIZE + header_len :]
 
 
 def join(header: dict | str | bytes, payload: bytes, magic: bytes = MAGIC, version: int = 1, flags: int = 0,
@@ -96,6 +100,19 @@ def prefix(**fields) -> Callable[[bytes], bytes]:
     def craft(data: bytes) -> bytes:
         header, payload = split(data)
         return join(header, payload, **fields)
+
+    return craft
+
+
+def _deflated(compress: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """Craft function that stores ``compress(header JSON)`` as a deflated header."""
+
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        raw = compress(text)
+        raw += bytes(-(PREFIX_SIZE + len(raw)) % 8)
+        return struct.pack("<8sHHQ", MAGIC, 1, FLAG_DEFLATED_HEADER, len(raw)) + raw + payload
 
     return craft
 
@@ -175,10 +192,17 @@ ATTACKS: dict[str, Attack] = {
     "shorter_than_prefix": Attack(E.HeaderTooSmall, "header", lambda d: d[: PREFIX_SIZE - 1], "truncated prefix"),
     "bad_magic": Attack(E.BadMagic, "header", lambda d: b"PK\x03\x04" + d[4:], "another format (a zip)"),
     "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=2), "a future version"),
-    "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=1), "reserved flags set"),
+    "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=2), "reserved flags set"),
+    "deflated_header_corrupt": Attack(E.InvalidHeader, "header", prefix(flags=1), "plain JSON flagged as deflated"),
+    "deflated_header_bomb": Attack(E.HeaderTooLarge, "header", _deflated(lambda h: zlib.compress(b" " * (17 << 20), 9)),
+                                   "a few KiB that inflate past the 16 MiB cap"),
+    "deflated_header_truncated": Attack(E.InvalidHeader, "header", _deflated(lambda h: zlib.compress(h)[:-9]),
+                                        "compressed stream cut short"),
+    "deflated_header_trailing": Attack(E.InvalidHeader, "header", _deflated(lambda h: zlib.compress(h) + b"junk"),
+                                       "junk after the compressed stream"),
     # the header length
     "header_length_over_cap": Attack(E.HeaderTooLarge, "header", prefix(header_len=2**63), "u64 length of 8 EiB"),
-    "header_length_past_eof": Attack(E.HeaderTooLarge, "header", lambda d: prefix(header_len=len(d))(d),
+    "header_length_past_eof": Attack(E.HeaderTooLarge, "header", lambda d: prefix(header_len=10 * len(d))(d),
                                      "length beyond the file"),
     "header_length_zero": Attack(E.HeaderTooSmall, "header", prefix(header_len=0), "empty header"),
     "header_length_unaligned": Attack(E.InvalidHeader, "header",
