@@ -18,7 +18,6 @@ from .errors import ConfigError, DeepShrinkError
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 140)
-log = logging.getLogger("deepshrink")
 
 
 # --- shared argument groups -------------------------------------------------------------------
@@ -173,7 +172,7 @@ def cmd_eval(args) -> None:
     from .train import evaluate
 
     path = Path(args.path)
-    if path.is_file() and path.read_bytes()[: len(MAGIC)] == MAGIC:
+    if _starts_with(path, MAGIC):  # a .dsz file; anything else is treated as a checkpoint
         from .format import read_header
 
         model, meta = load(path), read_header(path).get("meta", {})
@@ -185,6 +184,14 @@ def cmd_eval(args) -> None:
     _, test_data = _load(_dataset_entry(args, meta))
     result = evaluate(model, test_data, device=resolve_device(args.device))
     console.print(f"{path}: accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False  # the checkpoint loader reports the missing file
 
 
 def cmd_summary(args) -> None:
@@ -213,26 +220,32 @@ def cmd_prune(args) -> None:
 
 def cmd_finetune(args) -> None:
     from .checkpoint import load_checkpoint
-    from .pipeline import resolve_device
     from .prune import zero_pruned_
-    from .train import train
 
     model, payload = load_checkpoint(args.checkpoint)
-    dataset = _dataset_entry(args, payload["meta"])
+    meta = _retrain(model, args, payload["meta"], "finetune")
+    zero_pruned_(model)
+    _print_layers(model, "after fine-tuning")
+    _save(args.out, model, payload, meta)
+
+
+def _retrain(model, args, meta: dict, label: str) -> dict:
+    """Run the training loop on the checkpoint's dataset; returns the meta entries to record."""
+    from .pipeline import resolve_device
+    from .train import train
+
+    dataset = _dataset_entry(args, meta)
     train_data, test_data = _load(dataset)
     device = resolve_device(args.device)
     config = _train_config(args)
     result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
-    zero_pruned_(model)
-    _print_layers(model.cpu(), "after fine-tuning")
-    _save(args.out, model, payload, {"dataset": dataset, "finetune": dataclasses.asdict(config), "metrics": result.final})
+    model.cpu()
+    return {"dataset": dataset, label: dataclasses.asdict(config), "metrics": result.final}
 
 
 def cmd_quantize(args) -> None:
     from .checkpoint import load_checkpoint
-    from .pipeline import resolve_device
     from .quantize import QuantizeConfig, quantize_model
-    from .train import train
 
     model, payload = load_checkpoint(args.checkpoint)
     config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
@@ -240,13 +253,7 @@ def cmd_quantize(args) -> None:
     quantize_model(model, config)
     meta = {"quantize": dataclasses.asdict(config)}
     if args.train_centroids:
-        dataset = _dataset_entry(args, payload["meta"])
-        train_data, test_data = _load(dataset)
-        device = resolve_device(args.device)
-        tconfig = _train_config(args)
-        result = train(model.to(device), train_data, tconfig, eval_data=test_data, device=device)
-        model.cpu()
-        meta.update({"dataset": dataset, "centroid_training": dataclasses.asdict(tconfig), "metrics": result.final})
+        meta.update(_retrain(model, args, payload["meta"], "centroid_training"))
     _print_layers(model, f"quantized ({args.bits} bits, {args.init} init)")
     _save(args.out, model, payload, meta)
 
@@ -257,7 +264,8 @@ def cmd_plot(args) -> None:
     stages: dict[str, dict] = {}
     for path in args.checkpoints:
         model, payload = load_checkpoint(path)
-        label = payload["meta"].get("stage", {}).get("kind") or Path(path).stem
+        path = Path(path)  # a run's stage checkpoints are all checkpoint.pt: name them by their stage folder
+        label = path.parent.name if path.stem == "checkpoint" else path.stem
         for fqn, values in report.effective_weights(model).items():
             stages.setdefault(fqn, {})[label] = values
     paths = report.weight_histograms(stages, args.out)
