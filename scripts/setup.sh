@@ -11,8 +11,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
-    "$venv/bin/python" -m pip install --quiet -e "$root[test,bench]"
+    pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+    "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+    "${pip[@]}" -e "$root[test,bench]"
     echo "$want" > "$stamp"
 fi
