@@ -127,28 +127,20 @@ def test_density_init_takes_equally_spaced_cdf_levels():
     assert np.all(np.abs(between - values.size / 8) <= 1)
 
 
-def test_random_init_draws_distinct_values_from_the_weights_per_seed():
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+def test_seeded_inits_draw_distinct_values_from_the_weights_per_seed(init):
     values = pruned_weights(3000, seed=3)
-    a = init_centroids(values, 16, "random", seed=5)
+    a = init_centroids(values, 16, init, seed=5)
     assert a.size == 16 and np.all(np.diff(a) > 0)
     assert np.isin(a, values.astype(np.float64)).all()
-    np.testing.assert_array_equal(a, init_centroids(values, 16, "random", seed=5))
-    assert not np.array_equal(a, init_centroids(values, 16, "random", seed=6))
+    np.testing.assert_array_equal(a, init_centroids(values, 16, init, seed=5))
+    assert not np.array_equal(a, init_centroids(values, 16, init, seed=6))
 
 
 def test_random_init_tops_up_when_draws_repeat_a_value():
     values = np.array([0.5] * 500 + [1.0, 2.0, 3.0], dtype=np.float32)  # most draws hit 0.5
     c = init_centroids(values, 4, "random", seed=0)
     np.testing.assert_array_equal(c, [0.5, 1.0, 2.0, 3.0])
-
-
-def test_kmeans_pp_init_is_deterministic_per_seed_and_draws_from_the_weights():
-    values = pruned_weights(3000, seed=4)
-    a = init_centroids(values, 16, "kmeans++", seed=1)
-    assert a.size == 16 and np.all(np.diff(a) > 0)
-    assert np.isin(a, values.astype(np.float64)).all()
-    np.testing.assert_array_equal(a, init_centroids(values, 16, "kmeans++", seed=1))
-    assert not np.array_equal(a, init_centroids(values, 16, "kmeans++", seed=2))
 
 
 def test_kmeans_pp_prefers_far_values():
