@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from deepshrink.checkpoint import save_checkpoint
+from deepshrink.checkpoint import load_checkpoint, save_checkpoint
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.errors import ConfigError
 from deepshrink.models import build_model
 from deepshrink.sweep import BITS, INITS, PERCENTILES, STD_VALUES, run_sweep
@@ -46,6 +47,16 @@ def test_quantization_sweeps_cover_bits_and_inits(trained, tmp_path):
     inits = run_sweep("init", trained, tmp_path / "init", epochs=1)
     assert [r["init"] for r in inits.rows] == list(INITS)
     assert all(r["accuracy_before"] == inits.rows[0]["accuracy_before"] for r in inits.rows)
+
+
+def test_quantization_sweeps_from_a_pruned_checkpoint_keep_every_point_independent(trained, tmp_path):
+    # a pruned checkpoint carries mask parametrizations; quantizing one point must not disturb the next
+    model, payload = load_checkpoint(trained)
+    prune_model(model, PruneConfig(q=60))
+    pruned = save_checkpoint(tmp_path / "pruned.pt", model, SPEC, payload["meta"])
+    result = run_sweep("bits", pruned, tmp_path / "bits", epochs=0)
+    assert [r["bits"] for r in result.rows] == list(BITS)
+    assert len({r["accuracy_before"] for r in result.rows}) == 1
 
 
 def test_sensitivity_prunes_one_layer_at_a_time(trained, tmp_path):

@@ -11,7 +11,6 @@ Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under i
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -65,7 +64,7 @@ def run_sweep(
     """
     if kind not in SWEEPS:
         raise ConfigError(f"unknown sweep {kind!r}; valid: {sorted(SWEEPS)}")
-    base, payload = load_checkpoint(checkpoint)
+    _, payload = load_checkpoint(checkpoint)
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
@@ -86,8 +85,13 @@ def run_sweep(
         zero_pruned_(model)
         return accuracy(model)
 
+    def fresh() -> nn.Module:
+        # every point starts from the checkpoint itself: copy.deepcopy would share parametrize's
+        # generated classes, so quantizing one copy (which removes a mask parametrization) breaks the rest
+        return load_checkpoint(checkpoint)[0]
+
     rows = []
-    for row in SWEEPS[kind].points(base, accuracy, retrained, bits):
+    for row in SWEEPS[kind].points(fresh, accuracy, retrained, bits):
         rows.append(row)
         if on_point:
             on_point(row)
@@ -112,9 +116,9 @@ def _sparsity(model: nn.Module) -> float:
 
 
 def _prune_points(param: str, values):
-    def points(base, accuracy, retrained, _bits):
+    def points(fresh, accuracy, retrained, _bits):
         for v in values:
-            model = copy.deepcopy(base)
+            model = fresh()
             prune_model(model, PruneConfig(method="std" if param == "s" else "percentile", **{param: v}))
             row = {param: v, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
             row["retrained_accuracy"] = retrained(model)
@@ -124,11 +128,11 @@ def _prune_points(param: str, values):
 
 
 def _quantize_points(vary: str):
-    def points(base, accuracy, retrained, bits):
+    def points(fresh, accuracy, retrained, bits):
+        before = accuracy(fresh())
         for v in BITS if vary == "bits" else INITS:
-            model = copy.deepcopy(base)
+            model = fresh()
             config = QuantizeConfig(bits=v, init="linear") if vary == "bits" else QuantizeConfig(bits=bits, init=v)
-            before = accuracy(model)
             quantize_model(model, config)
             yield {vary: v, "accuracy_before": before, "accuracy": accuracy(model),
                    "retrained_accuracy": retrained(model)}
@@ -136,13 +140,15 @@ def _quantize_points(vary: str):
     return points
 
 
-def _sensitivity_points(base, accuracy, _retrained, _bits):
+def _sensitivity_points(fresh, accuracy, _retrained, _bits):
+    base = fresh()
     dense = accuracy(base)
     for ref in select_weights(base, kinds=("conv", "fc")):
         for q in SENSITIVITY_Q:
-            model = copy.deepcopy(base)
+            model = fresh()
             prune_model(model, PruneConfig(method="percentile", q=q, include=(ref.fqn,)))
-            yield {"layer": ref.fqn, "q": q, "accuracy": accuracy(model), "drop": dense - accuracy(model)}
+            acc = accuracy(model)
+            yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
 _ACC = [("accuracy", "accuracy", report.fmt_percent), ("retrained_accuracy", "after retraining", report.fmt_percent)]
