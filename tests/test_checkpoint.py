@@ -49,9 +49,13 @@ def test_unreadable_or_foreign_files_get_clear_errors(tmp_path):
 def test_weights_that_do_not_fit_the_architecture_are_rejected(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", build_model(SPEC), SPEC)
     payload = torch.load(path, weights_only=True)
-    payload["model"] = {"arch": "lenet300", "kwargs": {}}
+    payload["model"] = {"arch": "mlp", "kwargs": {"hidden": [128, 256]}}  # as many weights, other shapes
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="do not fit model"):
+        load_checkpoint(path)
+    payload["model"] = {"arch": "lenet300", "kwargs": {}}  # more weights than the file holds: never allocated
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="266,610 parameter/buffer elements, over the limit of 50,826"):
         load_checkpoint(path)
 
 
@@ -65,3 +69,55 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, failing)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_naming_code_is_refused_before_anything_is_imported(factory_checkpoints):
+    for path in (factory_checkpoints.system, factory_checkpoints.module):
+        with pytest.raises(CheckpointError, match="trust_factory=True"):
+            load_checkpoint(path)
+    assert not factory_checkpoints.marker.exists()
+
+
+def test_a_trusted_factory_checkpoint_loads(factory_checkpoints):
+    model, payload = load_checkpoint(factory_checkpoints.module, trust_factory=True)
+    assert factory_checkpoints.marker.exists()  # the module was imported: trust is what allows it
+    assert payload["model"] == factory_checkpoints.spec and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _edited(payload: dict, **changes) -> dict:
+    out = {**payload, **{k: v for k, v in changes.items() if v is not DELETE}}
+    return {k: v for k, v in out.items() if changes.get(k) is not DELETE}
+
+
+DELETE = object()
+MASKED = [{"kind": "masked"}]
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"model": DELETE}, r"missing entry \['model'\]"),
+        ({"compression": DELETE, "meta": DELETE}, r"missing entries \['compression', 'meta'\]"),
+        ({"deepshrink_checkpoint": 2}, "checkpoint version 2, expected 1"),
+        ({"deepshrink_checkpoint": True}, "checkpoint version True"),
+        ({"model": ["mlp"]}, "'model' must be a dict, got list"),
+        ({"compression": []}, "'compression' must be a dict, got list"),
+        ({"meta": "x"}, "'meta' must be a dict, got str"),
+        ({"state_dict": {"fc1.weight": [1.0]}}, "'state_dict' must map names to tensors"),
+        ({"compression": {"fc1.weight": "masked"}}, "must map weight names to lists"),
+        ({"compression": {"fc1.weight": ["masked"]}}, "must be a dict with a 'kind' string"),
+        ({"compression": {"fc1.weight": [{"kind": "bogus"}]}}, "unknown compression kind 'bogus'"),
+        ({"compression": {"fc9.weight": MASKED}}, "no module 'fc9'"),
+        ({"compression": {"fc1.weight": MASKED}}, "incomplete"),
+        ({"model": {"arch": "mlp", "kwargs": {"hidden": [1e6, 1e6]}}}, "1,000,076,000,010 parameter/buffer elements"),
+        ({"model": {"arch": "mlp", "kwargs": {"hidden": ["many"]}}}, "cannot build with kwargs"),
+        ({"model": {"arch": ["mlp"]}}, "unknown model arch"),
+        ({"model": {"arch": "mlp", "kwargs": [1e6]}}, "'kwargs' must be a dict"),
+    ],
+)
+def test_each_malformed_checkpoint_gives_one_checkpoint_error(tmp_path, changes, words):
+    path = save_checkpoint(tmp_path / "m.pt", build_model(SPEC), SPEC)
+    torch.save(_edited(torch.load(path, weights_only=True), **changes), path)
+    with pytest.raises(CheckpointError, match=words) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(str(path))

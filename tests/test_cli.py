@@ -90,3 +90,33 @@ def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
     assert payload["meta"]["dataset"] == {"name": "digits"} and payload["meta"]["metrics"]["test_accuracy"] > 0.5
     assert main(["sweep", "prune-percentile", str(ckpt), "--out", str(tmp_path / "sweep"), "--epochs", "0"]) == 0
     assert "sweep: prune-percentile" in capsys.readouterr().out
+
+
+def test_every_command_refuses_a_checkpoint_that_names_code(factory_checkpoints, tmp_path, capsys):
+    from deepshrink.format import compress_model
+
+    dsz = tmp_path / "factory.dsz"
+    compress_model(build_model(SPEC), dsz, model_spec=factory_checkpoints.spec)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": factory_checkpoints.spec, "dataset": "digits", "stages": [{"prune": {}}]}))
+    out = tmp_path / "out"
+    for ckpt in (factory_checkpoints.system, factory_checkpoints.module):
+        for args in (["summary", ckpt], ["eval", ckpt], ["prune", ckpt, "--out", out / "p.pt"],
+                     ["finetune", ckpt, "--epochs", "1", "--out", out / "f.pt"], ["quantize", ckpt, "--out", out / "q.pt"],
+                     ["plot", ckpt, "--out", out], ["encode", ckpt, "--out", out / "m.dsz"],
+                     ["sweep", "prune-std", ckpt, "--out", out], ["eval", dsz], ["run", recipe, "--out", out]):
+            assert main([str(a) for a in args]) == 2, args
+            assert "--trust-factory" in capsys.readouterr().out, args
+    assert not factory_checkpoints.marker.exists() and not out.exists()
+
+
+def test_a_user_factory_goes_through_the_pipeline_with_trust_factory(factory_checkpoints, tmp_path, capsys):
+    factory = factory_checkpoints.spec["factory"]
+    dense, pruned, quant, dsz = (tmp_path / n for n in ("d.pt", "p.pt", "q.pt", "m.dsz"))
+    assert main(["train", "--model", factory, *DATA, "--epochs", "1", "--out", str(dense)]) == 0  # named here: trusted
+    assert main(["prune", str(dense), "--q", "50", "--out", str(pruned), "--trust-factory"]) == 0
+    assert main(["quantize", str(pruned), "--bits", "3", "--out", str(quant), "--trust-factory"]) == 0
+    assert main(["encode", str(quant), "--out", str(dsz), "--trust-factory"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(dsz), "--trust-factory"]) == 0
+    assert "accuracy" in capsys.readouterr().out

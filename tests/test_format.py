@@ -280,7 +280,7 @@ def test_builtin_arch_loads_as_a_plain_model(tmp_path):
 
 def test_factory_spec_is_built_only_when_trusted(tmp_path, caplog):
     spec = {"factory": "deepshrink.models:mlp", "kwargs": {}}
-    model = build_model(spec)
+    model = build_model(spec, trust_factory=True)
     compress_model(model, tmp_path / "m.dsz", model_spec=spec)
     assert isinstance(load(tmp_path / "m.dsz"), dict)
     assert "trust_factory" in caplog.text
@@ -296,8 +296,8 @@ def test_inflated_model_kwargs_are_caught_on_the_meta_device(tmp_path, monkeypat
 
     real_build = models.build_model
 
-    def spy(spec):
-        built = real_build(spec)
+    def spy(spec, **options):
+        built = real_build(spec, **options)
         devices.append(next(built.parameters()).device.type)
         return built
 
@@ -310,7 +310,7 @@ def test_inflated_model_kwargs_are_caught_on_the_meta_device(tmp_path, monkeypat
 def test_spec_whose_constructor_fails_is_a_config_error(tmp_path):
     compress_model(build_model({"arch": "mlp", "kwargs": {}}), tmp_path / "m.dsz",
                    model_spec={"arch": "mlp", "kwargs": {"num_classes": -3}})
-    with pytest.raises(ConfigError, match="cannot build the model"):
+    with pytest.raises(ConfigError, match="cannot build"):
         load(tmp_path / "m.dsz")
 
 

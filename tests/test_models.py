@@ -95,7 +95,45 @@ def test_unknown_arch_lists_the_valid_names():
 )
 def test_bad_specs_raise_config_error_naming_the_problem(spec, words):
     with pytest.raises(ConfigError, match=words):
-        build_model(spec)
+        build_model(spec, trust_factory=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"hidden": [1e6, 1e6]}, "1,000,076,000,010 parameter/buffer elements, over the limit of 2,147,483,648"),
+        ({"hidden": ["x"]}, "ValueError"),
+        ({"hidden": 5}, "TypeError"),
+        ({"num_classes": 1e6}, "must be tuple of ints"),
+        ({"num_classes": -3}, "negative dimension"),
+    ],
+)
+def test_kwargs_from_a_file_fail_fast_with_one_config_error(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        build_model({"arch": "mlp", "kwargs": kwargs})
+
+
+def test_model_bound_is_counted_without_allocating():
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ConfigError, match="over the limit of 1,000"):
+        build_model("lenet300", max_elements=1000)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20  # lenet300 would take 1 MB of float32: built on the meta device only
+    with pytest.raises(ConfigError, match="exceeds"):
+        build_model({"arch": "mlp", "kwargs": {"hidden": [1] * 10_000}})  # a spec of 30 KB
+
+
+def test_factory_specs_are_refused_unless_trusted(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "marker_module_for_models_test.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("os:system", "marker_module_for_models_test:build"):
+        with pytest.raises(ConfigError, match="--trust-factory .* trust_factory=True"):
+            build_model({"factory": target, "kwargs": {"command": f"touch {marker}"}})
+    assert not marker.exists()
 
 
 def test_factory_spec_builds_a_user_model(tmp_path, monkeypatch):
@@ -108,9 +146,9 @@ def test_factory_spec_builds_a_user_model(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = model_spec("user_models_for_test:tiny", width=5)
     assert spec == {"factory": "user_models_for_test:tiny", "kwargs": {"width": 5}}
-    model = build_model(spec)
+    model = build_model(spec, trust_factory=True)
     assert model(torch.randn(2, 1, 2, 2)).shape == (2, 5)
-    assert isinstance(build_model("user_models_for_test:tiny")[1], nn.Linear)
+    assert isinstance(build_model("user_models_for_test:tiny", trust_factory=True)[1], nn.Linear)
 
 
 def test_model_spec_for_builtins_and_registry():

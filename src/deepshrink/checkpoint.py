@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .layers import resolve
 from .prune import Masked
 from .quantize import SharedWeights
@@ -84,7 +84,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: dict,
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint dict safely (``weights_only=True``); checks the layout, not the model."""
+    """Read a checkpoint dict safely (``weights_only=True``); checks the layout, not the model.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, or a payload that fails ``check_payload``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -92,28 +96,85 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/unsafe files
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or "deepshrink_checkpoint" not in payload:
-        raise CheckpointError(f"{path}: not a deepshrink checkpoint (expected a dict with 'deepshrink_checkpoint')")
-    if payload["deepshrink_checkpoint"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload['deepshrink_checkpoint']}, expected {FORMAT_VERSION}")
+    check_payload(payload, str(path))
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+#: what each top-level entry must be; other keys are ignored (room for later additions)
+PAYLOAD_TYPES: dict[str, type] = {"model": dict, "state_dict": dict, "compression": dict, "meta": dict}
+
+
+def check_payload(payload: Any, where: str) -> None:
+    """Check a loaded checkpoint's structure before anything is built from it.
+
+    A checkpoint comes from a file, so every entry is checked for its type: a version this reader
+    knows, the four entries of ``PAYLOAD_TYPES``, string tensor names mapping to tensors, and
+    compression entries that are lists of ``{"kind": ...}`` objects.
+
+    Raises:
+        CheckpointError: naming the first entry that does not fit.
+    """
+
+    def fail(message: str) -> None:
+        raise CheckpointError(f"{where}: {message}")
+
+    if not isinstance(payload, dict) or "deepshrink_checkpoint" not in payload:
+        fail("not a deepshrink checkpoint (expected a dict with 'deepshrink_checkpoint')")
+    version = payload["deepshrink_checkpoint"]
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        fail(f"checkpoint version {version!r}, expected {FORMAT_VERSION}")
+    missing = [key for key in PAYLOAD_TYPES if key not in payload]
+    if missing:
+        fail(f"missing entr{'y' if len(missing) == 1 else 'ies'} {missing}")
+    for key, kind in PAYLOAD_TYPES.items():
+        if not isinstance(payload[key], kind):
+            fail(f"'{key}' must be a {kind.__name__}, got {type(payload[key]).__name__}")
+    for name, tensor in payload["state_dict"].items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            fail(f"'state_dict' must map names to tensors, got {name!r}: {type(tensor).__name__}")
+    for fqn, entries in payload["compression"].items():
+        if not isinstance(fqn, str) or not isinstance(entries, list):
+            fail(f"'compression' must map weight names to lists, got {fqn!r}: {type(entries).__name__}")
+        for entry in entries:
+            if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str)):
+                fail(f"'compression' entry of {fqn!r} must be a dict with a 'kind' string, got {entry!r}")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, trust_factory: bool = False
+) -> tuple[nn.Module, dict]:
     """Rebuild the model (architecture, masks, codebooks, weights) from a checkpoint.
+
+    The model is bounded before it is allocated: its state dict may hold no more elements than the
+    checkpoint stores (``build_model`` counts them on the meta device), so a spec with inflated kwargs
+    fails at once.
+
+    Args:
+        trust_factory: build a ``{"factory": "pkg.module:fn"}`` spec, which imports and runs the code
+            the checkpoint names. Off by default: a checkpoint may come from anyone.
 
     Returns:
         (model, payload) where payload holds "model" (the spec), "compression" and "meta".
+
+    Raises:
+        CheckpointError: an unreadable or malformed file, an untrusted factory, a spec that does not
+            build or asks for more than the file holds, or weights that do not fit the model.
     """
-    from .models import build_model  # models imports nothing from here; local import keeps layering clear
+    from .models import MAX_MODEL_ELEMENTS, build_model  # models imports nothing from here; keeps layering clear
 
     payload = read_checkpoint(path)
-    model = build_model(payload["model"])
-    restore_compression(model, payload["compression"], payload["state_dict"])
+    stored = sum(t.numel() for t in payload["state_dict"].values())
+    try:  # the limit is what the file stores: a real checkpoint holds every weight of its model
+        model = build_model(payload["model"], trust_factory=trust_factory, max_elements=min(stored, MAX_MODEL_ELEMENTS))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
+        restore_compression(model, payload["compression"], payload["state_dict"])
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {payload['model']}: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # the file is untrusted: names, kinds or shapes the model cannot take
+        raise CheckpointError(f"{path}: weights do not fit model {payload['model']}: {type(e).__name__}: {e}") from None
     return model.to(map_location), payload
 
 

@@ -50,6 +50,12 @@ def _train_config(args):
     )
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-factory", action="store_true",
+                   help="build a model named by 'pkg.module:factory' in the file (imports and runs that code; "
+                        "only for files you trust)")
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=required, help="digits, mnist, cifar10 or imagefolder (default: the checkpoint's)")
@@ -119,7 +125,8 @@ def _run(recipe, out, args) -> None:
                       f"sparsity {100 * m['sparsity']:.1f}%  ({m['seconds']:.1f} s)")
 
     result = run_recipe(recipe, out, data_dir=getattr(args, "data_dir", None), device=getattr(args, "device", None),
-                        resume=getattr(args, "resume", False), on_stage=on_stage)
+                        resume=getattr(args, "resume", False), on_stage=on_stage,
+                        trust_factory=getattr(args, "trust_factory", False))
     console.print(report.render_table(result.stages, report.STAGE_COLUMNS, title=f"{recipe.name}: stages"))
     console.print(report.render_table(result.layers + [report.summary_totals(result.layers)], report.LAYER_COLUMNS,
                                       title="per-layer summary (final model)"))
@@ -144,7 +151,7 @@ def cmd_train(args) -> None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
     spec = model_spec(args.model, **kwargs)
-    model = build_model(spec)
+    model = build_model(spec, trust_factory=True)  # the user named the factory on this command line
     if args.init_from:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
@@ -175,11 +182,16 @@ def cmd_eval(args) -> None:
     if _starts_with(path, MAGIC):  # a .dsz file; anything else is treated as a checkpoint
         from .format import read_header
 
-        model, meta = load(path), read_header(path).get("meta", {})
+        header = read_header(path)
+        meta = header["meta"]
+        if header["model"] is None:
+            raise ConfigError(f"{path}: the file names no model to evaluate; decode it and load the weights yourself")
+        model = load(path, trust_factory=args.trust_factory)
         if isinstance(model, dict):
-            raise ConfigError(f"{path}: the file holds a user model's weights; evaluate it from Python with deepshrink.load()")
+            raise ConfigError(f"{path}: the file names model factory {header['model']['factory']!r}, which imports "
+                              "and runs code; pass --trust-factory if you trust the file")
     else:
-        model, payload = load_checkpoint(path)
+        model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         meta = payload["meta"]
     _, test_data = _load(_dataset_entry(args, meta))
     result = evaluate(model, test_data, device=resolve_device(args.device))
@@ -197,7 +209,7 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 def cmd_summary(args) -> None:
     from .checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     rows = report.layer_summary(model)
     if args.json:
         print(json.dumps({"layers": rows, "total": report.summary_totals(rows)}, indent=2))
@@ -209,7 +221,7 @@ def cmd_prune(args) -> None:
     from .checkpoint import load_checkpoint
     from .prune import PruneConfig, prune_model
 
-    model, payload = load_checkpoint(args.checkpoint)
+    model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = PruneConfig(method=args.method, s=args.s, q=args.q, include=tuple(args.include) if args.include else None,
                          exclude=tuple(args.exclude), q_by_pattern=tuple(_pattern_value(v, float) for v in args.q_layer),
                          s_by_pattern=tuple(_pattern_value(v, float) for v in args.s_layer))
@@ -222,7 +234,7 @@ def cmd_finetune(args) -> None:
     from .checkpoint import load_checkpoint
     from .prune import zero_pruned_
 
-    model, payload = load_checkpoint(args.checkpoint)
+    model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     meta = _retrain(model, args, payload["meta"], "finetune")
     zero_pruned_(model)
     _print_layers(model, "after fine-tuning")
@@ -247,7 +259,7 @@ def cmd_quantize(args) -> None:
     from .checkpoint import load_checkpoint
     from .quantize import QuantizeConfig, quantize_model
 
-    model, payload = load_checkpoint(args.checkpoint)
+    model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
                             seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer))
     quantize_model(model, config)
@@ -263,7 +275,7 @@ def cmd_plot(args) -> None:
 
     stages: dict[str, dict] = {}
     for path in args.checkpoints:
-        model, payload = load_checkpoint(path)
+        model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         path = Path(path)  # a run's stage checkpoints are all checkpoint.pt: name them by their stage folder
         label = path.parent.name if path.stem == "checkpoint" else path.stem
         for fqn, values in report.effective_weights(model).items():
@@ -277,7 +289,7 @@ def cmd_encode(args) -> None:
     from .encode import EncodeConfig
     from .format import compress_model
 
-    model, payload = load_checkpoint(args.checkpoint)
+    model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
                           codebook_dtype=args.codebook_dtype)
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
@@ -330,7 +342,7 @@ def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
-                       epochs=args.epochs, lr=args.lr)
+                       epochs=args.epochs, lr=args.lr, trust_factory=args.trust_factory)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
     console.print(f"report: {result.report}")
 
@@ -354,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue after the last completed stage")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a model from scratch (or from weights) and save a checkpoint")
@@ -368,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or a compressed file")
     p.add_argument("path")
+    _add_trust_arg(p)
     _add_data_args(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
@@ -375,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="per-layer sparsity table of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("prune", help="magnitude pruning")
@@ -386,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-layer", action="append", default=[], metavar="GLOB=S", help="per-layer s (repeatable)")
     p.add_argument("--include", nargs="*", help="glob patterns of weight names to prune (default: all conv/fc)")
     p.add_argument("--exclude", nargs="*", default=[])
+    _add_trust_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
 
@@ -394,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_data_args(p)
     _add_train_args(p, epochs=10, lr=0.01)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("quantize", help="k-means weight sharing (optionally train the centroids)")
@@ -408,11 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_data_args(p)
     _add_train_args(p, epochs=5, lr=0.001)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plot", help="weight histograms per layer across checkpoints (e.g. dense, pruned, quantized)")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--out", required=True)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("encode", help="write the compressed file")
@@ -422,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-bits-conv", type=int, default=8)
     p.add_argument("--index-bits-fc", type=int, default=5)
     p.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("inspect", help="per-layer accounting of a compressed file")
@@ -442,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=1, help="retraining epochs per point (0 = no retraining)")
     p.add_argument("--lr", type=float, default=0.01)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_sweep)
     return parser
 

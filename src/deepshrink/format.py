@@ -550,7 +550,10 @@ def load(
             log.warning("%s: model factory %r not built (pass trust_factory=True if you trust the file); "
                         "returning the state dict", path, spec["factory"])
         return {k: v.to(map_location) for k, v in tensors.items()}
-    from .models import build_model  # models is a leaf module; imported here to keep format light
+    from .models import build_model as build_untrusted  # models is a leaf module; imported here to keep format light
+
+    def build_model(spec: dict) -> nn.Module:  # one gate for files and checkpoints: build_model's
+        return build_untrusted(spec, trust_factory=trust_factory)
 
     where = f"{path}: model {spec}"
     try:

@@ -8,6 +8,7 @@ for a user's own model.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DeepShrinkError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -197,32 +198,86 @@ def _import_factory(target: str) -> Callable[..., Any]:
     return obj
 
 
-def build_model(spec: dict[str, Any] | str) -> nn.Module:
+#: Most parameter and buffer elements ``build_model`` will allocate (2**31 float32 = 8 GiB). A spec comes
+#: from files (checkpoints, recipes), so ``{"hidden": [1e6, 1e6]}`` must fail before it asks for 4 TB.
+#: The largest shipped model (ResNet-56) holds under 2**20; raise it only for specs you trust.
+MAX_MODEL_ELEMENTS = 1 << 31
+#: A spec as JSON: real ones are a name and a few kwargs; a long ``hidden`` list could ask for
+#: millions of modules, which cost time even on the meta device. The compressed file has the same cap.
+MAX_SPEC_BYTES = 16 << 10
+
+TRUST_HINT = "pass --trust-factory on the command line or trust_factory=True in Python"
+
+
+def build_model(
+    spec: dict[str, Any] | str, *, trust_factory: bool = False, max_elements: int = MAX_MODEL_ELEMENTS
+) -> nn.Module:
     """Build a model from a spec (see module docstring) or a bare name/factory string.
 
+    The model is first built on the ``meta`` device (no memory) and its state dict elements counted,
+    so a spec asking for a huge model fails before anything is allocated.
+
+    Args:
+        trust_factory: a ``{"factory": "pkg.module:fn"}`` spec imports and runs the code it names, so
+            it is built only when the caller trusts where the spec came from. Specs read from files
+            (checkpoints, compressed files, recipes) are untrusted unless the user says otherwise.
+        max_elements: most parameter and buffer elements the model may hold.
+
     Raises:
-        ConfigError: unknown arch (the message lists the valid names), a malformed spec, or a
-            factory that cannot be imported, is not callable or does not return an ``nn.Module``.
+        ConfigError: unknown arch (the message lists the valid names), a malformed spec, an untrusted
+            factory (refused before anything is imported), a factory that cannot be imported, is not
+            callable or does not return an ``nn.Module``, kwargs the constructor rejects, or a model
+            larger than ``max_elements``.
     """
     if isinstance(spec, str):
         spec = model_spec(spec)
     if not isinstance(spec, dict) or ("arch" in spec) == ("factory" in spec):
         raise ConfigError(f"model spec {spec!r}: expected a dict with exactly one of 'arch' or 'factory'")
+    spec_bytes = len(json.dumps(spec, default=repr))
+    if spec_bytes > MAX_SPEC_BYTES:
+        raise ConfigError(f"model spec of {spec_bytes} bytes exceeds {MAX_SPEC_BYTES} (real specs are a name and a "
+                          "few kwargs)")
+    unknown = sorted(set(spec) - {"arch", "factory", "kwargs"})
+    if unknown:
+        raise ConfigError(f"model spec {spec!r}: unknown key(s) {unknown}; valid: arch or factory, kwargs")
     kwargs = spec.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"model spec {spec!r}: 'kwargs' must be a dict, got {type(kwargs).__name__}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"model spec {spec!r}: 'kwargs' must be a dict with string keys, got {type(kwargs).__name__}")
     if "arch" in spec:
-        fn = MODELS.get(spec["arch"])
-        if fn is None:
-            raise ConfigError(f"unknown model arch {spec['arch']!r}; valid: {', '.join(sorted(MODELS))}")
         label = spec["arch"]
+        fn = MODELS.get(label) if isinstance(label, str) else None
+        if fn is None:
+            raise ConfigError(f"unknown model arch {label!r}; valid: {', '.join(sorted(MODELS))}")
     else:
-        fn = _import_factory(str(spec["factory"]))
         label = spec["factory"]
+        if not isinstance(label, str):
+            raise ConfigError(f"model spec {spec!r}: 'factory' must be a 'package.module:function' string")
+        if not trust_factory:  # checked before importing anything: importing a module runs its code
+            raise ConfigError(f"model factory {label!r} would import and run code named by the spec, which is "
+                              f"not trusted; if you trust its source, {TRUST_HINT}")
+        fn = _import_factory(label)
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 0:
+        raise ConfigError(f"max_elements must be an integer >= 0, got {max_elements!r}")
+    try:
+        with torch.device("meta"):  # shapes without memory
+            elements = sum(t.numel() for t in _construct(fn, label, kwargs).state_dict().values())
+    except Exception:
+        if "arch" in spec:  # built-ins run on the meta device: this is the constructor's verdict
+            raise
+        elements = 0  # a trusted factory whose code cannot run on the meta device: the real build decides
+    if elements > max_elements:
+        raise ConfigError(f"model {label!r} with kwargs {kwargs!r} holds {elements:,} parameter/buffer elements, "
+                          f"over the limit of {max_elements:,}")
+    return _construct(fn, label, kwargs)
+
+
+def _construct(fn: Callable[..., Any], label: str, kwargs: dict) -> nn.Module:
     try:
         model = fn(**kwargs)
-    except TypeError as e:  # wrong kwargs for this constructor
-        raise ConfigError(f"model {label!r}: bad kwargs {kwargs!r} ({e})") from None
+    except DeepShrinkError:
+        raise
+    except Exception as e:  # wrong kwargs for this constructor, or values it cannot use (sizes of 1e6, "x", -3)
+        raise ConfigError(f"model {label!r}: cannot build with kwargs {kwargs!r} ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {label!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model

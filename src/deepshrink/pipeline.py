@@ -234,7 +234,7 @@ def _stage_encode(model, options, ctx) -> dict:
     path = ctx["stage_dir"] / "model.dsz"
     compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
     file_report = inspect_file(path)
-    decoded = load(path)
+    decoded = load(path, trust_factory=ctx["trust_factory"])
     decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
     return {
         "config": dataclasses.asdict(config),
@@ -266,12 +266,14 @@ def run_recipe(
     device: str | None = None,
     resume: bool = False,
     on_stage: Callable[[dict], None] | None = None,
+    trust_factory: bool = False,
 ) -> RunResult:
     """Run every stage of ``recipe``, writing checkpoints, metrics and ``report.md`` under ``out_dir``.
 
     Args:
         resume: skip the stages already complete in ``out_dir`` and continue from the last checkpoint.
         on_stage: called with each stage's metrics as it completes (the CLI prints a row).
+        trust_factory: build a recipe model given as ``{"factory": "pkg.module:fn"}`` (runs that code).
 
     Raises:
         ConfigError: a bad recipe, or ``out_dir`` holds a different recipe's run.
@@ -285,13 +287,12 @@ def run_recipe(
             raise ConfigError(f"{out_dir} holds a run of a different recipe; choose another --out")
         if not resume:
             raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe.to_dict(), indent=2).encode()))
-
     torch.manual_seed(recipe.seed)
     train_data, test_data = load_splits(recipe.dataset, data_dir)
     spec = recipe.model
-    model = build_model(spec)
+    model = build_model(spec, trust_factory=trust_factory)  # before writing anything: a bad model leaves no folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe.to_dict(), indent=2).encode()))
     result = RunResult(out_dir)
     for i, (kind, options) in enumerate(recipe.stages):
         stage_dir = out_dir / f"{i + 1:02d}-{kind}"
@@ -302,11 +303,12 @@ def run_recipe(
             log.info("stage %s already complete, skipped", stage_dir.name)
             continue
         if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
-            model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt")
+            model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt", trust_factory=trust_factory)
         start = time.perf_counter()
         ctx = {
             "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
             "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name,
+            "trust_factory": trust_factory,
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(dev)
@@ -323,16 +325,16 @@ def run_recipe(
             on_stage(metrics)
     result.model = model
     result.layers = report.layer_summary(model)
-    write_run_report(out_dir, recipe, result)
+    write_run_report(out_dir, recipe, result, trust_factory=trust_factory)
     return result
 
 
-def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult) -> Path:
+def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult, *, trust_factory: bool = False) -> Path:
     """``report.md`` (stage table, per-layer summary, plots) and ``metrics.json`` for a finished run."""
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     report.sparsity_bars(result.layers, plots / "sparsity.png")
-    histograms = [p.relative_to(out_dir) for p in _weight_histograms(out_dir, result.stages, plots)]
+    histograms = [p.relative_to(out_dir) for p in _weight_histograms(out_dir, result.stages, plots, trust_factory)]
     lines = [
         f"# {recipe.name}",
         "",
@@ -359,7 +361,7 @@ def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult) -> Path:
     return path
 
 
-def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path) -> list[Path]:
+def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path, trust_factory: bool) -> list[Path]:
     """Per-layer histograms of the weights before pruning, after pruning and after quantization."""
     kinds = [s["kind"] for s in stages]
     picks: dict[str, int] = {}  # label -> index of the stage whose checkpoint shows it
@@ -373,7 +375,7 @@ def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path) -> list[P
         picks["after pruning"] = len(stages) - 1
     weights: dict[str, dict] = {}
     for label, i in picks.items():
-        model, _ = load_checkpoint(out_dir / stages[i]["dir"] / "checkpoint.pt")
+        model, _ = load_checkpoint(out_dir / stages[i]["dir"] / "checkpoint.pt", trust_factory=trust_factory)
         for fqn, values in report.effective_weights(model).items():
             weights.setdefault(fqn, {})[label] = values
     return report.weight_histograms(weights, plots) if weights else []

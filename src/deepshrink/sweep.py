@@ -54,6 +54,7 @@ def run_sweep(
     lr: float = 0.01,
     bits: int = 4,
     on_point: Callable[[dict], None] | None = None,
+    trust_factory: bool = False,
 ) -> SweepResult:
     """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
 
@@ -61,10 +62,11 @@ def run_sweep(
         epochs: retraining epochs per point (pruning sweeps) or centroid-training epochs (bits/init);
             0 skips retraining.
         bits: the bit width of the ``init`` sweep.
+        trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
     """
     if kind not in SWEEPS:
         raise ConfigError(f"unknown sweep {kind!r}; valid: {sorted(SWEEPS)}")
-    _, payload = load_checkpoint(checkpoint)
+    _, payload = load_checkpoint(checkpoint, trust_factory=trust_factory)
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
@@ -88,7 +90,7 @@ def run_sweep(
     def fresh() -> nn.Module:
         # every point starts from the checkpoint itself: copy.deepcopy would share parametrize's
         # generated classes, so quantizing one copy (which removes a mask parametrization) breaks the rest
-        return load_checkpoint(checkpoint)[0]
+        return load_checkpoint(checkpoint, trust_factory=trust_factory)[0]
 
     rows = []
     for row in SWEEPS[kind].points(fresh, accuracy, retrained, bits):
