@@ -1,8 +1,11 @@
+import errno
+import os
+
 import pytest
 import torch
 
-from deepshrink.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
-from deepshrink.errors import CheckpointError
+from deepshrink.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint, sweep_temp_files
+from deepshrink.errors import CheckpointError, DeepShrinkError, WriteError
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, masks, prune_model
 from deepshrink.quantize import QuantizeConfig, codebooks, quantize_model
@@ -121,3 +124,43 @@ def test_each_malformed_checkpoint_gives_one_checkpoint_error(tmp_path, changes,
     with pytest.raises(CheckpointError, match=words) as info:
         load_checkpoint(path)
     assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EXDEV])
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_write_failures_become_one_write_error_and_leave_no_temp_file(tmp_path, monkeypatch, code, where):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    def write(f):
+        f.write(b"partial")
+        if where == "write":  # what a full disk does to f.write
+            fail()
+
+    if where != "write":
+        monkeypatch.setattr(os, where, fail)
+    target = tmp_path / "out.bin"
+    with pytest.raises(WriteError, match=rf"cannot write {target}: .* \[{errno.errorcode[code]}\]") as info:
+        atomic_write(target, write)
+    assert isinstance(info.value, DeepShrinkError) and isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_checkpoint_on_a_full_disk_raises_write_error(tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_checkpoint(tmp_path / "m.pt", build_model(SPEC), SPEC)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_temp_files_removes_only_atomic_write_leftovers(tmp_path):
+    (tmp_path / "01-train").mkdir()
+    stale = [tmp_path / ".recipe.json.a1b2.tmp", tmp_path / "01-train" / ".checkpoint.pt.x9.tmp"]
+    kept = [tmp_path / "01-train" / "checkpoint.pt", tmp_path / "notes.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    assert sorted(sweep_temp_files(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)

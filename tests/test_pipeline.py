@@ -161,3 +161,110 @@ def test_an_existing_run_folder_is_not_silently_overwritten(tmp_path):
 def test_bad_recipes_name_the_problem(raw, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_recipe(Recipe.from_dict(raw), tmp_path)
+
+
+def alias_bomb() -> str:
+    """A recipe whose prune stage includes 9**9 strings through nested YAML aliases ("billion laughs")."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("model: mlp\ndataset: digits\nstages:\n  - prune: {include: *i}")
+    return "\n".join(lines) + "\n"
+
+
+TRAIN_FIRST = [{"train": {"epochs": 1}}]
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (TRAIN_FIRST + [{"prune": {"q": 50}}, {"finetune": {"epochs": -3}}], r"stage 3 \(finetune\).*epochs=-3"),
+        (TRAIN_FIRST + [{"prune": {"q": 150}}], r"stage 2 \(prune\).*got 150"),
+        (TRAIN_FIRST + [{"prune": {"method": "magic"}}], "unknown prune method 'magic'"),
+        (TRAIN_FIRST + [{"quantize": {"bits": 0}}], "bits must be an integer in 1..16, got 0"),
+        (TRAIN_FIRST + [{"quantize": {"bits": 17}}], "got 17"),
+        (TRAIN_FIRST + [{"quantize": {"bits": 4.5}}], "got 4.5"),
+        (TRAIN_FIRST + [{"quantize": {"kinds": ["attention"]}}], "unknown layer kind"),
+        (TRAIN_FIRST + [{"quantize": {}}, {"encode": {"coder": "zip"}}], r"stage 3 \(encode\).*unknown coder 'zip'"),
+        (TRAIN_FIRST + [{"finetune": {"lr": "0.1"}}], "lr='0.1': expected a finite number"),
+        (TRAIN_FIRST + [{"finetune": {"momentum": None}}], "momentum=None"),
+        (TRAIN_FIRST + [{"finetune": {"amp": "no"}}], "amp='no': expected true or false"),
+        (TRAIN_FIRST + [{"load": {"checkpoint": 5}}], "'load' takes exactly one option"),
+        ([{"train": 5}], r"stage 1 \(train\): options must be a mapping"),
+        ("train", "'stages' must be a list"),
+    ],
+)
+def test_bad_recipes_fail_before_any_stage_runs_or_file_is_written(stages, message, tmp_path, capsys):
+    from deepshrink.cli import main
+
+    raw = {"model": "mlp", "dataset": {"name": "digits"}, "stages": stages}
+    with pytest.raises(ConfigError, match=message):
+        Recipe.from_dict(raw)
+    path, out = tmp_path / "bad.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    assert not out.exists()
+    if isinstance(stages, list):  # a Recipe built by hand is checked by run_recipe
+        recipe = Recipe("hand-built", {"arch": "mlp"}, {"name": "digits"}, [next(iter(s.items())) for s in stages])
+        with pytest.raises(ConfigError, match=message):
+            run_recipe(recipe, out)
+        assert not out.exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_little_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    assert path.stat().st_size < 600
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="line 1: YAML anchors and aliases"):
+        load_recipe(path)
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 1 and peak < 100 << 20
+
+
+def test_recipes_are_capped_in_size_and_need_utf8(tmp_path):
+    from deepshrink.pipeline import MAX_RECIPE_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_text("model: mlp\ndataset: digits\nstages: []\n" + "#" * MAX_RECIPE_BYTES)
+    with pytest.raises(ConfigError, match=f"larger than {MAX_RECIPE_BYTES} bytes"):
+        load_recipe(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_recipe(binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20_000 + "]" * 20_000)
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_recipe(deep)
+
+
+def test_a_recipe_model_factory_needs_trust_and_leaves_no_folder(factory_checkpoints, tmp_path):
+    recipe = Recipe.from_dict({"model": factory_checkpoints.spec, "dataset": {"name": "digits", "train_subset": 50,
+                                                                              "test_subset": 20},
+                               "stages": [{"prune": {"q": 50}}, {"encode": {}}]})
+    with pytest.raises(ConfigError, match="trust_factory=True"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not factory_checkpoints.marker.exists() and not (tmp_path / "out").exists()
+    result = run_recipe(recipe, tmp_path / "out", trust_factory=True)
+    assert result.stages[-1]["decoded_accuracy"] == pytest.approx(result.stages[-1]["accuracy"])
+
+
+def test_resume_sweeps_the_temp_files_a_killed_write_left(tmp_path):
+    recipe = Recipe.from_dict({"model": "mlp", "dataset": {"name": "digits", "train_subset": 50, "test_subset": 20},
+                               "stages": [{"prune": {"q": 10}}, {"prune": {"q": 20}}]})
+    run_recipe(recipe, tmp_path)
+    (tmp_path / "02-prune" / "metrics.json").unlink()  # killed while writing stage 2's files
+    left = [tmp_path / "02-prune" / ".metrics.json.k3j2.tmp", tmp_path / ".report.md.0q9w.tmp"]
+    for p in left:
+        p.write_bytes(b"half")
+    run_recipe(recipe, tmp_path, resume=True)
+    assert not any(p.exists() for p in left) and (tmp_path / "02-prune" / "metrics.json").exists()
+    assert not list(tmp_path.rglob(".*.tmp"))

@@ -19,6 +19,10 @@ class CheckpointError(DeepShrinkError):
     """A checkpoint cannot be read or does not fit the model it is loaded into."""
 
 
+class WriteError(DeepShrinkError, OSError):
+    """A file could not be written (disk full, I/O error, rename refused); nothing partial is left."""
+
+
 class CodecError(DeepShrinkError, ValueError):
     """An entropy-coded stream is malformed or inconsistent with its model."""
 

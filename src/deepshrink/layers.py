@@ -63,9 +63,7 @@ def select_weights(
     Raises:
         ConfigError: a pattern matches nothing, or a kind is unknown.
     """
-    unknown = set(kinds) - {"conv", "fc", "custom"}
-    if unknown:
-        raise ConfigError(f"unknown layer kind(s) {sorted(unknown)}; valid: conv, fc, custom")
+    as_kinds(kinds)
     refs = []
     for module_name, module in model.named_modules():
         kind = _kind_of(module)
@@ -110,3 +108,12 @@ def resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     if not hasattr(module, param_name):
         raise ConfigError(f"module {module_name!r} has no tensor {param_name!r}")
     return module, param_name
+
+
+def as_kinds(value) -> tuple[str, ...]:
+    """A config's layer kinds as a tuple, each one of "conv", "fc", "custom" (checked when the config is made)."""
+    kinds = as_patterns(value, "kinds")
+    unknown = set(kinds) - {"conv", "fc", "custom"}
+    if unknown:
+        raise ConfigError(f"unknown layer kind(s) {sorted(unknown)}; valid: conv, fc, custom")
+    return kinds

@@ -36,7 +36,7 @@ import yaml
 from torch import nn
 
 from . import report
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, sweep_temp_files
 from .data import ImageData, load_dataset
 from .errors import ConfigError
 from .encode import EncodeConfig
@@ -68,8 +68,36 @@ def make_config(cls: type, options: dict | None, where: str):
             options[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     try:
         return cls(**options)
-    except TypeError as e:
+    except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # a check that met a value of the wrong type
+        raise ConfigError(f"{where}: {e}") from None
+
+
+#: the config each stage kind builds from its options; "load" takes only a checkpoint path
+STAGE_CONFIGS: dict[str, type] = {
+    "train": TrainConfig, "finetune": TrainConfig, "prune": PruneConfig, "quantize": QuantizeConfig,
+    "encode": EncodeConfig,
+}
+
+
+def stage_config(kind: str, options: dict, where: str, seed: int = 0):
+    """The config of one stage (the recipe's seed fills in configs that take one), checked on construction.
+
+    Raises:
+        ConfigError: options that are not a mapping, unknown keys, or values the config rejects.
+    """
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: options must be a mapping of names to values, got {options!r}")
+    if kind == "load":
+        path = options.get("checkpoint")
+        if set(options) != {"checkpoint"} or not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}: 'load' takes exactly one option, 'checkpoint' (a path), got {options!r}")
+        return None
+    cls = STAGE_CONFIGS[kind]
+    if "seed" in {f.name for f in dataclasses.fields(cls)}:
+        options = {"seed": seed, **options}
+    return make_config(cls, options, where)
 
 
 @dataclass
@@ -83,14 +111,27 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "recipe") -> "Recipe":
+        """Check the whole recipe, every stage's options included, before anything runs.
+
+        Raises:
+            ConfigError: naming the key or stage and the value that is wrong.
+        """
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a mapping, got {type(raw).__name__}")
         missing = [k for k in ("model", "dataset", "stages") if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing key(s) {missing}")
-        unknown = sorted(set(raw) - {"name", "model", "dataset", "stages", "device", "seed", "description"})
+        unknown = sorted(set(raw) - {"name", "model", "dataset", "stages", "device", "seed", "description"}, key=str)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}")
+        seed = raw.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"{source}: 'seed' must be an integer >= 0, got {seed!r}")
+        for key in ("name", "device"):
+            if key in raw and not isinstance(raw[key], str):
+                raise ConfigError(f"{source}: {key!r} must be a string, got {raw[key]!r}")
+        if not isinstance(raw["stages"], list):
+            raise ConfigError(f"{source}: 'stages' must be a list, got {type(raw['stages']).__name__}")
         stages = []
         for i, stage in enumerate(raw["stages"]):
             if not (isinstance(stage, dict) and len(stage) == 1):
@@ -98,16 +139,19 @@ class Recipe:
             ((kind, options),) = stage.items()
             if kind not in STAGE_KINDS:
                 raise ConfigError(f"{source}: stage {i + 1} has unknown kind {kind!r}; valid: {STAGE_KINDS}")
-            stages.append((kind, dict(options or {})))
+            options = {} if options is None else options
+            stage_config(kind, options, f"{source}: stage {i + 1} ({kind})", seed)
+            stages.append((kind, dict(options)))
         model = raw["model"] if isinstance(raw["model"], dict) else {"arch": raw["model"]}
         dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
+        _check_dataset(dataset, f"{source}: dataset")
         return cls(
             name=raw.get("name", source),
             model=model,
             dataset=dataset,
             stages=stages,
             device=raw.get("device", "auto"),
-            seed=int(raw.get("seed", 0)),
+            seed=seed,
         )
 
     def to_dict(self) -> dict:
@@ -127,19 +171,52 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+#: A recipe is a few lines (the shipped ones are under 2 KB); anything this large is not one.
+MAX_RECIPE_BYTES = 64 << 10
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases: a 500-byte file of nested aliases (a
+    "billion laughs") expands to gigabytes once anything walks it, and recipes have no use for them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML anchors and aliases (&{event.anchor} / *{event.anchor}) "
+                              "are not allowed in recipes")
+        return super().compose_node(parent, index)
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Read a recipe from a YAML file, or a shipped one by name (e.g. ``"demo-digits"``)."""
+    """Read a recipe from a YAML file, or a shipped one by name (e.g. ``"demo-digits"``), and check it all.
+
+    Raises:
+        ConfigError: no such recipe, a file over ``MAX_RECIPE_BYTES``, invalid YAML, YAML anchors or
+            aliases, or any problem ``Recipe.from_dict`` finds (every stage's options are checked).
+    """
     path = Path(name_or_path)
     if path.is_file():
-        text, source = path.read_text(), str(path)
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read the recipe ({e.strerror or e})") from None
     elif str(name_or_path) in builtin_recipes():
-        text = (resources.files("deepshrink") / "recipes" / f"{name_or_path}.yaml").read_text()
+        data = (resources.files("deepshrink") / "recipes" / f"{name_or_path}.yaml").read_bytes()
         source = str(name_or_path)
     else:
         raise ConfigError(f"no recipe file {str(name_or_path)!r} and no shipped recipe of that name; shipped: {builtin_recipes()}")
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few lines of YAML")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        raw = yaml.load(data.decode("utf-8"), Loader=_RecipeLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
     return Recipe.from_dict(raw, source)
 
@@ -155,15 +232,19 @@ def resolve_device(device: str) -> torch.device:
 DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
 
 
+def _check_dataset(dataset: dict, where: str) -> None:
+    unknown = sorted(set(dataset) - set(DATASET_KEYS), key=str)
+    if unknown or not isinstance(dataset.get("name"), str):
+        raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
+
+
 def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
     """(train, test) for a recipe's dataset entry.
 
     Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
     ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics).
     """
-    unknown = sorted(set(dataset) - set(DATASET_KEYS))
-    if unknown or "name" not in dataset:
-        raise ConfigError(f"dataset: needs 'name'; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
+    _check_dataset(dataset, "dataset")
     root = data_dir if data_dir is not None else dataset.get("root")
     splits = []
     for split, size in (("train", dataset.get("train_subset")), ("test", dataset.get("test_subset"))):
@@ -202,7 +283,7 @@ StageFn = Callable[..., dict]
 
 
 def _stage_train(model, options, ctx) -> dict:
-    config = make_config(TrainConfig, {"seed": ctx["seed"], **options}, f"stage {ctx['label']}")
+    config = stage_config("train", options, f"stage {ctx['label']}", ctx["seed"])
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
     result = train(model, ctx["train"], config, device=ctx["device"])
     zero_pruned_(model)
@@ -210,27 +291,26 @@ def _stage_train(model, options, ctx) -> dict:
 
 
 def _stage_load(model, options, ctx) -> dict:
-    path = options.get("checkpoint")
-    if not path:
-        raise ConfigError(f"stage {ctx['label']}: 'load' needs a 'checkpoint' path")
+    stage_config("load", options, f"stage {ctx['label']}")
+    path = options["checkpoint"]
     load_foreign_weights(model, path)
     return {"checkpoint": str(path)}
 
 
 def _stage_prune(model, options, ctx) -> dict:
-    config = make_config(PruneConfig, options, f"stage {ctx['label']}")
+    config = stage_config("prune", options, f"stage {ctx['label']}")
     prune_model(model, config)
     return {"config": dataclasses.asdict(config)}
 
 
 def _stage_quantize(model, options, ctx) -> dict:
-    config = make_config(QuantizeConfig, {"seed": ctx["seed"], **options}, f"stage {ctx['label']}")
+    config = stage_config("quantize", options, f"stage {ctx['label']}", ctx["seed"])
     layers = quantize_model(model, config)
     return {"config": dataclasses.asdict(config), "layers": layers}
 
 
 def _stage_encode(model, options, ctx) -> dict:
-    config = make_config(EncodeConfig, options, f"stage {ctx['label']}")
+    config = stage_config("encode", options, f"stage {ctx['label']}")
     path = ctx["stage_dir"] / "model.dsz"
     compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
     file_report = inspect_file(path)
@@ -271,13 +351,18 @@ def run_recipe(
     """Run every stage of ``recipe``, writing checkpoints, metrics and ``report.md`` under ``out_dir``.
 
     Args:
-        resume: skip the stages already complete in ``out_dir`` and continue from the last checkpoint.
+        resume: skip the stages already complete in ``out_dir`` and continue from the last checkpoint;
+            temp files of writes a killed run left (``.*.tmp``) are removed first.
         on_stage: called with each stage's metrics as it completes (the CLI prints a row).
         trust_factory: build a recipe model given as ``{"factory": "pkg.module:fn"}`` (runs that code).
 
     Raises:
         ConfigError: a bad recipe, or ``out_dir`` holds a different recipe's run.
     """
+    Recipe.from_dict(recipe.to_dict(), recipe.name)  # every stage checked before any runs (a Recipe may be built by hand)
+    missing = [o["checkpoint"] for kind, o in recipe.stages if kind == "load" and not Path(o["checkpoint"]).is_file()]
+    if missing:
+        raise ConfigError(f"{recipe.name}: 'load' stage checkpoint(s) {missing} do not exist")
     out_dir = Path(out_dir)
     dev = resolve_device(device or recipe.device)
     recipe_file = out_dir / "recipe.json"
@@ -287,6 +372,8 @@ def run_recipe(
             raise ConfigError(f"{out_dir} holds a run of a different recipe; choose another --out")
         if not resume:
             raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        for tmp in sweep_temp_files(out_dir):  # a killed run's half-written files
+            log.info("removed %s, left by an interrupted write", tmp)
     torch.manual_seed(recipe.seed)
     train_data, test_data = load_splits(recipe.dataset, data_dir)
     spec = recipe.model

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .layers import as_patterns, resolve, select_weights
+from .layers import as_kinds, as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ class PruneConfig:
         set_(self, "q", float(self.q))
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
-        set_(self, "kinds", as_patterns(self.kinds, "kinds"))
+        set_(self, "kinds", as_kinds(self.kinds))
         set_(self, "q_by_pattern", _pairs(self.q_by_pattern, "q_by_pattern", lambda q: _check_q(q, warn=False)))
         set_(self, "s_by_pattern", _pairs(self.s_by_pattern, "s_by_pattern", _check_s))
         if method == PruneMethod.STD and self.q_by_pattern:

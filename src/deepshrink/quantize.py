@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .layers import WeightRef, as_patterns, resolve, select_weights
+from .layers import WeightRef, as_kinds, as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ class QuantizeConfig:
             raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
-        set_(self, "kinds", as_patterns(self.kinds, "kinds"))
+        set_(self, "kinds", as_kinds(self.kinds))
 
 
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:

@@ -84,11 +84,19 @@ class TrainConfig:
             object.__setattr__(self, "step_epochs", tuple(int(s) for s in self.step_epochs))
         except (TypeError, ValueError):
             fail("step_epochs", "a list of epoch numbers")
-        ints = {"epochs": 0, "batch_size": 1, "log_every": 1}
+        ints = {"epochs": 0, "batch_size": 1, "log_every": 1, "seed": 0}
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 fail(name, f"an integer >= {low}")
+        # types first, so a recipe's "0.1" or null fails naming the field, not inside a comparison
+        for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "a finite number")
+        for name in ("nesterov", "amp", "augment", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             fail("lr", "a positive finite number")
         if not 0 <= self.momentum < 1:
