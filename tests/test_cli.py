@@ -61,9 +61,9 @@ def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
 
 def test_library_errors_become_a_message_and_exit_code_2(dense, tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing.pt")]) == 2
-    assert "no such checkpoint" in capsys.readouterr().out
+    assert "no such checkpoint" in capsys.readouterr().err
     assert main(["prune", str(dense), "--q-layer", "fc1.weight", "--out", str(tmp_path / "p.pt")]) == 2
-    assert "expected GLOB=VALUE, got 'fc1.weight'" in capsys.readouterr().out
+    assert "expected GLOB=VALUE, got 'fc1.weight'" in capsys.readouterr().err
 
 
 def test_per_layer_q_from_the_command_line(dense, tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_every_command_refuses_a_checkpoint_that_names_code(factory_checkpoints,
                      ["plot", ckpt, "--out", out], ["encode", ckpt, "--out", out / "m.dsz"],
                      ["sweep", "prune-std", ckpt, "--out", out], ["eval", dsz], ["run", recipe, "--out", out]):
             assert main([str(a) for a in args]) == 2, args
-            assert "--trust-factory" in capsys.readouterr().out, args
+            assert "--trust-factory" in capsys.readouterr().err, args
     assert not factory_checkpoints.marker.exists() and not out.exists()
 
 
@@ -120,3 +120,79 @@ def test_a_user_factory_goes_through_the_pipeline_with_trust_factory(factory_che
     capsys.readouterr()
     assert main(["eval", str(dsz), "--trust-factory"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.fixture
+def bad_inputs(dense, tmp_path):
+    """A missing file, garbage bytes, a malformed checkpoint (no 'meta', a list for 'compression') and a bad recipe."""
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00\x01 this is not a model \xff" * 10)
+    malformed = tmp_path / "malformed.pt"
+    payload = torch.load(dense, weights_only=True)
+    del payload["meta"]
+    torch.save({**payload, "compression": []}, malformed)
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: mlp\ndataset: digits\nstages:\n  - train: {epochs: 1}\n  - quantize: {bits: 17}\n")
+    return [tmp_path / "missing.pt", garbage, malformed, recipe]
+
+
+def test_no_command_prints_a_traceback_for_bad_input(bad_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    commands = [
+        lambda f: ["summary", f], lambda f: ["eval", f, *DATA], lambda f: ["prune", f, "--out", out / "p.pt"],
+        lambda f: ["finetune", f, "--epochs", "1", "--out", out / "f.pt"],
+        lambda f: ["quantize", f, "--out", out / "q.pt"], lambda f: ["plot", f, "--out", out],
+        lambda f: ["encode", f, "--out", out / "m.dsz"], lambda f: ["inspect", f],
+        lambda f: ["decode", f, "--out", out / "d.safetensors"], lambda f: ["sweep", "bits", f, "--out", out],
+        lambda f: ["run", f, "--out", out],
+        lambda f: ["train", "--model", "mlp", "--model-kwargs", '{"hidden": [1e6, 1e6]}', *DATA, "--out", out / "t.pt"],
+    ]
+    for command in commands:
+        for path in bad_inputs:
+            args = [str(a) for a in command(path)]
+            assert main(args) == 2, args
+            captured = capsys.readouterr()
+            assert "Traceback" not in captured.err + captured.out, args
+            lines = captured.err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, captured.err)
+    assert not out.exists()
+
+
+def test_os_errors_are_one_line_with_exit_code_1(dense, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["demo", "--out", str(blocker / "run")]) == 1  # a folder inside a regular file
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
+
+
+def test_a_full_disk_during_encode_is_one_error_line_and_leaves_nothing(dense, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    out = tmp_path / "out"
+    assert main(["encode", str(dense), "--out", str(out / "m.dsz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out / 'm.dsz'}: No space left on device [ENOSPC]")
+    assert "Traceback" not in err and list(out.iterdir()) == []
+
+
+def test_the_command_line_shows_one_error_line_and_a_traceback_only_with_v(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    run = [sys.executable, "-m", "deepshrink.cli"]
+    quiet = subprocess.run([*run, "summary", str(garbage)], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.startswith(f"error: {garbage}: not a readable torch checkpoint") and quiet.stderr.count("\n") == 1
+    verbose = subprocess.run([*run, "-v", "summary", str(garbage)], capture_output=True, text=True, env=env)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "CheckpointError" in verbose.stderr

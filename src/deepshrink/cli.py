@@ -9,15 +9,27 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import report
 from .errors import ConfigError, DeepShrinkError
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+error_console = Console(stderr=True)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, DeepShrinkError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --- shared argument groups -------------------------------------------------------------------
@@ -473,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except DeepShrinkError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        return 2
+    except (DeepShrinkError, OSError) as e:  # bad input or a failing disk: one line, the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        error_console.print(f"[bold red]error:[/] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
+        return 2 if isinstance(e, DeepShrinkError) else 1
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
