@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from deepshrink.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from deepshrink.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from deepshrink.compression import masks
 from deepshrink.errors import CheckpointError
 from deepshrink.models import build_model
-from deepshrink.prune import PruneConfig, masks, prune_model
+from deepshrink.files import atomic_write
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, codebooks, quantize_model
 
 SPEC = {"arch": "mlp", "kwargs": {}}

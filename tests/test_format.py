@@ -27,6 +27,7 @@ from deepshrink.errors import (
     FormatError,
     TensorInfoMismatch,
 )
+from deepshrink.compression import plain_state_dict, strip
 from deepshrink.encode import (
     EncodeConfig,
     RawTensor,
@@ -34,12 +35,11 @@ from deepshrink.encode import (
     encode_quantized,
     encode_raw,
     entries_to_positions,
-    plain_state_dict,
     positions_to_entries,
 )
 from deepshrink.format import compress_model, inspect_file, load, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
-from deepshrink.prune import PruneConfig, prune_model, strip
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
 
 CODER_NAMES = ["huffman", "ans"]

@@ -320,7 +320,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_decode(args) -> None:
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .format import read_file
 
     _, tensors = read_file(args.file)

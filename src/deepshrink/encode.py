@@ -18,12 +18,10 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .coding import CODERS, get_coder
+from .compression import plain_state_dict
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
-from .layers import LAYER_KINDS
-from .quantize import SharedWeights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
 MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
@@ -314,39 +312,6 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
     if tensor.numel() > MAX_TENSOR_ELEMENTS:
         raise ConfigError(f"{where}: {tensor.numel()} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
     return RawTensor(tensor.numpy().astype(DTYPES[name][0], order="C"))  # astype copies; keeps 0-d shape
-
-
-def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[SharedWeights, str]]]:
-    """The state dict ``prune.strip(model)`` would give, computed without touching the model.
-
-    Returns:
-        (state, shared): ``state`` maps plain names ("fc1.weight") to detached tensors, parametrized
-        weights evaluated; ``shared`` maps the names whose last parametrization is ``SharedWeights``
-        to (that parametrization, layer kind).
-    """
-    state = model.state_dict()
-    replaced: dict[str, tuple[str, torch.Tensor]] = {}  # dropped prefix -> (plain name, value)
-    shared: dict[str, tuple[SharedWeights, str]] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        kind = next((k for cls, k in LAYER_KINDS.items() if isinstance(module, cls)), "custom")
-        for param_name, plist in module.parametrizations.items():
-            fqn = f"{module_name}.{param_name}" if module_name else param_name
-            prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
-            with torch.no_grad():
-                replaced[prefix] = (fqn, getattr(module, param_name).detach())
-            if isinstance(plist[-1], SharedWeights):
-                shared[fqn] = (plist[-1], kind)
-    plain: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in replaced if key.startswith(p)), None)
-        if prefix is None:
-            plain[key] = value.detach()
-        else:
-            fqn, weight = replaced[prefix]
-            plain.setdefault(fqn, weight)
-    return plain, shared
 
 
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
 from .coding import CODERS, entropy_bits, get_coder
 from .encode import (
     DTYPES,
@@ -58,6 +57,7 @@ from .errors import (
     TrailingBytes,
     UnsupportedVersion,
 )
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

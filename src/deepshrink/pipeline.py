@@ -36,10 +36,11 @@ import yaml
 from torch import nn
 
 from . import report
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageData, load_dataset
-from .errors import ConfigError
 from .encode import EncodeConfig
+from .errors import ConfigError
+from .files import atomic_write
 from .format import compress_model, inspect_file, load
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
