@@ -177,8 +177,9 @@ def _load(dataset: dict):
 
 
 def cmd_eval(args) -> None:
-    from .format import MAGIC, load
     from .checkpoint import load_checkpoint
+    from .compress import load
+    from .format import MAGIC
     from .pipeline import resolve_device
     from .train import evaluate
 
@@ -285,8 +286,8 @@ def cmd_plot(args) -> None:
 
 def cmd_encode(args) -> None:
     from .checkpoint import load_checkpoint
+    from .compress import compress_model
     from .encode import EncodeConfig
-    from .format import compress_model
 
     model, payload = load_checkpoint(args.checkpoint)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .coding import CODERS, get_coder
+from .coding import CODERS, entropy_bits, get_coder
 from .compression import plain_state_dict
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
 
@@ -127,6 +127,10 @@ class CodedTensor:
     weights_stream: bytes
     positions_stream: bytes
     coder_params: dict = field(default_factory=dict)  # {"weights": {...}, "positions": {...}}
+    # Shannon entropy of each stream's symbols, in bits: known when encoding, None for a tensor read
+    # from a file (accounting then decodes the streams to measure it)
+    weights_entropy_bits: float | None = None
+    positions_entropy_bits: float | None = None
 
 
 Encoded = Union[RawTensor, CodedTensor]
@@ -229,6 +233,8 @@ def encode_quantized(
         codebook=codebook.astype(DTYPES[codebook_dtype][0]), num_nonzero=len(symbols), num_entries=len(entries),
         weights_stream=weights_stream, positions_stream=positions_stream,
         coder_params={"weights": weights_params, "positions": positions_params},
+        weights_entropy_bits=entropy_bits(symbols.astype(np.uint32), num_centroids) if len(symbols) else 0.0,
+        positions_entropy_bits=entropy_bits(entries, 1 << index_bits) if len(entries) else 0.0,
     )
 
 
@@ -293,6 +299,17 @@ def decode_quantized(coded: CodedTensor, where: str = "tensor") -> np.ndarray:
     dense = np.zeros(numel, dtype=np.float32)
     dense[positions] = coded.codebook.astype(np.float32)[symbols]
     return dense.reshape(coded.shape)
+
+
+def decode_tensor(encoded: Encoded, where: str = "tensor") -> np.ndarray:
+    """The dense array an encoded tensor stands for, in its stored dtype (a raw tensor is copied).
+
+    Raises:
+        CodecError, TensorInfoMismatch: a coded tensor's streams are malformed (see ``decode_quantized``).
+    """
+    if isinstance(encoded, RawTensor):
+        return encoded.array.copy()  # own, writable memory (a file's raw tensors view its bytes)
+    return decode_quantized(encoded, where)
 
 
 def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> RawTensor:

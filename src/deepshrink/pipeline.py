@@ -37,11 +37,11 @@ from torch import nn
 
 from . import report
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compress import compress_model, load
 from .data import ImageData, load_dataset
 from .encode import EncodeConfig
 from .errors import ConfigError
 from .files import atomic_write
-from .format import compress_model, inspect_file, load
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
 from .quantize import QuantizeConfig, quantize_model
@@ -233,9 +233,8 @@ def _stage_quantize(model, options, ctx) -> dict:
 def _stage_encode(model, options, ctx) -> dict:
     config = make_config(EncodeConfig, options, f"stage {ctx['label']}")
     path = ctx["stage_dir"] / "model.dsz"
-    compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
-    file_report = inspect_file(path)
-    decoded = load(path)
+    file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
+    decoded = load(path)  # the one decode: the model we report is the one the file gives back
     decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
     return {
         "config": dataclasses.asdict(config),
