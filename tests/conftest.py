@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests of every entry point that reads untrusted files."""
+"""Fixtures shared by several test modules: hostile checkpoints, counted stream decodes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from torch import nn
 
 from deepshrink.checkpoint import save_checkpoint
+from deepshrink.coding import CODERS
 
 
 @dataclass
@@ -45,3 +46,19 @@ def factory_checkpoints(tmp_path, monkeypatch) -> FactoryCheckpoints:
         module=save_checkpoint(tmp_path / "module.pt", tiny_factory_model(), spec, meta),
         spec=spec,
     )
+
+
+@pytest.fixture
+def stream_decodes(monkeypatch) -> list[str]:
+    """Every call of a registered coder's ``decode`` from now on, as the coder's name (one per stream)."""
+    calls: list[str] = []
+    for name, coder in CODERS.items():
+        cls = type(coder)
+        real = cls.decode
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "decode", counting)
+    return calls

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.utils import parametrize
 
+from deepshrink.compression import Masked
 from deepshrink.data import ImageData
 from deepshrink.models import build_model
-from deepshrink.prune import Masked
-from deepshrink.train import TrainConfig, init_distributed, is_main_process, seed_everything, train
+from deepshrink.train import TrainConfig, distributed, end_process, seed_everything, train
 
 PER_RANK_BATCH = 8
 SAMPLES = 64  # 4 steps per epoch with a global batch of 16
@@ -44,7 +43,7 @@ def make_model() -> torch.nn.Module:
     return model
 
 
-def run(world_size: int) -> dict:
+def run(world_size: int, group=None) -> dict:
     """Train the tiny model; batch size per process is chosen so the global batch is always 16."""
     config = TrainConfig(
         epochs=3, batch_size=PER_RANK_BATCH * 2 // world_size, lr=0.2, momentum=0.9, weight_decay=1e-3,
@@ -52,7 +51,7 @@ def run(world_size: int) -> dict:
     )
     model = make_model()
     data = make_data()
-    result = train(model, data, config, eval_data=make_data(24, seed=1), device="cpu")
+    result = train(model, data, config, eval_data=make_data(24, seed=1), device="cpu", group=group)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"state_dict": state, "history": result.history, "world_size": world_size}
 
@@ -60,13 +59,12 @@ def run(world_size: int) -> dict:
 def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
-    rank, world_size, _ = init_distributed()
-    result = run(world_size)
-    if is_main_process():
-        torch.save(result, out_dir / "result.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    with distributed("gloo") as world:
+        result = run(world.world_size, world.group)
+        if world.rank == 0:
+            torch.save(result, out_dir / "result.pt")
 
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # an exception above exits normally (non-zero) with its traceback

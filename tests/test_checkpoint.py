@@ -4,10 +4,12 @@ import os
 import pytest
 import torch
 
-from deepshrink.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint, sweep_temp_files
+from deepshrink.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from deepshrink.compression import masks
 from deepshrink.errors import CheckpointError, DeepShrinkError, WriteError
 from deepshrink.models import build_model
-from deepshrink.prune import PruneConfig, masks, prune_model
+from deepshrink.files import atomic_write, sweep_temp_files
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, codebooks, quantize_model
 
 SPEC = {"arch": "mlp", "kwargs": {}}

@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 
 from deepshrink.checkpoint import load_checkpoint, save_checkpoint
 from deepshrink.cli import main
-from deepshrink.format import load
+from deepshrink.compress import load
 from deepshrink.models import build_model
+from deepshrink.prune import PruneConfig, prune_model
+from deepshrink.quantize import QuantizeConfig, quantize_model
 from deepshrink.report import layer_summary
 
 SPEC = {"arch": "mlp", "kwargs": {}}
@@ -57,6 +59,18 @@ def test_prune_summary_finetune_quantize_encode_decode(dense, tmp_path, capsys):
     restored = load(dsz)
     for name, tensor in restored.state_dict().items():
         assert torch.equal(decoded[name], tensor)
+
+
+def test_encode_writes_once_and_decodes_nothing(tmp_path, stream_decodes, capsys):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    prune_model(model, PruneConfig(q=80))
+    quantize_model(model, QuantizeConfig(bits=3))
+    quant = save_checkpoint(tmp_path / "q.pt", model, SPEC)
+    dsz = tmp_path / "m.dsz"
+    assert main(["encode", str(quant), "--out", str(dsz)]) == 0
+    assert stream_decodes == []  # the report comes from the streams in memory, not from reading the file
+    assert f"file {dsz.stat().st_size:,} bytes" in capsys.readouterr().out
 
 
 def test_library_errors_become_a_message_and_exit_code_2(dense, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -27,19 +28,21 @@ from deepshrink.errors import (
     FormatError,
     TensorInfoMismatch,
 )
+from deepshrink.compress import compress_model, load
+from deepshrink.compression import plain_state_dict, strip
 from deepshrink.encode import (
     EncodeConfig,
     RawTensor,
     decode_quantized,
     encode_quantized,
+    encode_model,
     encode_raw,
     entries_to_positions,
-    plain_state_dict,
     positions_to_entries,
 )
-from deepshrink.format import compress_model, inspect_file, load, read_file, read_header, serialize, write_file
+from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
-from deepshrink.prune import PruneConfig, prune_model, strip
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
 
 CODER_NAMES = ["huffman", "ans"]
@@ -430,6 +433,29 @@ def test_report_accounts_for_every_byte(coder, tmp_path):
     assert report.lab_estimate_ratio == pytest.approx(1 / fraction)
     assert json.loads(json.dumps(report.to_dict()))["file_bytes"] == size
     assert inspect_file(tmp_path / "m.dsz") == report
+
+
+@pytest.mark.parametrize("coder", CODER_NAMES)
+def test_writing_decodes_nothing_and_verifying_decodes_each_stream_once(coder, tmp_path, stream_decodes):
+    model = quantized_tiny()
+    report = compress_model(model, tmp_path / "m.dsz", EncodeConfig(coder=coder))
+    assert stream_decodes == []  # accounted from the streams in memory
+    coded = [r for r in report.rows if r["codec"] == "deep_compression"]
+    streams = sum((r["weight_stream_bits"] > 0) + (r["position_stream_bits"] > 0) for r in coded)
+    assert streams >= 2
+    verified = compress_model(model, tmp_path / "v.dsz", EncodeConfig(coder=coder), verify=True)
+    assert stream_decodes == [coder] * streams
+    assert verified == dataclasses.replace(report, path=str(tmp_path / "v.dsz"))
+
+
+def test_verify_catches_a_file_that_disagrees_with_what_was_written(tmp_path, monkeypatch):
+    import deepshrink.compress as compress
+
+    other = serialize(encode_model(quantized_tiny(bits=2)))  # a valid file, but not the one accounted for
+    monkeypatch.setattr(compress, "write_chunks", lambda path, chunks: fmt.write_chunks(path, other))
+    compress_model(quantized_tiny(), tmp_path / "m.dsz")  # without verify nothing is read back
+    with pytest.raises(FormatError, match="does not account like the tensors written"):
+        compress_model(quantized_tiny(), tmp_path / "m.dsz", verify=True)
 
 
 def test_file_columns_name_real_row_keys(tmp_path):

@@ -91,6 +91,14 @@ def test_every_shipped_recipe_runs_end_to_end_on_tiny_data(name, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"] == result.stages
 
 
+def test_the_encode_stage_decodes_the_file_once(tmp_path, stream_decodes):
+    dataset = {"name": "digits", "train_subset": 200, "test_subset": 50}
+    stages = [("prune", {"q": 80}), ("quantize", {"bits": 3}), ("encode", {"coder": "huffman"})]
+    result = run_recipe(Recipe("tiny", {"arch": "mlp", "kwargs": {}}, dataset, stages, device="cpu"), tmp_path / "run")
+    assert len(result.layers) == 3  # the MLP's three quantized weights
+    assert stream_decodes == ["huffman"] * 6  # load(): each weights and positions stream once
+
+
 @pytest.mark.slow
 def test_demo_recipe_meets_its_promise(tmp_path):
     """The README's demo: >= 80% pruned after retraining, accuracy within 1 point of the dense model."""

@@ -13,22 +13,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink import checkpoint
+from deepshrink.compression import Masked, SharedWeights, masks, restore_compression, strip
 from deepshrink.errors import ConfigError
 from deepshrink.prune import (
-    Masked,
     PruneConfig,
     PruneMethod,
     apply_mask,
     global_masks,
-    masks,
     percentile_mask,
     prune_model,
     sparsity,
     std_mask,
-    strip,
     zero_pruned_,
 )
-from deepshrink.quantize import SharedWeights
 
 
 def tiny_model(seed: int = 0) -> nn.Sequential:
@@ -345,7 +342,7 @@ def test_masks_survive_state_dict_restore(tmp_path):
     path = checkpoint.save_checkpoint(tmp_path / "m.pt", model, {"arch": "none", "kwargs": {}})
     payload = checkpoint.read_checkpoint(path)
     fresh = tiny_model(seed=1)
-    checkpoint.restore_compression(fresh, payload["compression"], payload["state_dict"])
+    restore_compression(fresh, payload["compression"], payload["state_dict"])
     fresh.load_state_dict(payload["state_dict"])
     restored = masks(fresh)
     assert restored.keys() == result.keys()

@@ -14,14 +14,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.checkpoint import compression_state, read_checkpoint, restore_compression, save_checkpoint
+from deepshrink.checkpoint import read_checkpoint, save_checkpoint
+from deepshrink.compression import Masked, SharedWeights, compression_state, restore_compression
 from deepshrink.errors import ConfigError
 from deepshrink.layers import WeightRef
-from deepshrink.prune import Masked
 from deepshrink.quantize import (
     CentroidInit,
     QuantizeConfig,
-    SharedWeights,
     bits_for,
     codebooks,
     init_centroids,

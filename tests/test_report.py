@@ -12,9 +12,9 @@ from rich.console import Console
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deepshrink.compression import SharedWeights
 from deepshrink.errors import ConfigError
 from deepshrink.prune import apply_mask
-from deepshrink.quantize import SharedWeights
 from deepshrink.report import (
     LAYER_COLUMNS,
     histogram_figure,

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deepshrink.compression import Masked, SharedWeights
 from deepshrink.data import ImageData
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError
 from deepshrink.models import build_model
-from deepshrink.prune import Masked
-from deepshrink.quantize import SharedWeights
 from deepshrink.train import (
     OptimizerName,
     Schedule,

@@ -11,66 +11,18 @@ A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_o
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .errors import CheckpointError, ConfigError, WriteError
-from .layers import resolve
-from .prune import Masked
-from .quantize import SharedWeights
+from .compression import compression_state, restore_compression
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write
 
 FORMAT_VERSION = 1
-PARAMETRIZATIONS: dict[str, type[nn.Module]] = {Masked.kind: Masked, SharedWeights.kind: SharedWeights}
-
-
-def compression_state(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
-    """Describe every parametrization deepshrink attached: ``{fqn: [{"kind": ..., **options}]}``."""
-    state: dict[str, list[dict[str, Any]]] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for param_name, plist in module.parametrizations.items():
-            entries = []
-            for p in plist:
-                if type(p) not in PARAMETRIZATIONS.values():
-                    raise CheckpointError(f"{module_name}.{param_name}: unknown parametrization {type(p).__name__}")
-                entry: dict[str, Any] = {"kind": p.kind}
-                if isinstance(p, SharedWeights):
-                    entry["bits"] = p.bits
-                    if p.gradient != "sum":
-                        entry["gradient"] = p.gradient
-                entries.append(entry)
-            state[f"{module_name}.{param_name}" if module_name else param_name] = entries
-    return state
-
-
-def restore_compression(
-    model: nn.Module, compression: dict[str, list[dict[str, Any]]], state_dict: dict[str, torch.Tensor]
-) -> None:
-    """Attach placeholder parametrizations so that ``model.load_state_dict(state_dict)`` fits."""
-    for fqn, entries in compression.items():
-        module, param_name = resolve(model, fqn)
-        prefix = f"{fqn.rpartition('.')[0]}.parametrizations.{param_name}".lstrip(".")
-        for i, entry in enumerate(entries):
-            cls = PARAMETRIZATIONS.get(entry.get("kind"))
-            if cls is None:
-                raise CheckpointError(f"{fqn}: unknown compression kind {entry.get('kind')!r}")
-            key = f"{prefix}.{i}."
-            tensors = {k[len(key):]: v for k, v in state_dict.items() if k.startswith(key)}
-            options = {k: v for k, v in entry.items() if k != "kind"}
-            try:
-                p = cls.from_state(tensors, **options)
-            except (KeyError, TypeError) as e:
-                raise CheckpointError(f"{fqn}: saved {entry['kind']} state is incomplete ({e})") from None
-            parametrize.register_parametrization(module, param_name, p, unsafe=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: dict, meta: dict | None = None) -> Path:
@@ -178,49 +130,3 @@ def load_checkpoint(
     except Exception as e:  # the file is untrusted: names, kinds or shapes the model cannot take
         raise CheckpointError(f"{path}: weights do not fit model {payload['model']}: {type(e).__name__}: {e}") from None
     return model.to(map_location), payload
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place on success.
-
-    The temp file is ``.NAME.XXXX.tmp`` in the same folder (a rename within one file system is
-    atomic); it is removed on any failure, and ``run_recipe(resume=True)`` sweeps any a killed
-    process left behind.
-
-    Raises:
-        WriteError: an ``OSError`` while creating, writing, syncing or renaming (ENOSPC, EIO, EXDEV...),
-            naming the path and the cause. Other exceptions from ``write`` propagate unchanged.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):  # the disk that failed the write may fail this too
-                os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            code = errno.errorcode.get(e.errno, "") if e.errno else ""
-            raise WriteError(f"cannot write {path}: {e.strerror or e}{f' [{code}]' if code else ''}; "
-                             "no partial file was left") from e
-        raise
-    return path
-
-
-TEMP_GLOB = ".*.tmp"  # what atomic_write's temp files look like
-
-
-def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files a killed ``atomic_write`` left anywhere under ``folder``; returns them."""
-    removed = []
-    for tmp in Path(folder).rglob(TEMP_GLOB):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed

@@ -156,7 +156,7 @@ def cmd_train(args) -> None:
     from .checkpoint import save_checkpoint
     from .models import build_model, load_foreign_weights, model_spec
     from .pipeline import resolve_device
-    from .train import init_distributed, is_main_process, train
+    from .train import distributed, train
 
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -168,14 +168,25 @@ def cmd_train(args) -> None:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
     train_data, test_data = _load(dataset)
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, device = init_distributed() if args.distributed or under_torchrun else (0, 1, resolve_device(args.device))
     config = _train_config(args)
-    result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
-    if is_main_process():
-        save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
-                                                      "metrics": result.final})
-        console.print(f"final: {result.final}\nwrote {args.out}")
+
+    def run(device, group=None, rank: int = 0) -> None:
+        result = train(model.to(device), train_data, config, eval_data=test_data, device=device, group=group)
+        if rank == 0:
+            save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
+                                                          "metrics": result.final})
+            console.print(f"final: {result.final}\nwrote {args.out}")
+
+    if _distributed(args):
+        with distributed() as world:
+            run(world.device, world.group, world.rank)
+    else:
+        run(resolve_device(args.device))
+
+
+def _distributed(args) -> bool:
+    """``train --distributed``, or any command under torchrun with more than one process."""
+    return getattr(args, "distributed", False) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _load(dataset: dict):
@@ -185,8 +196,9 @@ def _load(dataset: dict):
 
 
 def cmd_eval(args) -> None:
-    from .format import MAGIC, load
     from .checkpoint import load_checkpoint
+    from .compress import load
+    from .format import MAGIC
     from .pipeline import resolve_device
     from .train import evaluate
 
@@ -298,8 +310,8 @@ def cmd_plot(args) -> None:
 
 def cmd_encode(args) -> None:
     from .checkpoint import load_checkpoint
+    from .compress import compress_model
     from .encode import EncodeConfig
-    from .format import compress_model
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
@@ -333,7 +345,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_decode(args) -> None:
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .format import read_file
 
     _, tensors = read_file(args.file)
@@ -483,6 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    code = _call(args)
+    if _distributed(args) and "RANK" in os.environ:  # a torchrun worker: gloo threads may outlive the group
+        from .train import end_process
+
+        end_process(code)
+    return code
+
+
+def _call(args) -> int:
     try:
         args.func(args)
     except (DeepShrinkError, OSError) as e:  # bad input or a failing disk: one line, the traceback only with -v

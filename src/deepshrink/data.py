@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,10 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .coding import CODERS, get_coder
+from .coding import CODERS, entropy_bits, get_coder
+from .compression import plain_state_dict
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
-from .layers import LAYER_KINDS
-from .quantize import SharedWeights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
 MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
@@ -129,6 +127,10 @@ class CodedTensor:
     weights_stream: bytes
     positions_stream: bytes
     coder_params: dict = field(default_factory=dict)  # {"weights": {...}, "positions": {...}}
+    # Shannon entropy of each stream's symbols, in bits: known when encoding, None for a tensor read
+    # from a file (accounting then decodes the streams to measure it)
+    weights_entropy_bits: float | None = None
+    positions_entropy_bits: float | None = None
 
 
 Encoded = Union[RawTensor, CodedTensor]
@@ -231,6 +233,8 @@ def encode_quantized(
         codebook=codebook.astype(DTYPES[codebook_dtype][0]), num_nonzero=len(symbols), num_entries=len(entries),
         weights_stream=weights_stream, positions_stream=positions_stream,
         coder_params={"weights": weights_params, "positions": positions_params},
+        weights_entropy_bits=entropy_bits(symbols.astype(np.uint32), num_centroids) if len(symbols) else 0.0,
+        positions_entropy_bits=entropy_bits(entries, 1 << index_bits) if len(entries) else 0.0,
     )
 
 
@@ -297,6 +301,17 @@ def decode_quantized(coded: CodedTensor, where: str = "tensor") -> np.ndarray:
     return dense.reshape(coded.shape)
 
 
+def decode_tensor(encoded: Encoded, where: str = "tensor") -> np.ndarray:
+    """The dense array an encoded tensor stands for, in its stored dtype (a raw tensor is copied).
+
+    Raises:
+        CodecError, TensorInfoMismatch: a coded tensor's streams are malformed (see ``decode_quantized``).
+    """
+    if isinstance(encoded, RawTensor):
+        return encoded.array.copy()  # own, writable memory (a file's raw tensors view its bytes)
+    return decode_quantized(encoded, where)
+
+
 def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> RawTensor:
     """Raw entry: floats converted to ``raw_dtype``, integers and bools kept as they are.
 
@@ -314,39 +329,6 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
     if tensor.numel() > MAX_TENSOR_ELEMENTS:
         raise ConfigError(f"{where}: {tensor.numel()} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
     return RawTensor(tensor.numpy().astype(DTYPES[name][0], order="C"))  # astype copies; keeps 0-d shape
-
-
-def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[SharedWeights, str]]]:
-    """The state dict ``prune.strip(model)`` would give, computed without touching the model.
-
-    Returns:
-        (state, shared): ``state`` maps plain names ("fc1.weight") to detached tensors, parametrized
-        weights evaluated; ``shared`` maps the names whose last parametrization is ``SharedWeights``
-        to (that parametrization, layer kind).
-    """
-    state = model.state_dict()
-    replaced: dict[str, tuple[str, torch.Tensor]] = {}  # dropped prefix -> (plain name, value)
-    shared: dict[str, tuple[SharedWeights, str]] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        kind = next((k for cls, k in LAYER_KINDS.items() if isinstance(module, cls)), "custom")
-        for param_name, plist in module.parametrizations.items():
-            fqn = f"{module_name}.{param_name}" if module_name else param_name
-            prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
-            with torch.no_grad():
-                replaced[prefix] = (fqn, getattr(module, param_name).detach())
-            if isinstance(plist[-1], SharedWeights):
-                shared[fqn] = (plist[-1], kind)
-    plain: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in replaced if key.startswith(p)), None)
-        if prefix is None:
-            plain[key] = value.detach()
-        else:
-            fqn, weight = replaced[prefix]
-            plain.setdefault(fqn, weight)
-    return plain, shared
 
 
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:

@@ -1,47 +1,42 @@
-"""Stage 4: the compressed file that holds ``encode.py``'s coded and raw tensors, and its safe loader.
+"""Stage 4: the container that holds ``encode.py``'s coded and raw tensors, and its safe reader.
 
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
-length N, N bytes of JSON header (space-padded so the payload starts 8-byte aligned), then the
-payload: 8-byte aligned sections (raw tensors, codebooks, weight and position streams), each with a
-CRC32. A quantized weight is stored as the paper describes: for each non-zero, its cluster index and
+length N, N bytes of zlib-compressed JSON header (zero-padded so the payload starts 8-byte
+aligned), then the payload: 8-byte aligned sections (raw tensors, codebooks, weight and position
+streams), each with a CRC32. A quantized weight is stored as the paper describes: for each non-zero, its cluster index and
 the zero-run before it in ``index_bits`` bits, with filler entries for longer runs.
 
 The reader treats every file as hostile: all checks that need no decoding run first, in a fixed
 order, and each failure raises its own ``FormatError`` subclass (see ``read_header``).
+``compress.py`` builds models on top (``compress_model``, ``load``); ``accounting.py`` says where
+the bytes go (``inspect_file`` here reads a file for it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import math
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .checkpoint import atomic_write
-from .coding import CODERS, entropy_bits, get_coder
+from .accounting import FileReport, account
+from .coding import CODERS, get_coder
 from .encode import (
     DTYPES,
     MAX_BITS,
     MAX_TENSOR_ELEMENTS,
     CodedTensor,
     Encoded,
-    EncodeConfig,
     RawTensor,
-    decode_quantized,
-    decode_symbols,
-    encode_model,
+    decode_tensor,
     is_int,
-    jsonable,
     untrusted_call,
 )
 from .errors import (
@@ -58,8 +53,7 @@ from .errors import (
     TrailingBytes,
     UnsupportedVersion,
 )
-
-log = logging.getLogger(__name__)
+from .files import atomic_write
 
 MAGIC = b"DSHRINK\0"
 VERSION = 1
@@ -168,40 +162,17 @@ def write_file(
     path: str | os.PathLike, tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None
 ) -> Path:
     """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes."""
-    chunks = serialize(tensors, model_spec, meta)
+    return write_chunks(path, serialize(tensors, model_spec, meta))
+
+
+def write_chunks(path: str | os.PathLike, chunks: list[bytes]) -> Path:
+    """Write ``serialize``'s chunks to ``path`` atomically."""
 
     def write(f) -> None:
         for chunk in chunks:
             f.write(chunk)
 
     return atomic_write(path, write)
-
-
-def compress_model(
-    model: nn.Module,
-    path: str | os.PathLike,
-    config: EncodeConfig = EncodeConfig(),
-    *,
-    model_spec: dict | None = None,
-    meta: dict | None = None,
-) -> "FileReport":
-    """Write ``model`` as a compressed file and return its accounting (read back from disk).
-
-    Args:
-        model: any module; weights with a ``SharedWeights`` parametrization are entropy coded, every
-            other tensor of the plain state dict is stored raw. The model is not modified.
-        path: destination, written atomically.
-        config: coder, index bits, stored float precision.
-        model_spec: ``{"arch": ...}`` or ``{"factory": ...}`` so that ``load`` can rebuild the model.
-        meta: free JSON metadata (dataset, accuracy, configs).
-    """
-    if meta is not None and not isinstance(meta, dict):
-        raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
-    meta = {"encode": jsonable(dataclasses.asdict(config)), **(meta or {})}  # the caller's keys win
-    write_file(path, encode_model(model, config), model_spec, meta)
-    file_report = inspect_file(path)
-    log.info("%s: %d bytes, %.1fx smaller than dense float32", path, file_report.file_bytes, file_report.ratio)
-    return file_report
 
 
 # ---------------------------------------------------------------- reading: the untrusted load order
@@ -515,180 +486,33 @@ def read_file(
     """
     parsed = _parse(path, max_expansion)
     tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(parsed.header["tensors"]):
-        entry = parsed.header["tensors"][name]
-        at = f"{parsed.path}: tensor {name!r}"
-        if entry["codec"] == "raw":
-            array = _raw_array(entry, parsed.payload, at).copy()  # own, writable memory
-        else:
-            array = decode_quantized(_coded_view(entry, parsed.payload), at)
+    for name, encoded in _encoded(parsed).items():
+        array = decode_tensor(encoded, f"{parsed.path}: tensor {name!r}")
         tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
     return parsed.header, tensors
 
 
-def load(
-    path: str | os.PathLike,
-    map_location: str | torch.device = "cpu",
-    *,
-    trust_factory: bool = False,
-    max_expansion: int = DEFAULT_MAX_EXPANSION,
-) -> nn.Module | dict[str, torch.Tensor]:
-    """Load a compressed file: a model with plain weights if its spec is a built-in, else the state dict.
-
-    A ``{"factory": "pkg.mod:fn"}`` spec imports and runs code named by the file, so it is built only
-    with ``trust_factory=True``. The architecture is first built on the meta device and compared with
-    the file, so a spec with inflated kwargs cannot make the loader allocate a huge model.
-
-    Raises:
-        every error of ``read_file``; TensorInfoMismatch when the tensors do not fit the model;
-        ConfigError for a spec that does not build.
-    """
-    header, tensors = read_file(path, max_expansion=max_expansion)
-    spec = header["model"]
-    if spec is None or ("factory" in spec and not trust_factory):
-        if spec is not None:
-            log.warning("%s: model factory %r not built (pass trust_factory=True if you trust the file); "
-                        "returning the state dict", path, spec["factory"])
-        return {k: v.to(map_location) for k, v in tensors.items()}
-    from .models import build_model as build_untrusted  # models is a leaf module; imported here to keep format light
-
-    def build_model(spec: dict) -> nn.Module:  # one gate for files and checkpoints: build_model's
-        return build_untrusted(spec, trust_factory=trust_factory)
-
-    where = f"{path}: model {spec}"
-    try:
-        with torch.device("meta"):  # no memory: a spec with inflated kwargs is caught by the shape check
-            expected = build_model(spec).state_dict()
-    except DeepShrinkError:  # unknown arch, kwargs the constructor does not take
-        raise
-    except Exception:  # code that cannot run on the meta device, or rejects the kwargs: the real build decides
-        expected = None
-    _check_fits(expected, tensors, where)
-    model = _build(build_model, spec, where)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise TensorInfoMismatch(f"{path}: tensors do not fit model {spec}: {e}") from None
-    return model.to(map_location)
 
 
-def _build(build_model: Callable, spec: dict, where: str) -> nn.Module:
-    try:
-        return build_model(spec)
-    except DeepShrinkError:
-        raise
-    except Exception as e:  # kwargs from the file that a constructor rejects (negative sizes...)
-        raise ConfigError(f"{where}: cannot build the model ({type(e).__name__}: {e})") from None
 
-
-def _check_fits(expected: dict[str, torch.Tensor] | None, tensors: dict[str, torch.Tensor], where: str) -> None:
-    if expected is None:
-        return
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise TensorInfoMismatch(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in expected.items():
-        if tuple(t.shape) != tuple(tensors[name].shape):
-            raise TensorInfoMismatch(f"{where}: {name} has shape {tuple(tensors[name].shape)} in the file, "
-                                     f"the model expects {tuple(t.shape)}")
-
-
-# ---------------------------------------------------------------- accounting
-
-
-@dataclass(frozen=True)
-class FileReport:
-    """Where the bytes of a compressed file go. ``ratio`` is measured on disk, headers included.
-
-    ``dense_bytes`` is the plain state dict as torch holds it with floats at float32 (4 bytes per
-    float element, itemsize for integer/bool tensors). ``lab_estimate_*`` is the quick estimate
-    (non-zero fraction x average weight code length / 32 over coded layers): it ignores positions,
-    codebooks and raw tensors, so it is not a file size. ``entropy_bound_ratio`` replaces each coded
-    stream by its Shannon entropy: no coder of these symbols (memoryless) can beat it.
-    """
-
-    path: str
-    file_bytes: int
-    header_bytes: int
-    dense_bytes: int
-    ratio: float
-    rows: list[dict]
-    totals: dict
-    lab_estimate_fraction: float | None
-    lab_estimate_ratio: float | None
-    entropy_bound_ratio: float  # the ratio if every coded stream took exactly its entropy
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def inspect_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION) -> FileReport:
-    """Per-tensor accounting of a file: stream sizes beside their entropy, fillers, bits per non-zero.
-
-    Raises:
-        the errors of ``read_file`` (streams are decoded to measure their entropy).
-    """
-    parsed = _parse(path, max_expansion)
-    rows: list[dict] = []
-    dense_bytes = 0
+def _encoded(parsed: _Parsed) -> dict[str, Encoded]:
+    """The file's tensors as encoded objects viewing its payload (nothing decoded)."""
+    out: dict[str, Encoded] = {}
     for name in sorted(parsed.header["tensors"]):
         entry = parsed.header["tensors"][name]
         at = f"{parsed.path}: tensor {name!r}"
-        numel = math.prod(entry["shape"])
-        itemsize = DTYPES[entry["dtype"]][0].itemsize
-        is_float = entry["dtype"].startswith("float")
-        dense_bytes += numel * (4 if is_float else itemsize)
-        row = {"name": name, "codec": entry["codec"], "shape": list(entry["shape"]), "numel": numel}
-        row.update(dict.fromkeys(("bits", "index_bits", "num_entries", "fillers", "weight_stream_bits",
-                                  "position_stream_bits", "codebook_bytes", "bits_per_nonzero",
-                                  "weight_entropy_bits", "position_entropy_bits")))
-        if entry["codec"] == "raw":
-            array = _raw_array(entry, parsed.payload, at)
-            row.update(nonzero=int(np.count_nonzero(array)), stored_bytes=numel * itemsize)
-        else:
-            coded = _coded_view(entry, parsed.payload)
-            symbols, entries = decode_symbols(coded, at)
-            weight_bits, position_bits = 8 * len(coded.weights_stream), 8 * len(coded.positions_stream)
-            codebook_bytes = coded.codebook.nbytes
-            nnz = coded.num_nonzero
-            row.update(
-                nonzero=nnz, bits=coded.bits, index_bits=coded.index_bits, num_entries=coded.num_entries,
-                fillers=coded.num_entries - nnz, weight_stream_bits=weight_bits, position_stream_bits=position_bits,
-                codebook_bytes=codebook_bytes, stored_bytes=codebook_bytes + (weight_bits + position_bits) // 8,
-                bits_per_nonzero=(weight_bits + position_bits + 8 * codebook_bytes) / nnz if nnz else None,
-                weight_entropy_bits=float(entropy_bits(symbols, len(coded.codebook))) if nnz else 0.0,
-                position_entropy_bits=float(entropy_bits(entries, 1 << coded.index_bits)) if len(entries) else 0.0,
-            )
-        rows.append(row)
-    coded_rows = [r for r in rows if r["codec"] == "deep_compression"]
-    totals = {
-        "tensors": len(rows),
-        "coded_tensors": len(coded_rows),
-        "numel": sum(r["numel"] for r in rows),
-        "coded_numel": sum(r["numel"] for r in coded_rows),
-        "coded_nonzero": sum(r["nonzero"] for r in coded_rows),
-        "fillers": sum(r["fillers"] for r in coded_rows),
-        "weight_stream_bits": sum(r["weight_stream_bits"] for r in coded_rows),
-        "position_stream_bits": sum(r["position_stream_bits"] for r in coded_rows),
-        "weight_entropy_bits": sum(r["weight_entropy_bits"] for r in coded_rows),
-        "position_entropy_bits": sum(r["position_entropy_bits"] for r in coded_rows),
-        "codebook_bytes": sum(r["codebook_bytes"] for r in coded_rows),
-        "raw_bytes": sum(r["stored_bytes"] for r in rows if r["codec"] == "raw"),
-        "header_bytes": parsed.header_bytes,
-        "padding_bytes": parsed.file_bytes - parsed.header_bytes - sum(r["stored_bytes"] for r in rows),
-    }
-    fraction = None
-    if totals["coded_numel"] and totals["coded_nonzero"]:
-        # (nnz / numel) x (weight bits / nnz) / 32 = weight bits / (32 numel)
-        fraction = totals["weight_stream_bits"] / (32 * totals["coded_numel"])
-    stream_bits = totals["weight_stream_bits"] + totals["position_stream_bits"]
-    entropy = totals["weight_entropy_bits"] + totals["position_entropy_bits"]
-    bound_bytes = parsed.file_bytes - stream_bits / 8 + entropy / 8
-    return FileReport(
-        path=str(parsed.path), file_bytes=parsed.file_bytes, header_bytes=parsed.header_bytes,
-        dense_bytes=dense_bytes, ratio=dense_bytes / parsed.file_bytes, rows=rows, totals=totals,
-        lab_estimate_fraction=fraction, lab_estimate_ratio=1 / fraction if fraction else None,
-        entropy_bound_ratio=dense_bytes / bound_bytes,
-    )
+        out[name] = (RawTensor(_raw_array(entry, parsed.payload, at)) if entry["codec"] == "raw"
+                     else _coded_view(entry, parsed.payload))
+    return out
 
 
+def inspect_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION) -> FileReport:
+    """Per-tensor accounting of a file on disk (see ``accounting.account``): validated as ``read_header``
+    does, and every coded stream decoded once to measure its entropy (this also verifies the streams).
+
+    Raises:
+        the errors of ``read_file``.
+    """
+    parsed = _parse(path, max_expansion)
+    return account(_encoded(parsed), path=str(parsed.path), file_bytes=parsed.file_bytes,
+                   header_bytes=parsed.header_bytes)

@@ -36,11 +36,12 @@ import yaml
 from torch import nn
 
 from . import report
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, sweep_temp_files
+from .checkpoint import load_checkpoint, save_checkpoint
+from .compress import compress_model, load
 from .data import ImageData, load_dataset
-from .errors import ConfigError
 from .encode import EncodeConfig
-from .format import compress_model, inspect_file, load
+from .errors import ConfigError
+from .files import atomic_write, sweep_temp_files
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
 from .quantize import QuantizeConfig, quantize_model
@@ -312,9 +313,8 @@ def _stage_quantize(model, options, ctx) -> dict:
 def _stage_encode(model, options, ctx) -> dict:
     config = stage_config("encode", options, f"stage {ctx['label']}")
     path = ctx["stage_dir"] / "model.dsz"
-    compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
-    file_report = inspect_file(path)
-    decoded = load(path, trust_factory=ctx["trust_factory"])
+    file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
+    decoded = load(path, trust_factory=ctx["trust_factory"])  # the one decode: the model we report is the file's
     decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
     return {
         "config": dataclasses.asdict(config),

@@ -27,29 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .compression import Masked, SharedWeights, parametrizations_of, parametrized_tensors
 from .errors import ConfigError
 from .layers import as_kinds, as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
-
-
-class Masked(nn.Module):
-    """Parametrization that zeroes the entries where ``mask`` is False."""
-
-    kind = "masked"
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool, copy=True))  # never alias the caller's tensor
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # where, not multiply: exact zeros even when the original holds inf/nan
-        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "Masked":
-        """Rebuild with placeholder tensors shaped like a saved state (values come from load_state_dict)."""
-        return cls(torch.ones_like(tensors["mask"], dtype=torch.bool))
 
 
 class PruneMethod(str, Enum):
@@ -359,13 +341,7 @@ def _override(fqn: str, pairs: tuple[tuple[str, float], ...]) -> float | None:
     return next((v for pattern, v in pairs if fnmatch.fnmatchcase(fqn, pattern)), None)
 
 
-def _plist(module: nn.Module, name: str) -> list[nn.Module]:
-    return list(module.parametrizations[name]) if parametrize.is_parametrized(module, name) else []
-
-
 def _refuse_quantized(fqn: str, plist: list[nn.Module]) -> None:
-    from .quantize import SharedWeights  # quantize never imports prune; local import keeps the layering obvious
-
     shared = next((p for p in plist if isinstance(p, SharedWeights)), None)
     if shared is not None:
         raise ConfigError(
@@ -377,7 +353,7 @@ def _refuse_quantized(fqn: str, plist: list[nn.Module]) -> None:
 def _ranking_view(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(values to rank, current mask or None). Ranks ``original`` when Masked is the only parametrization:
     kept entries equal the effective weight and pruned ones are excluded by the mask, so no copy is made."""
-    plist = _plist(module, name)
+    plist = parametrizations_of(module, name)
     if len(plist) == 1 and isinstance(plist[0], Masked):
         return module.parametrizations[name].original.detach(), plist[0].mask
     mask = next((p.mask for p in plist if isinstance(p, Masked)), None)
@@ -422,7 +398,7 @@ def prune_model(
     views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for fqn in fqns:
         module, name = resolve(model, fqn)
-        _refuse_quantized(fqn, _plist(module, name))
+        _refuse_quantized(fqn, parametrizations_of(module, name))
         weight, mask = _ranking_view(module, name)
         alive = weight if mask is None else weight[mask]
         if weight.is_floating_point() and not torch.isfinite(alive).all():
@@ -484,7 +460,7 @@ def _apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> Callable[[], 
         raise ConfigError(f"{fqn}: mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ConfigError(f"{fqn}: mask must have dtype torch.bool, got {mask.dtype}")
-    plist = _plist(module, name)
+    plist = parametrizations_of(module, name)
     _refuse_quantized(fqn, plist)
     with torch.no_grad():
         shape = tuple(getattr(module, name).shape)
@@ -518,70 +494,11 @@ def _drop_last_parametrization(module: nn.Module, name: str, keep: int) -> None:
             del plist[len(plist) - 1]
 
 
-def _deepshrink_kinds() -> tuple[type[nn.Module], ...]:
-    from .quantize import SharedWeights
-
-    return (Masked, SharedWeights)
-
-
-def _parametrized_tensors(model: nn.Module):
-    """Yield (fqn, module, tensor name, parametrization list) for every parametrized tensor."""
-    for module_name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                fqn = f"{module_name}.{name}" if module_name else name
-                yield fqn, module, name, list(module.parametrizations[name])
-
-
-def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Current keep-masks by FQN (copies). Quantized weights report ``indices != 0``."""
-    from .quantize import SharedWeights
-
-    out: dict[str, torch.Tensor] = {}
-    for fqn, _, _, plist in _parametrized_tensors(model):
-        for p in plist:
-            if isinstance(p, Masked):
-                m = p.mask.clone()
-            elif isinstance(p, SharedWeights):
-                m = p.indices != 0
-            else:
-                continue
-            out[fqn] = m if fqn not in out else out[fqn] & m
-    return out
-
-
-def strip(model: nn.Module) -> nn.Module:
-    """Remove all deepshrink parametrizations, leaving plain weights that hold the effective values.
-
-    Uses ``leave_parametrized=True``, so each weight stays the same ``Parameter`` object and optimizers
-    holding it remain valid. Weights that were quantized get ``requires_grad=True`` back (quantizing
-    froze the original). Returns ``model`` (modified in place).
-
-    Raises:
-        ConfigError: a tensor also carries a parametrization deepshrink did not attach (nothing is changed).
-    """
-    from .quantize import SharedWeights
-
-    ours = _deepshrink_kinds()
-    found = list(_parametrized_tensors(model))
-    for fqn, _, _, plist in found:
-        foreign = [type(p).__name__ for p in plist if not isinstance(p, ours)]
-        if foreign:
-            raise ConfigError(f"{fqn} carries parametrizations deepshrink did not attach ({', '.join(foreign)}); "
-                              "remove them first")
-    for _, module, name, plist in found:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        weight = getattr(module, name)
-        if any(isinstance(p, SharedWeights) for p in plist) and isinstance(weight, nn.Parameter):
-            weight.requires_grad_(weight.is_floating_point())
-    return model
-
-
 @torch.no_grad()
 def zero_pruned_(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write 0 into each masked weight's stored ``original`` (and the optimizer's per-weight state) at
     pruned positions, so checkpoints carry no stale values. The forward pass is unchanged."""
-    for fqn, module, name, plist in _parametrized_tensors(model):
+    for fqn, module, name, plist in parametrized_tensors(model):
         if not plist or not isinstance(plist[0], Masked):
             continue  # mask positions refer to the original only when Masked comes first
         original = module.parametrizations[name].original

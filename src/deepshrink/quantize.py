@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .compression import GradientMode, Masked, SharedWeights, index_dtype, shared_weights_of
+from .config import enum_value
 from .errors import ConfigError
 from .layers import WeightRef, as_kinds, as_patterns, resolve, select_weights
 
@@ -52,25 +54,6 @@ class CentroidInit(str, Enum):
     DENSITY = "density"
     LINEAR = "linear"
     KMEANS_PP = "kmeans++"
-
-
-class GradientMode(str, Enum):
-    """How the gradients of a centroid's member weights combine into the centroid's gradient.
-
-    SUM: their sum (the paper's Eq. 3).
-    AVG: their mean (the sum divided by the member count), so big clusters do not take bigger steps.
-    """
-
-    SUM = "sum"
-    AVG = "avg"
-
-
-def _enum_value(enum: type[Enum], value, what: str) -> str:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(m.value for m in enum)
-        raise ConfigError(f"unknown {what} {value!r}; valid: {valid}") from None
 
 
 def _check_bits(bits, what: str = "bits") -> int:
@@ -240,7 +223,7 @@ def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.n
     """
     values = _check_values(values)
     k = _check_k(k)
-    method = CentroidInit(_enum_value(CentroidInit, init, "centroid init"))
+    method = CentroidInit(enum_value(CentroidInit, init, "centroid init"))
     _, sv = _sorted_values(values)
     return CENTROID_INITS[method](sv, k, np.random.default_rng(seed))
 
@@ -355,7 +338,7 @@ def kmeans_1d(
     """
     values = _check_values(values)
     k = _check_k(k)
-    method = CentroidInit(_enum_value(CentroidInit, init, "centroid init"))
+    method = CentroidInit(enum_value(CentroidInit, init, "centroid init"))
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if not (isinstance(tol, numbers.Real) and tol >= 0):
@@ -392,76 +375,7 @@ def kmeans_1d(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The parametrization
 # ---------------------------------------------------------------------------------------------------
-
-
-def index_dtype(num_centroids: int) -> torch.dtype:
-    """Smallest integer dtype that holds indices 0..num_centroids (0 = pruned)."""
-    return torch.uint8 if num_centroids <= 255 else torch.int32
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``scale`` (exact values, no arithmetic)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
-
-
-class SharedWeights(nn.Module):
-    """Parametrization that replaces a weight by shared centroids gathered through fixed indices.
-
-    Buffers/parameters (all in the module's state_dict):
-        centroids: float Parameter of shape (K,), the shared non-zero values.
-        indices: integer buffer shaped like the weight; 0 = pruned (zero), k = centroids[k-1].
-
-    ``gradient`` ("sum" or "avg", see ``GradientMode``) is a plain attribute, not state.
-    """
-
-    kind = "shared"
-
-    def __init__(self, centroids: torch.Tensor, indices: torch.Tensor, bits: int, gradient: str = "sum"):
-        super().__init__()
-        self.bits = int(bits)
-        self.gradient = _enum_value(GradientMode, gradient, "gradient mode")
-        self.centroids = nn.Parameter(centroids.detach().clone().float())
-        self.register_buffer("indices", indices.to(index_dtype(centroids.numel())))
-
-    def codebook(self) -> torch.Tensor:
-        """(K+1,) tensor: 0.0 followed by the centroids."""
-        return torch.cat([self.centroids.new_zeros(1), self.centroids])
-
-    def member_counts(self) -> torch.Tensor:
-        """(K,) number of weights assigned to each centroid."""
-        counts = torch.bincount(self.indices.reshape(-1).long(), minlength=self.centroids.numel() + 1)
-        return counts[1:self.centroids.numel() + 1]
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        centroids = self.centroids
-        if self.gradient == GradientMode.AVG.value:
-            # counts follow the indices buffer (e.g. after load_state_dict); identity on the values
-            scale = 1.0 / self.member_counts().clamp_min(1).to(centroids.dtype)
-            centroids = _ScaleGrad.apply(centroids, scale)
-        # index_select's backward is a scatter-add: each centroid's grad is the SUM of its weights' grads
-        codebook = torch.cat([centroids.new_zeros(1), centroids])
-        flat = codebook.index_select(0, self.indices.reshape(-1).long())
-        return flat.view(self.indices.shape).to(weight.dtype)
-
-    def extra_repr(self) -> str:
-        extra = f", gradient={self.gradient}" if self.gradient != GradientMode.SUM.value else ""
-        return f"bits={self.bits}, centroids={self.centroids.numel()}{extra}"
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], bits: int, gradient: str = "sum") -> "SharedWeights":
-        """Rebuild with placeholder tensors shaped like a saved state (values come from load_state_dict)."""
-        return cls(torch.zeros_like(tensors["centroids"]), torch.zeros_like(tensors["indices"]), bits, gradient)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,8 +416,8 @@ class QuantizeConfig:
                 raise ConfigError(f"bits_by_pattern: pattern must be a string, got {pattern!r}")
             _check_bits(b, f"bits_by_pattern entry {pattern!r}")
         set_(self, "bits_by_pattern", tuple((p, int(b)) for p, b in pairs))
-        set_(self, "init", _enum_value(CentroidInit, self.init, "centroid init"))
-        set_(self, "gradient", _enum_value(GradientMode, self.gradient, "gradient mode"))
+        set_(self, "init", enum_value(CentroidInit, self.init, "centroid init"))
+        set_(self, "gradient", enum_value(GradientMode, self.gradient, "gradient mode"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
@@ -551,12 +465,6 @@ def quantize_weight(
     return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
 
 
-def _shared_of(module: nn.Module, name: str) -> SharedWeights | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    return next((p for p in module.parametrizations[name] if isinstance(p, SharedWeights)), None)
-
-
 def _layer_seed(seed: int, fqn: str) -> int:
     # from the name, not the position: adding a layer to the selection does not reseed the others
     return (seed + zlib.crc32(fqn.encode())) % 2**32
@@ -592,12 +500,12 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
     plans = []
     for ref in refs:
         module, name = resolve(model, ref.fqn)
-        shared = _shared_of(module, name)
+        shared = shared_weights_of(module, name)
         if shared is not None:
             raise ConfigError(f"{ref.fqn} is already quantized ({shared.bits} bits); strip() the model to re-quantize")
         if parametrize.is_parametrized(module, name):
-            # only masks get baked in; by kind, since quantize never imports prune
-            foreign = [type(p).__name__ for p in module.parametrizations[name] if getattr(p, "kind", None) != "masked"]
+            # only masks get baked in
+            foreign = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, Masked)]
             if foreign:
                 raise ConfigError(f"{ref.fqn} carries parametrizations deepshrink did not attach "
                                   f"({', '.join(foreign)}); remove them first")
@@ -642,7 +550,7 @@ def codebooks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, i
         if not parametrize.is_parametrized(module):
             continue
         for name in module.parametrizations.keys():
-            shared = _shared_of(module, name)
+            shared = shared_weights_of(module, name)
             if shared is not None:
                 fqn = f"{module_name}.{name}" if module_name else name
                 out[fqn] = (shared.centroids.detach(), shared.indices, shared.bits)

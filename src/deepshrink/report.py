@@ -21,10 +21,10 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import atomic_write
+from .compression import SharedWeights
 from .errors import ConfigError
+from .files import atomic_write
 from .layers import resolve, select_weights
-from .quantize import SharedWeights
 
 logger = logging.getLogger(__name__)
 

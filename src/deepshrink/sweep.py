@@ -21,8 +21,9 @@ from pathlib import Path
 from torch import nn
 
 from . import report
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import load_checkpoint
 from .errors import ConfigError
+from .files import atomic_write
 from .layers import select_weights
 from .pipeline import load_splits, resolve_device
 from .prune import PruneConfig, prune_model, zero_pruned_

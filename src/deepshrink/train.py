@@ -3,19 +3,26 @@
 Compression state rides along inside the model: a ``Masked`` weight's pruned entries are zero on
 every forward whatever the optimizer does to its original, and a ``SharedWeights`` weight trains
 only its centroids (its original has ``requires_grad=False``), so the loop needs no special cases.
-Under ``torch.distributed`` (launched with torchrun) the model is wrapped in DistributedDataParallel
-and every rank trains on its own shard of each batch.
+Distributed runs (launched with torchrun) join the process group with ``distributed()``, a context
+manager that always tears it down, and pass its group to ``train``, which then wraps the model in
+DistributedDataParallel; every rank trains on its own shard of each batch::
+
+    with distributed() as world:
+        train(model, data, config, device=world.device, group=world.group)
+    end_process(0)  # no gloo thread may outlive the interpreter (it aborts at exit otherwise)
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -144,21 +151,66 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, else gloo.
+@dataclass(frozen=True)
+class World:
+    """This process's place in a distributed run (see ``distributed()``)."""
 
-    Returns:
-        (rank, world_size, device) where device is this process's GPU or the CPU.
+    rank: int
+    world_size: int
+    device: torch.device  # this rank's GPU, or the CPU
+    group: dist.ProcessGroup  # pass to ``train(..., group=)``
+
+
+@contextmanager
+def distributed(backend: str | None = None) -> Iterator[World]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and always leave it.
+
+    On a normal exit every rank waits at a barrier, then the group is destroyed; when an exception
+    leaves the block the barrier is skipped (the other ranks may never reach it). Garbage is collected
+    first so DistributedDataParallel's reducers (held in reference cycles) release their gloo work.
+    Gloo's worker threads can still outlive ``destroy_process_group``, and their destructors abort the
+    interpreter at exit ("terminate called without an active exception"): end worker processes with
+    ``end_process`` after the block.
+
+    Args:
+        backend: "nccl", "gloo", ...; default NCCL when CUDA is available, else gloo.
+
+    Raises:
+        ConfigError: not launched by torchrun (an environment variable is missing), or a group is
+            already initialised (it belongs to someone else, who must tear it down).
     """
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), _default_device()
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
     if missing:
         raise ConfigError(f"distributed run needs {', '.join(missing)} set; launch with `torchrun --nproc_per_node N ...`")
+    if dist.is_initialized():
+        raise ConfigError("a torch.distributed process group is already initialised; pass its group to train()")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), _default_device()
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    group = dist.group.WORLD
+    completed = False
+    try:
+        yield World(dist.get_rank(group), dist.get_world_size(group), _default_device(), group)
+        completed = True
+    finally:
+        try:
+            gc.collect()
+            if completed:
+                dist.barrier(group)
+        finally:
+            dist.destroy_process_group()
+
+
+def end_process(code: int = 0) -> None:
+    """Flush output and end this process at once with ``code`` (``os._exit``), skipping interpreter
+    teardown, where threads left by gloo would abort it. For the end of distributed workers only."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _default_device() -> torch.device:
@@ -170,13 +222,13 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    return (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
 
 
-def _all_sum(stats: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(stats)
+def _all_sum(stats: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(stats, group=group)
     return stats
 
 
@@ -194,10 +246,12 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int, sharded: bool) -> dict:
-    # sharded: each rank scores data[rank::world] (disjoint, unpadded, unlike Batches' shards) and the
-    # sums are all-reduced, so every rank must call it
-    rank, world = _world() if sharded else (0, 1)
+def _evaluate(
+    model: nn.Module, data: ImageData, device: torch.device, batch_size: int, group: dist.ProcessGroup | None
+) -> dict:
+    # with a group: each rank scores data[rank::world] (disjoint, unpadded, unlike Batches' shards) and
+    # the sums are all-reduced, so every rank must call it
+    rank, world = _world(group)
     if world > 1:
         data = replace(data, images=data.images[rank::world], labels=data.labels[rank::world])
     was_training = model.training
@@ -210,20 +264,20 @@ def _evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_siz
             stats[1] += (logits.argmax(1) == y).sum()
             stats[2] += y.numel()
     model.train(was_training)
-    loss, correct, n = (_all_sum(stats) if sharded else stats).tolist()
+    loss, correct, n = _all_sum(stats, group).tolist()
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
 
 
 def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int = 1024) -> dict:
     """Mean cross-entropy and top-1 accuracy of ``model`` (moved to ``device``) on all of ``data``.
 
-    Runs in this process alone, also under torch.distributed (so rank 0 may call it by itself).
+    Runs in this process alone, also in a distributed run (so rank 0 may call it by itself).
 
     Returns:
         {"loss": float, "accuracy": float in [0, 1], "n": number of samples}
     """
     device = torch.device(device)
-    return _evaluate(model.to(device), data, device, batch_size, sharded=False)
+    return _evaluate(model.to(device), data, device, batch_size, group=None)
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -246,16 +300,18 @@ def train(
     eval_data: ImageData | None = None,
     device: str | torch.device = "cpu",
     callback: Callable[[dict], None] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; evaluate on ``eval_data`` after every epoch.
 
     Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only).
-    Under an initialised ``torch.distributed`` process group every rank must call this with the same
-    arguments; each trains on its shard and the reported metrics are averaged over all ranks.
 
     Args:
         callback: called on every rank with each epoch's record (check ``is_main_process()``
             before writing files).
+        group: a process group (``distributed().group``) to train in with DistributedDataParallel:
+            every rank of it must call this with the same arguments; each trains on its shard and
+            the reported metrics are averaged over all ranks. None trains in this process alone.
 
     Returns:
         TrainResult with one record per epoch and ``final`` (the last record, or the evaluation
@@ -269,15 +325,17 @@ def train(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # DDP needs an explicit device index
         device = torch.device("cuda", torch.cuda.current_device())
-    rank, world = _world()
+    rank, world = _world(group)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=False everywhere)")
     optimizer = _make_optimizer(params, config)
     net: nn.Module = model
-    if dist.is_initialized():
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if group is not None:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group
+        )
     amp_dtype = _amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     # drop a ragged last batch (BatchNorm fails on a batch of 1) unless that would leave no batch
@@ -301,8 +359,8 @@ def train(
             lr = config.lr
             for step, (x, y) in enumerate(batches):
                 lr = learning_rate(config, epoch + step / steps, steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
                 with parametrize.cached():  # each parametrized weight is computed once per step
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = net(x)
@@ -318,11 +376,11 @@ def train(
                     loss_sum, correct, n = stats.tolist()
                     bar.update(task, loss=loss_sum / n, acc=correct / n)
                 bar.advance(task)
-            loss_sum, correct, n = _all_sum(stats).tolist()
+            loss_sum, correct, n = _all_sum(stats, group).tolist()
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1)}
             if not math.isfinite(record["loss"]):
                 raise DeepShrinkError(f"epoch {epoch + 1}: training loss is {record['loss']}; lower the lr ({config.lr})")
-            test = _evaluate(model, eval_data, device, 1024, sharded=True) if eval_data is not None else None
+            test = _evaluate(model, eval_data, device, 1024, group) if eval_data is not None else None
             record["test_accuracy"] = test["accuracy"] if test else None
             record["test_loss"] = test["loss"] if test else None
             record["seconds"] = time.perf_counter() - start
@@ -339,6 +397,6 @@ def train(
     if result.history:
         result.final = dict(result.history[-1])
     elif eval_data is not None:
-        test = _evaluate(model, eval_data, device, 1024, sharded=True)
+        test = _evaluate(model, eval_data, device, 1024, group)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     return result
