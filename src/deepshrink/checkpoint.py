@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import CheckpointError
-from .layers import resolve
+from .layers import resolve, tie_parametrizations
 from .prune import Masked
 from .quantize import SharedWeights
 
@@ -69,6 +69,7 @@ def restore_compression(
             except (KeyError, TypeError) as e:
                 raise CheckpointError(f"{fqn}: saved {entry['kind']} state is incomplete ({e})") from None
             parametrize.register_parametrization(module, param_name, p, unsafe=True)
+    tie_parametrizations(model)  # tied weights: one mask/codebook object under every name
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: dict, meta: dict | None = None) -> Path:

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from .coding import CODERS, get_coder
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
-from .layers import LAYER_KINDS
+from .layers import as_patterns, tied_weights, weight_kind
 from .quantize import SharedWeights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
@@ -61,6 +61,8 @@ class EncodeConfig:
     index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
     codebook_dtype: StoredFloat = StoredFloat.FLOAT32  # float32 keeps the decoded model bit-exact
     raw_dtype: StoredFloat = StoredFloat.FLOAT32  # biases/BN stats: few bytes, keep them exact
+    include: tuple[str, ...] | None = None  # quantized weights to entropy code (FQN globs); None = all
+    exclude: tuple[str, ...] = ()  # quantized weights stored raw instead (their effective values)
 
     def __post_init__(self):
         coder = self.coder.value if isinstance(self.coder, Enum) else self.coder
@@ -76,6 +78,8 @@ class EncodeConfig:
         if not all(len(p) == 2 and isinstance(p[0], str) for p in patterns):
             raise ConfigError(f"index_bits_by_pattern must be (glob, bits) pairs, got {self.index_bits_by_pattern!r}")
         object.__setattr__(self, "index_bits_by_pattern", patterns)
+        object.__setattr__(self, "include", None if self.include is None else as_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
         for label, bits in [("index_bits_conv", self.index_bits_conv), ("index_bits_fc", self.index_bits_fc)] + [
             (f"index_bits_by_pattern[{p!r}]", b) for p, b in patterns
         ]:
@@ -330,8 +334,8 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
-        kind = next((k for cls, k in LAYER_KINDS.items() if isinstance(module, cls)), "custom")
         for param_name, plist in module.parametrizations.items():
+            kind = weight_kind(module, param_name)
             fqn = f"{module_name}.{param_name}" if module_name else param_name
             prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
             with torch.no_grad():
@@ -350,11 +354,17 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
-    """Encode every tensor of the model's plain state dict: SharedWeights ones coded, the rest raw."""
+    """Encode every tensor of the model's plain state dict: SharedWeights ones coded (those that
+    ``config.include``/``exclude`` select), the rest raw. A tied tensor is encoded once, under its first
+    name (``layers.tied_weights`` gives the others)."""
     plain, shared = plain_state_dict(model)
+    tied = tied_weights(model)
+    coded = _select_coded(list(shared), config)
     encoded: dict[str, Encoded] = {}
     for name, tensor in plain.items():
-        if name in shared:
+        if name in tied:
+            continue
+        if name in coded:
             sw, kind = shared[name]
             encoded[name] = encode_quantized(
                 sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
@@ -363,6 +373,16 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
         else:
             encoded[name] = encode_raw(tensor, config.raw_dtype, where=name)
     return encoded
+
+
+def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:
+    for patterns, label in ((config.include or (), "include"), (config.exclude, "exclude")):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ConfigError(f"encode {label} pattern {p!r} matches no quantized weight; "
+                                  f"quantized: {', '.join(names) or '(none)'}")
+    return {n for n in names if (config.include is None or any(fnmatch.fnmatchcase(n, p) for p in config.include))
+            and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)}
 
 
 def jsonable(obj: Any) -> Any:
