@@ -356,12 +356,11 @@ class PruneConfig:
         q_by_kind = kind_pairs(self.q_by_kind, "q_by_kind", lambda q: _check_q(q, warn=False))
         set_(self, "q_by_kind", tuple((k, float(v)) for k, v in q_by_kind))
         set_(self, "s_by_kind", tuple((k, float(v)) for k, v in kind_pairs(self.s_by_kind, "s_by_kind", _check_s)))
-        if method == PruneMethod.STD and (self.q_by_pattern or self.q_by_kind):
-            raise ConfigError("q_by_pattern/q_by_kind apply to methods 'percentile'/'global'; "
-                              "method 'std' uses s_by_pattern/s_by_kind")
-        if method != PruneMethod.STD and (self.s_by_pattern or self.s_by_kind):
-            raise ConfigError(f"s_by_pattern/s_by_kind apply to method 'std' only; method {method!r} uses "
-                              "q_by_pattern/q_by_kind")
+        for by in ("pattern", "kind"):
+            if method == PruneMethod.STD and getattr(self, f"q_by_{by}"):
+                raise ConfigError(f"q_by_{by} applies to methods 'percentile'/'global'; method 'std' uses s_by_{by}")
+            if method != PruneMethod.STD and getattr(self, f"s_by_{by}"):
+                raise ConfigError(f"s_by_{by} applies to method 'std' only; method {method!r} uses q_by_{by}")
 
 
 def _override(fqn: str, pairs: tuple[tuple[str, float], ...]) -> float | None:
