@@ -8,7 +8,7 @@ settings can differ per kind (the paper's conv 8 / fc 5 bits, generalised):
 kind            tensors
 ==============  ==========================================================================
 ``conv``        weights of Conv1d/2d/3d and ConvTranspose1d/2d/3d (grouped, depthwise, lazy)
-``fc``          ``nn.Linear`` weights (and ``nn.Bilinear``)
+``fc``          ``nn.Linear`` weights (and ``nn.Bilinear``, Hugging Face's GPT-2 ``Conv1D``)
 ``attention``   ``nn.MultiheadAttention``: ``in_proj_weight``, ``q/k/v_proj_weight``, ``bias_k/v``
                 and ``out_proj.weight``. ``out_proj`` is an ``nn.Linear``, but it is one of the
                 block's four projections, so one ``attention`` setting covers the whole block.
@@ -17,7 +17,7 @@ kind            tensors
 ``rnn``         ``weight_ih_l*``, ``weight_hh_l*``, ``weight_hr_l*`` of RNN/LSTM/GRU (and cells)
 ``embedding``   ``nn.Embedding`` and ``nn.EmbeddingBag`` tables
 ``other``       any other parameter: a bare ``nn.Parameter`` (a learned position embedding),
-                a third-party layer (Hugging Face's ``Conv1D``)
+                a third-party layer deepshrink does not know
 ``custom``      what a layer's ``compressible_weights()`` returns
 ==============  ==========================================================================
 
@@ -61,6 +61,11 @@ LAYER_KINDS: dict[type[nn.Module], str] = {
     nn.EmbeddingBag: "embedding",
 }
 
+#: Third-party layers known by their qualified class name (importing their packages is not needed).
+LAYER_KINDS_BY_NAME: dict[str, str] = {
+    "transformers.pytorch_utils.Conv1D": "fc",  # GPT-2's linear layers (a Linear with a transposed weight)
+}
+
 MIN_DIMS = 2  # default: matrices and up; biases, norms' scales and scalars stay raw
 
 
@@ -86,6 +91,10 @@ def weight_kind(module: nn.Module, param_name: str) -> str:
         return "custom"
     for cls, kind in LAYER_KINDS.items():
         if isinstance(module, cls):
+            return kind
+    for cls in type(module).__mro__:
+        kind = LAYER_KINDS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
             return kind
     return "other"
 
