@@ -295,3 +295,78 @@ def test_encode_include_exclude_stores_unselected_weights_raw(tmp_path):
     assert tensors["head.weight"]["codec"] == "raw" and tensors["rnn.weight_ih_l0"]["codec"] == "deep_compression"
     with pytest.raises(ConfigError, match="matches no quantized weight"):
         compress_model(model, tmp_path / "x.dsz", EncodeConfig(include=("nope*",)))
+
+
+# ---------------------------------------------------------------- the command line on user models' files
+
+
+class DigitsLSTM(nn.Module):
+    """A user model for sklearn's 8x8 digits: each image row is a time step."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.rnn = nn.LSTM(8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])  # (B, 1, 8, 8) -> (B, 8, 8) -> (B, 10)
+
+
+def digits_lstm(hidden: int = 12):
+    torch.manual_seed(0)
+    return DigitsLSTM(hidden)
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    model = digits_lstm(hidden=12)
+    prune_model(model, PruneConfig(q=50))
+    quantize_model(model, QuantizeConfig(bits=3))
+    path = tmp_path / "user.dsz"
+    spec = {"factory": "test_anymodel:digits_lstm", "kwargs": {"hidden": 12}}
+    compress_model(model, path, model_spec=spec, meta={"dataset": {"name": "digits"}})
+    return path, model
+
+
+def test_cli_eval_summary_inspect_decode_on_a_user_models_file(user_file, tmp_path, capsys):
+    from deepshrink.cli import main
+
+    path, model = user_file
+    assert main(["eval", str(path)]) == 2  # the file names a factory: refused until trusted or named
+    assert "--model test_anymodel:digits_lstm" in capsys.readouterr().out
+    assert main(["eval", str(path), "--model", "test_anymodel:digits_lstm", "--model-kwargs", '{"hidden": 12}']) == 0
+    named = capsys.readouterr().out
+    assert main(["eval", str(path), "--trust-factory"]) == 0
+    trusted = capsys.readouterr().out
+    assert "accuracy" in named and named.split(":", 1)[1] == trusted.split(":", 1)[1]
+
+    assert main(["summary", str(path), "--trust-factory", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)["layers"]
+    assert [r["name"] for r in rows] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "head.weight"]
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in rows)
+
+    assert main(["inspect", str(path), "--model", "test_anymodel:DigitsLSTM", "--model-kwargs", '{"hidden": 5}']) == 2
+    assert "shape mismatch" in capsys.readouterr().out
+    assert main(["decode", str(path), "--trust-factory", "--out", str(tmp_path / "s.pt")]) == 0
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert torch.equal(state["rnn.weight_hh_l0"], model.rnn.weight_hh_l0)
+
+
+def test_cli_eval_of_a_recipes_file_needs_no_dataset(tmp_path, capsys):
+    from deepshrink.cli import main
+    from deepshrink.pipeline import Recipe, run_recipe
+
+    recipe = Recipe.from_dict({
+        "name": "tiny", "model": {"arch": "mlp", "kwargs": {"hidden": [16]}},
+        "dataset": {"name": "digits", "root": str(tmp_path / "somewhere")},
+        "stages": [{"train": {"epochs": 1}}, {"prune": {"q": 50}}, {"quantize": {"bits": 3}}, {"encode": {}}],
+    })
+    result = run_recipe(recipe, tmp_path / "run")
+    path = result.stages[-1]["file"]
+    record = read_header(path)["meta"]["dataset"]
+    assert record["name"] == "digits" and "root" not in record  # a path belongs to one machine
+    assert record["image_shape"] == [1, 8, 8] and record["num_classes"] == 10 and len(record["mean"]) == 1
+    capsys.readouterr()
+    assert main(["eval", str(path), "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy {100 * result.stages[-1]['decoded_accuracy']:.2f}%" in out

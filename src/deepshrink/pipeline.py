@@ -38,7 +38,7 @@ from torch import nn
 from . import report
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .data import ImageData, load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .encode import EncodeConfig
 from .format import compress_model, inspect_file, load
 from .models import build_model, load_foreign_weights
@@ -153,17 +153,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
+RECORD_KEYS = ("image_shape", "num_classes")  # recorded by dataset_record; checked against the loaded data
 
 
 def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
     """(train, test) for a recipe's dataset entry.
 
     Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
-    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics).
+    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics), and the
+    ``image_shape``/``num_classes`` of a ``dataset_record``, which the loaded data must match.
+
+    Raises:
+        ConfigError: unknown keys; DataError: the data does not match the recorded shape or classes.
     """
-    unknown = sorted(set(dataset) - set(DATASET_KEYS))
+    unknown = sorted(set(dataset) - set(DATASET_KEYS) - set(RECORD_KEYS))
     if unknown or "name" not in dataset:
-        raise ConfigError(f"dataset: needs 'name'; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
+        raise ConfigError(f"dataset: needs 'name'; unknown option(s) {unknown}; valid: {DATASET_KEYS + RECORD_KEYS}")
     root = data_dir if data_dir is not None else dataset.get("root")
     splits = []
     for split, size in (("train", dataset.get("train_subset")), ("test", dataset.get("test_subset"))):
@@ -173,7 +178,29 @@ def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[Imag
         if "mean" in dataset or "std" in dataset:
             data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
         splits.append(data)
+    _check_record(dataset, splits[0], root)
     return splits[0], splits[1]
+
+
+def dataset_record(dataset: dict, data: ImageData) -> dict:
+    """What checkpoints and compressed files record about their data: the dataset entry without its
+    path (``root`` belongs to one machine), with the image shape, normalisation and class count the
+    model saw, so ``eval FILE --data-dir D`` needs no ``--dataset`` and loads the data the same way."""
+    record = {k: v for k, v in dataset.items() if k != "root"}
+    record.update(image_shape=list(data.image_shape), num_classes=data.num_classes,
+                  mean=list(data.mean), std=list(data.std))
+    return record
+
+
+def _check_record(dataset: dict, data: ImageData, root) -> None:
+    where = f"dataset {dataset['name']!r}" + (f" in {root}" if root else "")
+    shape = dataset.get("image_shape")
+    if shape is not None and tuple(shape) != tuple(data.image_shape):
+        raise DataError(f"{where}: images are {tuple(data.image_shape)} (C, H, W); the model was trained on "
+                        f"{tuple(shape)}")
+    classes = dataset.get("num_classes")
+    if classes is not None and classes != data.num_classes:
+        raise DataError(f"{where}: {data.num_classes} classes; the model was trained on {classes}")
 
 
 def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device) -> dict[str, Any]:
@@ -232,7 +259,7 @@ def _stage_quantize(model, options, ctx) -> dict:
 def _stage_encode(model, options, ctx) -> dict:
     config = make_config(EncodeConfig, options, f"stage {ctx['label']}")
     path = ctx["stage_dir"] / "model.dsz"
-    compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
+    compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"], "dataset": ctx["dataset"]})
     file_report = inspect_file(path)
     decoded = load(path)
     decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
@@ -290,6 +317,7 @@ def run_recipe(
 
     torch.manual_seed(recipe.seed)
     train_data, test_data = load_splits(recipe.dataset, data_dir)
+    record = dataset_record(recipe.dataset, train_data)
     spec = recipe.model
     model = build_model(spec)
     result = RunResult(out_dir)
@@ -306,7 +334,7 @@ def run_recipe(
         start = time.perf_counter()
         ctx = {
             "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
-            "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name,
+            "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name, "dataset": record,
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(dev)
@@ -315,7 +343,7 @@ def run_recipe(
         metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
-        save_checkpoint(ckpt_file, model, spec, meta={"dataset": recipe.dataset, "stage": metrics})
+        save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})
         _write_json(stage_dir / "details.json", details)
         _write_json(metrics_file, metrics)  # last: marks the stage complete
         result.stages.append(metrics)
