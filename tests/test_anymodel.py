@@ -370,3 +370,51 @@ def test_cli_eval_of_a_recipes_file_needs_no_dataset(tmp_path, capsys):
     assert main(["eval", str(path), "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"accuracy {100 * result.stages[-1]['decoded_accuracy']:.2f}%" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's fused RNN and flatten_parameters)")
+@pytest.mark.parametrize("name", ["lstm", "gru", "transformer"])
+def test_masks_survive_cudnn_and_flatten_parameters(name):
+    model = build(name).cuda()
+    x = make_input().cuda()
+    keep = prune_model(model, PruneConfig(q=50))
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module.flatten_parameters()  # packs cuDNN's weight buffer: must not bring pruned values back
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        opt.zero_grad()
+        model(make_input(10 + step).cuda()).square().mean().backward()
+        opt.step()
+    state, _ = plain_state_dict(model)
+    for fqn, mask in keep.items():
+        assert torch.all(state[fqn][~mask] == 0), fqn
+    plain = build(name).cuda()
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_recipe_options_select_and_set_per_kind():
+    from deepshrink.pipeline import make_config
+
+    config = make_config(PruneConfig, {"q": 40, "q_by_kind": {"rnn": 70}, "include": ["rnn.*"], "min_dims": 2}, "s")
+    keep = prune_model(lstm(), config)
+    assert sorted(keep) == ["rnn.weight_hh_l0", "rnn.weight_hh_l1", "rnn.weight_ih_l0", "rnn.weight_ih_l1"]
+    assert all(1 - m.float().mean().item() == pytest.approx(0.7, abs=0.01) for m in keep.values())
+    quantize = make_config(QuantizeConfig, {"bits_by_kind": [["rnn", 5]], "exclude": ["head.*"]}, "s")
+    assert quantize.bits_by_kind == (("rnn", 5),)
+
+
+def test_tied_weights_survive_a_checkpoint(tmp_path):
+    from deepshrink.checkpoint import load_checkpoint, save_checkpoint
+
+    model = build("tied")
+    prune_model(model, PruneConfig(q=50))
+    save_checkpoint(tmp_path / "c.pt", model, {"factory": "test_anymodel:TiedLM", "kwargs": {}})
+    loaded, _ = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.out.parametrizations.weight[0] is loaded.emb.parametrizations.weight[0]
+    assert loaded.out.parametrizations.weight.original is loaded.emb.parametrizations.weight.original
+    quantize_model(loaded, QuantizeConfig(bits=2))
+    assert torch.equal(loaded.out.weight, loaded.emb.weight)
+    assert torch.equal(masks(loaded)["emb.weight"], masks(model)["emb.weight"])
