@@ -107,7 +107,7 @@ def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
 
 
 def test_every_command_refuses_a_checkpoint_that_names_code(factory_checkpoints, tmp_path, capsys):
-    from deepshrink.format import compress_model
+    from deepshrink.compress import compress_model
 
     dsz = tmp_path / "factory.dsz"
     compress_model(build_model(SPEC), dsz, model_spec=factory_checkpoints.spec)

@@ -76,7 +76,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _dataset_entry(args, meta: dict | None = None) -> dict:
     entry = dict((meta or {}).get("dataset") or {})
-    if args.dataset:
+    if args.dataset and args.dataset != entry.get("name"):
         entry = {"name": args.dataset}
     if args.data_dir:
         entry["root"] = args.data_dir
@@ -94,6 +94,54 @@ def _pattern_value(text: str, cast):
         return pattern, cast(value)
     except ValueError:
         raise ConfigError(f"expected GLOB=VALUE, got {text!r}") from None
+
+
+def _add_selection_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("weight selection")
+    g.add_argument("--include", nargs="*", help=f"glob patterns of weight names to {what} (default: every "
+                   "floating parameter with >= --min-dims dims)")
+    g.add_argument("--exclude", nargs="*", default=[], help=f"glob patterns of weight names not to {what}")
+    g.add_argument("--kinds", nargs="*", help="weight kinds to consider: conv fc attention rnn embedding other "
+                   "custom (default: all)")
+    g.add_argument("--min-dims", type=int, default=2, help="smallest number of dimensions of a compressible weight")
+
+
+def _selection(args) -> dict:
+    return {"include": tuple(args.include) if args.include else None, "exclude": tuple(args.exclude),
+            "kinds": tuple(args.kinds) if args.kinds else None, "min_dims": args.min_dims}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model of a compressed file made from a user model")
+    g.add_argument("--model", help="build this model and fill it from the file: a built-in name or "
+                   "pkg.module:factory (it must be importable)")
+    g.add_argument("--model-kwargs", help="JSON dict of keyword arguments for --model")
+
+
+def _load_file_model(path: Path, args, need_model: bool = True):
+    """The model a .dsz file holds: ``--model`` filled from it, or the file's own spec (a factory only
+    with ``--trust-factory``). Returns None when no model is asked for and ``need_model`` is False."""
+    from .compress import load
+    from .format import read_header
+    from .models import build_model, model_spec
+
+    if args.model:
+        try:
+            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
+        return load(path, model=build_model(model_spec(args.model, **kwargs), trust_factory=True))  # named by the user
+    if not need_model and not args.trust_factory:
+        return None
+    spec = read_header(path).get("model")
+    if spec and "factory" in spec and not args.trust_factory:
+        raise ConfigError(f"{path}: the file was made from the user model {spec['factory']!r}; pass "
+                          f"--model {spec['factory']} to build it yourself, or --trust-factory to build the factory "
+                          "the file names (this imports and runs its code)")
+    model = load(path, trust_factory=args.trust_factory)
+    if isinstance(model, dict):
+        raise ConfigError(f"{path}: the file names no model; pass --model pkg.module:factory")
+    return model
 
 
 def _print_layers(model, title: str) -> None:
@@ -155,7 +203,7 @@ def _run(recipe, out, args) -> None:
 def cmd_train(args) -> None:
     from .checkpoint import save_checkpoint
     from .models import build_model, load_foreign_weights, model_spec
-    from .pipeline import resolve_device
+    from .pipeline import dataset_record, resolve_device
     from .train import distributed, train
 
     try:
@@ -168,6 +216,7 @@ def cmd_train(args) -> None:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
     train_data, test_data = _load(dataset)
+    dataset = dataset_record(dataset, train_data)
     config = _train_config(args)
 
     def run(device, group=None, rank: int = 0) -> None:
@@ -206,14 +255,7 @@ def cmd_eval(args) -> None:
     if _starts_with(path, MAGIC):  # a .dsz file; anything else is treated as a checkpoint
         from .format import read_header
 
-        header = read_header(path)
-        meta = header["meta"]
-        if header["model"] is None:
-            raise ConfigError(f"{path}: the file names no model to evaluate; decode it and load the weights yourself")
-        model = load(path, trust_factory=args.trust_factory)
-        if isinstance(model, dict):
-            raise ConfigError(f"{path}: the file names model factory {header['model']['factory']!r}, which imports "
-                              "and runs code; pass --trust-factory if you trust the file")
+        model, meta = _load_file_model(path, args), read_header(path).get("meta", {})
     else:
         model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         meta = payload["meta"]
@@ -232,8 +274,10 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 
 def cmd_summary(args) -> None:
     from .checkpoint import load_checkpoint
+    from .format import MAGIC
 
-    model, _ = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
+    path = Path(args.checkpoint)
+    model = _load_file_model(path, args) if _starts_with(path, MAGIC) else load_checkpoint(path, trust_factory=args.trust_factory)[0]
     rows = report.layer_summary(model)
     if args.json:
         print(json.dumps({"layers": rows, "total": report.summary_totals(rows)}, indent=2))
@@ -246,9 +290,11 @@ def cmd_prune(args) -> None:
     from .prune import PruneConfig, prune_model
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
-    config = PruneConfig(method=args.method, s=args.s, q=args.q, include=tuple(args.include) if args.include else None,
-                         exclude=tuple(args.exclude), q_by_pattern=tuple(_pattern_value(v, float) for v in args.q_layer),
-                         s_by_pattern=tuple(_pattern_value(v, float) for v in args.s_layer))
+    config = PruneConfig(method=args.method, s=args.s, q=args.q, **_selection(args),
+                         q_by_pattern=tuple(_pattern_value(v, float) for v in args.q_layer),
+                         s_by_pattern=tuple(_pattern_value(v, float) for v in args.s_layer),
+                         q_by_kind=tuple(_pattern_value(v, float) for v in args.q_kind),
+                         s_by_kind=tuple(_pattern_value(v, float) for v in args.s_kind))
     prune_model(model, config)
     _print_layers(model, f"pruned ({args.method})")
     _save(args.out, model, payload, {"prune": dataclasses.asdict(config)})
@@ -267,11 +313,12 @@ def cmd_finetune(args) -> None:
 
 def _retrain(model, args, meta: dict, label: str) -> dict:
     """Run the training loop on the checkpoint's dataset; returns the meta entries to record."""
-    from .pipeline import resolve_device
+    from .pipeline import dataset_record, resolve_device
     from .train import train
 
     dataset = _dataset_entry(args, meta)
     train_data, test_data = _load(dataset)
+    dataset = dataset_record(dataset, train_data)
     device = resolve_device(args.device)
     config = _train_config(args)
     result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
@@ -285,7 +332,8 @@ def cmd_quantize(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
-                            seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer))
+                            seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer),
+                            bits_by_kind=tuple(_pattern_value(v, int) for v in args.bits_kind), **_selection(args))
     quantize_model(model, config)
     meta = {"quantize": dataclasses.asdict(config)}
     if args.train_centroids:
@@ -315,7 +363,9 @@ def cmd_encode(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
-                          codebook_dtype=args.codebook_dtype)
+                          codebook_dtype=args.codebook_dtype,
+                          include=tuple(args.include) if args.include else None,
+                          exclude=tuple(args.exclude))
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
     _print_file_report(file_report)
 
@@ -338,26 +388,36 @@ def cmd_inspect(args) -> None:
     from .format import inspect_file
 
     file_report = inspect_file(args.file)
+    model = _load_file_model(Path(args.file), args, need_model=False)  # checks that the file fits it
     if args.json:
         print(json.dumps(file_report.to_dict(), indent=2))
     else:
         _print_file_report(file_report)
+    if model is not None and not args.json:
+        console.print(f"the file fills {type(model).__name__} exactly (names and shapes)")
 
 
 def cmd_decode(args) -> None:
     from .files import atomic_write
-    from .format import read_file
+    from .format import TIED_KEY, read_file, tied_aliases, with_aliases
 
-    _, tensors = read_file(args.file)
+    header, tensors = read_file(args.file)
+    model = _load_file_model(Path(args.file), args, need_model=False)  # checks that the file fits it
+    tied = tied_aliases(header, tensors, args.file)
     out = Path(args.out)
     if out.suffix == ".safetensors":
         from safetensors.torch import save
 
-        data = save({k: v.contiguous() for k, v in tensors.items()})
+        # safetensors refuses shared tensors: tied ones are stored once, named in the metadata
+        metadata = {TIED_KEY: json.dumps(tied, sort_keys=True)} if tied else None
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
         atomic_write(out, lambda f: f.write(data))
+        if tied:
+            console.print(f"tied weights stored once: {', '.join(f'{a} = {b}' for a, b in tied.items())}")
     else:
         import torch
 
+        tensors = with_aliases(header, tensors, args.file) if model is None else model.state_dict()
         atomic_write(out, lambda f: torch.save(tensors, f))
     console.print(f"wrote {out} ({len(tensors)} tensors)")
 
@@ -407,13 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     _add_trust_arg(p)
     _add_data_args(p)
+    _add_model_args(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("summary", help="per-layer sparsity table of a checkpoint")
+    p = sub.add_parser("summary", help="per-layer sparsity table of a checkpoint or a compressed file")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     _add_trust_arg(p)
+    _add_model_args(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("prune", help="magnitude pruning")
@@ -423,8 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=float, default=50.0, help="percentile/global: prune the q%% smallest |w|")
     p.add_argument("--q-layer", action="append", default=[], metavar="GLOB=Q", help="per-layer q (repeatable)")
     p.add_argument("--s-layer", action="append", default=[], metavar="GLOB=S", help="per-layer s (repeatable)")
-    p.add_argument("--include", nargs="*", help="glob patterns of weight names to prune (default: all conv/fc)")
-    p.add_argument("--exclude", nargs="*", default=[])
+    p.add_argument("--q-kind", action="append", default=[], metavar="KIND=Q",
+                   help="q for one weight kind, e.g. attention=60 (repeatable; --q-layer wins)")
+    p.add_argument("--s-kind", action="append", default=[], metavar="KIND=S", help="s for one weight kind (repeatable)")
+    _add_selection_args(p, "prune")
     _add_trust_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
@@ -443,7 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-conv", type=int)
     p.add_argument("--bits-fc", type=int)
     p.add_argument("--bits-layer", action="append", default=[], metavar="GLOB=BITS",
-                   help="bits for weights whose name matches GLOB (repeatable; first match wins over conv/fc)")
+                   help="bits for weights whose name matches GLOB (repeatable; first match wins over kinds)")
+    p.add_argument("--bits-kind", action="append", default=[], metavar="KIND=BITS",
+                   help="bits for one weight kind, e.g. attention=6 (repeatable; wins over --bits-conv/--bits-fc)")
+    _add_selection_args(p, "quantize")
     p.add_argument("--init", choices=["linear", "random", "density", "kmeans++"], default="linear")
     p.add_argument("--train-centroids", action="store_true")
     p.add_argument("--out", required=True)
@@ -465,17 +532,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-bits-conv", type=int, default=8)
     p.add_argument("--index-bits-fc", type=int, default=5)
     p.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
+    p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
     _add_trust_arg(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("inspect", help="per-layer accounting of a compressed file")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
+    _add_trust_arg(p)
+    _add_model_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("decode", help="decode a compressed file into a state dict (.pt or .safetensors)")
     p.add_argument("file")
     p.add_argument("--out", required=True)
+    _add_trust_arg(p)
+    _add_model_args(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("sweep", help="the lab's experiments: prune-std, prune-percentile, bits, init, sensitivity")

@@ -19,7 +19,9 @@ from . import models
 from .accounting import FileReport, account
 from .encode import EncodeConfig, encode_model, jsonable
 from .errors import ConfigError, DeepShrinkError, FormatError, TensorInfoMismatch
-from .format import DEFAULT_MAX_EXPANSION, inspect_file, read_file, serialize, write_chunks
+from .format import (DEFAULT_MAX_EXPANSION, TIED_KEY, inspect_file, read_file, serialize, tied_aliases, with_aliases,
+                     write_chunks)
+from .layers import retie, tied_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ def compress_model(
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
     meta = {"encode": jsonable(dataclasses.asdict(config)), **(meta or {})}  # the caller's keys win
+    tied = tied_weights(model)
+    if tied:  # stored once, under the first name; the loader points the aliases back at it
+        meta[TIED_KEY] = tied
     tensors = encode_model(model, config)
     chunks = serialize(tensors, model_spec, meta)
     path = write_chunks(path, chunks)
@@ -64,22 +69,38 @@ def compress_model(
 
 def load(
     path: str | os.PathLike,
-    map_location: str | torch.device = "cpu",
+    map_location: str | torch.device | None = None,
     *,
+    model: nn.Module | None = None,
     trust_factory: bool = False,
     max_expansion: int = DEFAULT_MAX_EXPANSION,
 ) -> nn.Module | dict[str, torch.Tensor]:
-    """Load a compressed file: a model with plain weights if its spec is a built-in, else the state dict.
+    """Load a compressed file into a model: ``model`` if given, else one built from the file's spec.
 
-    A ``{"factory": "pkg.mod:fn"}`` spec imports and runs code named by the file, so it is built only
-    with ``trust_factory=True``. The architecture is first built on the meta device and compared with
-    the file, so a spec with inflated kwargs cannot make the loader allocate a huge model.
+    With ``model`` (any module the caller built, e.g. the same factory with the same arguments), the
+    file's tensors must match its state dict exactly, names and shapes; the error lists every
+    difference. Without it, a built-in spec is built; a ``{"factory": "pkg.mod:fn"}`` spec imports and
+    runs code named by the file, so it is built only with ``trust_factory=True``, and otherwise the
+    state dict is returned. The architecture is first built on the meta device and compared with the
+    file, so a spec with inflated kwargs cannot make the loader allocate a huge model. Tied weights
+    (stored once) are tied again in the returned model.
+
+    Args:
+        map_location: device of the result; default: CPU, or the given model's own device.
 
     Raises:
         every error of ``read_file``; TensorInfoMismatch when the tensors do not fit the model;
         ConfigError for a spec that does not build.
     """
     header, tensors = read_file(path, max_expansion=max_expansion)
+    tied = tied_aliases(header, tensors, str(path))
+    tensors = with_aliases(header, tensors, str(path))
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _fill(model, tensors, tied, f"{path}: into the given {type(model).__name__}")
+        return model if map_location is None else model.to(map_location)
+    map_location = map_location or "cpu"
     spec = header["model"]
     if spec is None or ("factory" in spec and not trust_factory):
         if spec is not None:
@@ -100,11 +121,18 @@ def load(
         expected = None
     _check_fits(expected, tensors, where)
     model = _build(build, spec, where)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise TensorInfoMismatch(f"{path}: tensors do not fit model {spec}: {e}") from None
+    _fill(model, tensors, tied, where)
     return model.to(map_location)
+
+
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: str) -> None:
+    """Strict name/shape check, then ``load_state_dict`` and re-tying of tied weights."""
+    _check_fits(model.state_dict(), tensors, where)
+    try:
+        retie(model, tied)
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ConfigError) as e:
+        raise TensorInfoMismatch(f"{where}: tensors do not fit: {e}") from None
 
 
 def _build(build_model: Callable, spec: dict, where: str) -> nn.Module:
@@ -120,9 +148,10 @@ def _check_fits(expected: dict[str, torch.Tensor] | None, tensors: dict[str, tor
     if expected is None:
         return
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise TensorInfoMismatch(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in expected.items():
-        if tuple(t.shape) != tuple(tensors[name].shape):
-            raise TensorInfoMismatch(f"{where}: {name} has shape {tuple(tensors[name].shape)} in the file, "
-                                     f"the model expects {tuple(t.shape)}")
+    shapes = [f"{name} {tuple(tensors[name].shape)} in the file, {tuple(t.shape)} in the model"
+              for name, t in expected.items() if name in tensors and tuple(t.shape) != tuple(tensors[name].shape)]
+    parts = [f"{label} ({len(items)}): {', '.join(items[:10])}{', ...' if len(items) > 10 else ''}"
+             for label, items in (("missing from the file", missing), ("not in the model", unexpected),
+                                  ("shape mismatch", shapes)) if items]
+    if parts:
+        raise TensorInfoMismatch(f"{where}: the file does not fit the model; " + "; ".join(parts))

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .config import enum_value
 from .errors import CheckpointError, ConfigError
-from .layers import LAYER_KINDS, resolve
+from .layers import resolve, tie_parametrizations, weight_kind
 
 # ---------------------------------------------------------------------------------------------------
 # The parametrizations
@@ -236,6 +236,7 @@ def restore_compression(
             except (KeyError, TypeError) as e:
                 raise CheckpointError(f"{fqn}: saved {entry['kind']} state is incomplete ({e})") from None
             parametrize.register_parametrization(module, param_name, p, unsafe=True)
+    tie_parametrizations(model)  # tied weights: one mask/codebook object under every name
 
 
 def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[SharedWeights, str]]]:
@@ -252,8 +253,8 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
-        kind = next((k for cls, k in LAYER_KINDS.items() if isinstance(module, cls)), "custom")
         for param_name, plist in module.parametrizations.items():
+            kind = weight_kind(module, param_name)
             fqn = f"{module_name}.{param_name}" if module_name else param_name
             prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
             with torch.no_grad():

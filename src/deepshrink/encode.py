@@ -22,6 +22,7 @@ from torch import nn
 from .coding import CODERS, entropy_bits, get_coder
 from .compression import plain_state_dict
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
+from .layers import as_patterns, tied_weights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
 MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
@@ -59,6 +60,8 @@ class EncodeConfig:
     index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
     codebook_dtype: StoredFloat = StoredFloat.FLOAT32  # float32 keeps the decoded model bit-exact
     raw_dtype: StoredFloat = StoredFloat.FLOAT32  # biases/BN stats: few bytes, keep them exact
+    include: tuple[str, ...] | None = None  # quantized weights to entropy code (FQN globs); None = all
+    exclude: tuple[str, ...] = ()  # quantized weights stored raw instead (their effective values)
 
     def __post_init__(self):
         coder = self.coder.value if isinstance(self.coder, Enum) else self.coder
@@ -74,6 +77,8 @@ class EncodeConfig:
         if not all(len(p) == 2 and isinstance(p[0], str) for p in patterns):
             raise ConfigError(f"index_bits_by_pattern must be (glob, bits) pairs, got {self.index_bits_by_pattern!r}")
         object.__setattr__(self, "index_bits_by_pattern", patterns)
+        object.__setattr__(self, "include", None if self.include is None else as_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
         for label, bits in [("index_bits_conv", self.index_bits_conv), ("index_bits_fc", self.index_bits_fc)] + [
             (f"index_bits_by_pattern[{p!r}]", b) for p, b in patterns
         ]:
@@ -332,11 +337,17 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
 
 
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
-    """Encode every tensor of the model's plain state dict: SharedWeights ones coded, the rest raw."""
+    """Encode every tensor of the model's plain state dict: SharedWeights ones coded (those that
+    ``config.include``/``exclude`` select), the rest raw. A tied tensor is encoded once, under its first
+    name (``layers.tied_weights`` gives the others)."""
     plain, shared = plain_state_dict(model)
+    tied = tied_weights(model)
+    coded = _select_coded(list(shared), config)
     encoded: dict[str, Encoded] = {}
     for name, tensor in plain.items():
-        if name in shared:
+        if name in tied:
+            continue
+        if name in coded:
             sw, kind = shared[name]
             encoded[name] = encode_quantized(
                 sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
@@ -345,6 +356,16 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
         else:
             encoded[name] = encode_raw(tensor, config.raw_dtype, where=name)
     return encoded
+
+
+def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:
+    for patterns, label in ((config.include or (), "include"), (config.exclude, "exclude")):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ConfigError(f"encode {label} pattern {p!r} matches no quantized weight; "
+                                  f"quantized: {', '.join(names) or '(none)'}")
+    return {n for n in names if (config.include is None or any(fnmatch.fnmatchcase(n, p) for p in config.include))
+            and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)}
 
 
 def jsonable(obj: Any) -> Any:

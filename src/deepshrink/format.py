@@ -492,7 +492,29 @@ def read_file(
     return parsed.header, tensors
 
 
+TIED_KEY = "tied_weights"  # meta entry {alias: first name}: tensors stored once, under the first name
 
+
+def tied_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "file") -> dict[str, str]:
+    """The file's ``{alias: first name}`` map, checked against its tensors (the header is untrusted).
+
+    Raises:
+        InvalidHeader: not a map of names, an alias that is also stored, or a first name not stored.
+    """
+    tied = (header.get("meta") or {}).get(TIED_KEY, {})
+    _expect(isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
+            where, f"meta {TIED_KEY!r} must map tensor names to tensor names")
+    for alias, first in tied.items():
+        _expect(alias not in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is stored and also tied to {first!r}")
+        _expect(first in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is tied to {first!r}, which is not stored")
+    return tied
+
+
+def with_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "file") -> dict[str, torch.Tensor]:
+    """``tensors`` plus every tied alias, each the same tensor object as its first name (name order)."""
+    tied = tied_aliases(header, tensors, where)
+    full = {**tensors, **{alias: tensors[first] for alias, first in tied.items()}}
+    return {k: full[k] for k in sorted(full)}
 
 
 def _encoded(parsed: _Parsed) -> dict[str, Encoded]:

@@ -40,7 +40,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .compress import compress_model, load
 from .data import ImageData, load_dataset
 from .encode import EncodeConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import atomic_write, sweep_temp_files
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
@@ -231,19 +231,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
+RECORD_KEYS = ("image_shape", "num_classes")  # recorded by dataset_record; checked against the loaded data
 
 
 def _check_dataset(dataset: dict, where: str) -> None:
-    unknown = sorted(set(dataset) - set(DATASET_KEYS), key=str)
+    unknown = sorted(set(dataset) - set(DATASET_KEYS) - set(RECORD_KEYS), key=str)
     if unknown or not isinstance(dataset.get("name"), str):
-        raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
+        raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; "
+                          f"valid: {DATASET_KEYS + RECORD_KEYS}")
 
 
 def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
     """(train, test) for a recipe's dataset entry.
 
     Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
-    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics).
+    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics), and the
+    ``image_shape``/``num_classes`` of a ``dataset_record``, which the loaded data must match.
+
+    Raises:
+        ConfigError: unknown keys; DataError: the data does not match the recorded shape or classes.
     """
     _check_dataset(dataset, "dataset")
     root = data_dir if data_dir is not None else dataset.get("root")
@@ -255,7 +261,29 @@ def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[Imag
         if "mean" in dataset or "std" in dataset:
             data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
         splits.append(data)
+    _check_record(dataset, splits[0], root)
     return splits[0], splits[1]
+
+
+def dataset_record(dataset: dict, data: ImageData) -> dict:
+    """What checkpoints and compressed files record about their data: the dataset entry without its
+    path (``root`` belongs to one machine), with the image shape, normalisation and class count the
+    model saw, so ``eval FILE --data-dir D`` needs no ``--dataset`` and loads the data the same way."""
+    record = {k: v for k, v in dataset.items() if k != "root"}
+    record.update(image_shape=list(data.image_shape), num_classes=data.num_classes,
+                  mean=list(data.mean), std=list(data.std))
+    return record
+
+
+def _check_record(dataset: dict, data: ImageData, root) -> None:
+    where = f"dataset {dataset['name']!r}" + (f" in {root}" if root else "")
+    shape = dataset.get("image_shape")
+    if shape is not None and tuple(shape) != tuple(data.image_shape):
+        raise DataError(f"{where}: images are {tuple(data.image_shape)} (C, H, W); the model was trained on "
+                        f"{tuple(shape)}")
+    classes = dataset.get("num_classes")
+    if classes is not None and classes != data.num_classes:
+        raise DataError(f"{where}: {data.num_classes} classes; the model was trained on {classes}")
 
 
 def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device) -> dict[str, Any]:
@@ -313,7 +341,8 @@ def _stage_quantize(model, options, ctx) -> dict:
 def _stage_encode(model, options, ctx) -> dict:
     config = stage_config("encode", options, f"stage {ctx['label']}")
     path = ctx["stage_dir"] / "model.dsz"
-    file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
+    meta = {"recipe": ctx["recipe"], "dataset": ctx["dataset"]}
+    file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta=meta)
     decoded = load(path, trust_factory=ctx["trust_factory"])  # the one decode: the model we report is the file's
     decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
     return {
@@ -376,6 +405,7 @@ def run_recipe(
             log.info("removed %s, left by an interrupted write", tmp)
     torch.manual_seed(recipe.seed)
     train_data, test_data = load_splits(recipe.dataset, data_dir)
+    record = dataset_record(recipe.dataset, train_data)
     spec = recipe.model
     model = build_model(spec, trust_factory=trust_factory)  # before writing anything: a bad model leaves no folder
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +424,7 @@ def run_recipe(
         start = time.perf_counter()
         ctx = {
             "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
-            "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name,
+            "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name, "dataset": record,
             "trust_factory": trust_factory,
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -404,7 +434,7 @@ def run_recipe(
         metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
-        save_checkpoint(ckpt_file, model, spec, meta={"dataset": recipe.dataset, "stage": metrics})
+        save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})
         _write_json(stage_dir / "details.json", details)
         _write_json(metrics_file, metrics)  # last: marks the stage complete
         result.stages.append(metrics)

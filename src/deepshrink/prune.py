@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from .compression import Masked, SharedWeights, parametrizations_of, parametrized_tensors
 from .errors import ConfigError
-from .layers import as_kinds, as_patterns, resolve, select_weights
+from .layers import MIN_DIMS, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights, tie_parametrizations
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +308,15 @@ class PruneConfig:
     method: str = "percentile"  # a PruneMethod value; exact per-layer sparsity is easiest to reason about
     s: float = 0.5  # std method: quality parameter; 0.5 prunes ~38% of a Gaussian layer
     q: float = 50.0  # percentile/global methods: % of weights pruned; a gentle first step
-    include: tuple[str, ...] | None = None  # FQN globs; None = every layer of the selected kinds
+    include: tuple[str, ...] | None = None  # FQN globs; None = every weight of the selected kinds
     exclude: tuple[str, ...] = ()  # FQN globs removed after include
-    kinds: tuple[str, ...] = ("conv", "fc")  # custom layers opt in explicitly
+    kinds: tuple[str, ...] | None = None  # weight kinds (layers.KINDS); None = all
     q_by_pattern: tuple[tuple[str, float], ...] = ()  # per-layer q overrides, first matching glob wins
     s_by_pattern: tuple[tuple[str, float], ...] = ()  # per-layer s overrides, first matching glob wins
+    q_by_kind: tuple[tuple[str, float], ...] = ()  # (kind, q): e.g. ("attention", 60); patterns win over kinds
+    s_by_kind: tuple[tuple[str, float], ...] = ()  # (kind, s) for method std
+    min_dims: int = MIN_DIMS  # floating parameters with at least this many dims are compressible
+    min_numel: int = 1  # ... and at least this many elements
 
     def __post_init__(self):
         try:
@@ -328,13 +332,17 @@ class PruneConfig:
         set_(self, "q", float(self.q))
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
-        set_(self, "kinds", as_kinds(self.kinds))
+        set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
         set_(self, "q_by_pattern", _pairs(self.q_by_pattern, "q_by_pattern", lambda q: _check_q(q, warn=False)))
         set_(self, "s_by_pattern", _pairs(self.s_by_pattern, "s_by_pattern", _check_s))
-        if method == PruneMethod.STD and self.q_by_pattern:
-            raise ConfigError("q_by_pattern applies to methods 'percentile'/'global'; method 'std' uses s_by_pattern")
-        if method != PruneMethod.STD and self.s_by_pattern:
-            raise ConfigError(f"s_by_pattern applies to method 'std' only; method {method!r} uses q_by_pattern")
+        q_by_kind = kind_pairs(self.q_by_kind, "q_by_kind", lambda q: _check_q(q, warn=False))
+        set_(self, "q_by_kind", tuple((k, float(v)) for k, v in q_by_kind))
+        set_(self, "s_by_kind", tuple((k, float(v)) for k, v in kind_pairs(self.s_by_kind, "s_by_kind", _check_s)))
+        for by in ("pattern", "kind"):
+            if method == PruneMethod.STD and getattr(self, f"q_by_{by}"):
+                raise ConfigError(f"q_by_{by} applies to methods 'percentile'/'global'; method 'std' uses s_by_{by}")
+            if method != PruneMethod.STD and getattr(self, f"s_by_{by}"):
+                raise ConfigError(f"s_by_{by} applies to method 'std' only; method {method!r} uses q_by_{by}")
 
 
 def _override(fqn: str, pairs: tuple[tuple[str, float], ...]) -> float | None:
@@ -380,8 +388,10 @@ def prune_model(
     Raises:
         ConfigError: a selected weight is quantized, holds NaN/inf, a pattern matches nothing, bad scores.
     """
-    refs = select_weights(model, config.include, config.exclude, config.kinds)
+    refs = select_weights(model, config.include, config.exclude, config.kinds,
+                          min_dims=config.min_dims, min_numel=config.min_numel)
     fqns = [r.fqn for r in refs]
+    kind_of = {r.fqn: r.kind for r in refs}
     selected = ", ".join(fqns)
     for label, pairs in (("q_by_pattern", config.q_by_pattern), ("s_by_pattern", config.s_by_pattern)):
         for pattern, _ in pairs:
@@ -392,7 +402,7 @@ def prune_model(
     if unknown:
         raise ConfigError(f"scores given for unselected weights {sorted(unknown)}; selected: {selected}")
     if not refs:
-        logger.warning("prune_model: the model has no weights of kinds %s", list(config.kinds))
+        logger.warning("prune_model: the model has no weights of kinds %s", list(config.kinds or ("any",)))
         return {}
 
     views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -411,11 +421,13 @@ def prune_model(
     if method == PruneMethod.STD:
         for fqn, (w, m) in views.items():
             s = _override(fqn, config.s_by_pattern)
+            s = by_kind(kind_of[fqn], config.s_by_kind) if s is None else s
             new[fqn] = std_mask(w, config.s if s is None else s, m, scores=scores.get(fqn))
     else:
         shared = {}
         for fqn, (w, m) in views.items():
             q = _override(fqn, config.q_by_pattern)
+            q = by_kind(kind_of[fqn], config.q_by_kind) if q is None else q
             if method == PruneMethod.PERCENTILE or q is not None:  # overridden layers are pruned on their own
                 new[fqn] = percentile_mask(w, config.q if q is None else q, m, scores=scores.get(fqn))
             else:
@@ -433,6 +445,7 @@ def prune_model(
         for step in reversed(undo):
             step()
         raise
+    tie_parametrizations(model)
     for fqn, mask in new.items():
         logger.debug("pruned %s: sparsity %.4f", fqn, 1 - mask.float().mean().item())
     total = sum(m.numel() for m in new.values())
@@ -451,6 +464,7 @@ def apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> None:
         ConfigError: unknown ``fqn``, a non-bool mask, a shape mismatch, or a quantized weight.
     """
     _apply_mask(model, fqn, mask)
+    tie_parametrizations(model)
 
 
 def _apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> Callable[[], None]:

@@ -33,7 +33,8 @@ from torch.nn.utils import parametrize
 from .compression import GradientMode, Masked, SharedWeights, index_dtype, shared_weights_of
 from .config import enum_value
 from .errors import ConfigError
-from .layers import WeightRef, as_kinds, as_patterns, resolve, select_weights
+from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
+                     tie_parametrizations)
 
 logger = logging.getLogger(__name__)
 
@@ -390,14 +391,17 @@ class QuantizeConfig:
     bits: int = 4  # 16 shared values per layer: the lab's setting, small codebooks, little accuracy loss
     bits_conv: int | None = None  # conv layers; None = ``bits`` (the paper used 8 for AlexNet's convs)
     bits_fc: int | None = None  # fully connected layers; None = ``bits`` (the paper used 5)
-    bits_by_pattern: tuple[tuple[str, int], ...] = ()  # FQN glob -> bits; first match wins, beats conv/fc
+    bits_by_pattern: tuple[tuple[str, int], ...] = ()  # FQN glob -> bits; first match wins, beats kinds
+    bits_by_kind: tuple[tuple[str, int], ...] = ()  # (kind, bits), e.g. ("attention", 6); beats bits_conv/fc
     init: str = "linear"  # a CentroidInit value; linear keeps large weights represented (paper's best)
     seed: int = 0  # seeds random/kmeans++ inits; each layer derives its own seed from this and its FQN
     max_iter: int = 100  # Lloyd iterations per layer; 1-D k-means rarely needs more
-    include: tuple[str, ...] | None = None  # FQN globs; None = every layer of the selected kinds
+    include: tuple[str, ...] | None = None  # FQN globs; None = every weight of the selected kinds
     exclude: tuple[str, ...] = ()  # FQN globs removed after include
-    kinds: tuple[str, ...] = ("conv", "fc")  # custom layers opt in explicitly
+    kinds: tuple[str, ...] | None = None  # weight kinds (layers.KINDS); None = all
     gradient: str = "sum"  # a GradientMode value; sum is the paper's Eq. 3
+    min_dims: int = MIN_DIMS  # floating parameters with at least this many dims are compressible
+    min_numel: int = 1  # ... and at least this many elements
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
@@ -424,17 +428,21 @@ class QuantizeConfig:
             raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
-        set_(self, "kinds", as_kinds(self.kinds))
+        set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
+        set_(self, "bits_by_kind", tuple((k, _check_bits(b, f"bits_by_kind entry {k!r}"))
+                                         for k, b in kind_pairs(self.bits_by_kind, "bits_by_kind", _check_bits)))
 
 
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
-    """Bits for one weight: first matching ``bits_by_pattern`` glob, else ``bits_conv``/``bits_fc`` by
-    layer kind when set, else ``bits``."""
+    """Bits for one weight: first matching ``bits_by_pattern`` glob, else ``bits_by_kind``, else
+    ``bits_conv``/``bits_fc`` by kind when set, else ``bits``."""
     for pattern, bits in config.bits_by_pattern:
         if fnmatch.fnmatchcase(ref.fqn, pattern):
             return bits
-    by_kind = {"conv": config.bits_conv, "fc": config.bits_fc}.get(ref.kind)
-    return config.bits if by_kind is None else by_kind
+    kind_bits = by_kind(ref.kind, config.bits_by_kind)
+    if kind_bits is None:
+        kind_bits = {"conv": config.bits_conv, "fc": config.bits_fc}.get(ref.kind)
+    return config.bits if kind_bits is None else kind_bits
 
 
 def quantize_weight(
@@ -486,7 +494,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
         ConfigError: a selected weight is already quantized, carries a foreign parametrization or holds
         NaN/inf, a bits setting is out of range, a pattern matches nothing.
     """
-    refs = select_weights(model, config.include, config.exclude, config.kinds)
+    refs = select_weights(model, config.include, config.exclude, config.kinds,
+                          min_dims=config.min_dims, min_numel=config.min_numel)
     fqns = [r.fqn for r in refs]
     for pattern, _ in config.bits_by_pattern:
         if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
@@ -494,7 +503,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
                 f"bits_by_pattern pattern {pattern!r} matches no selected weight; selected: {', '.join(fqns)}"
             )
     if not refs:
-        logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds))
+        logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds or ("any",)))
         return {}
 
     plans = []
@@ -539,6 +548,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
         layers[fqn] = info
         logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
                      fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
+    tie_parametrizations(model)
     logger.info("quantized %d weights (%s init)", len(layers), config.init)
     return layers
 
