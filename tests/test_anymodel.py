@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import deepshrink
-from deepshrink.encode import plain_state_dict
+from deepshrink.compress import compress_model
+from deepshrink.compression import masks, plain_state_dict
 from deepshrink.errors import ConfigError, TensorInfoMismatch
-from deepshrink.format import compress_model, read_file, read_header, with_aliases
+from deepshrink.format import read_file, read_header, with_aliases
 from deepshrink.layers import select_weights, tied_weights
-from deepshrink.prune import PruneConfig, masks, prune_model
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
 from deepshrink.report import layer_summary
 

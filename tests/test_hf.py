@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import deepshrink
-from deepshrink.encode import plain_state_dict
-from deepshrink.format import compress_model, read_file, with_aliases
+from deepshrink.compression import masks, plain_state_dict
+from deepshrink.compress import compress_model
+from deepshrink.format import read_file, with_aliases
 from deepshrink.layers import select_weights
-from deepshrink.prune import PruneConfig, masks, prune_model
+from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install deepshrink[hf])")

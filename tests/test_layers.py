@@ -40,7 +40,7 @@ def test_include_exclude_and_kinds():
 def test_pattern_matching_nothing_is_an_error_that_lists_the_weights():
     with pytest.raises(ConfigError, match=r"'nope\.\*' matches no compressible weight.*0\.weight"):
         select_weights(make_model(), include=["nope.*"])
-    with pytest.raises(ConfigError, match="unknown layer kind"):
+    with pytest.raises(ConfigError, match="unknown weight kind"):
         select_weights(make_model(), kinds=("lstm",))
 
 

@@ -192,7 +192,7 @@ TRAIN_FIRST = [{"train": {"epochs": 1}}]
         (TRAIN_FIRST + [{"quantize": {"bits": 0}}], "bits must be an integer in 1..16, got 0"),
         (TRAIN_FIRST + [{"quantize": {"bits": 17}}], "got 17"),
         (TRAIN_FIRST + [{"quantize": {"bits": 4.5}}], "got 4.5"),
-        (TRAIN_FIRST + [{"quantize": {"kinds": ["attention"]}}], "unknown layer kind"),
+        (TRAIN_FIRST + [{"quantize": {"kinds": ["bogus"]}}], "unknown weight kind"),
         (TRAIN_FIRST + [{"quantize": {}}, {"encode": {"coder": "zip"}}], r"stage 3 \(encode\).*unknown coder 'zip'"),
         (TRAIN_FIRST + [{"finetune": {"lr": "0.1"}}], "lr='0.1': expected a finite number"),
         (TRAIN_FIRST + [{"finetune": {"momentum": None}}], "momentum=None"),
