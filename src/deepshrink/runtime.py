@@ -1,0 +1,621 @@
+"""Run a compressed model without densifying it: sparse, shared-weight inference (the paper's section 6).
+
+``load(path, batch_size)`` reads a ``.dsz`` file into per-tensor compressed forms (``read_compressed``:
+the file's streams are decoded, but a quantized weight never becomes a dense matrix), builds the
+model, and replaces each pruned ``nn.Linear`` (and 1x1 ``nn.Conv2d``) by a layer that runs on one
+of three kernels, chosen per layer by timing all of them once at load time on an input of the
+requested batch size:
+
+- ``"codebook"``: a numba kernel over the CSR form, gathering each weight from the codebook as it
+  goes: per non-zero a 1-byte cluster index (uint8 up to 256 centroids) and a 2-byte column (uint16
+  up to 65,536 columns, else uint32), plus one row pointer per output. Batch-1 inference is bound
+  by memory traffic, and this form moves 3 bytes per kept weight against the dense layer's 4 bytes
+  per weight, kept or not. Quantized weights only.
+- ``"torch_csr"``: ``torch.sparse_csr_tensor`` with float32 values and int32 indices (8 bytes per
+  non-zero); the only sparse kernel for pruned but unquantized (raw) weights, and the one used on CUDA.
+- ``"dense"``: the plain ``nn.Linear`` with the decoded float32 weight: wins on small layers and
+  large batches. Only a layer that runs dense ever holds a dense weight (timing it at load builds
+  one transiently).
+
+The choice, every candidate's median time and each form's resident bytes are in ``report(model)``
+and logged. The replaced layers are for inference: their forward runs without autograd.
+
+CUDA: ``device="cuda"`` measures ``torch_csr`` against dense on the GPU (written against the
+documented ``torch.sparse`` API; our development machine has no GPU, so it is untested there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, DeepShrinkError, TensorInfoMismatch
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("codebook", "torch_csr", "dense")
+CPU_KERNELS = KERNELS
+CUDA_KERNELS = ("torch_csr", "dense")  # numba's kernel is CPU code
+DEFAULT_REPEATS = 15  # timed calls per candidate at load time (after one warm-up call); the median decides
+
+
+# ---------------------------------------------------------------- the compressed form (functional core)
+
+
+@dataclass(frozen=True)
+class CsrCodebook:
+    """A quantized weight as a CSR matrix of codebook indices: never dense.
+
+    The weight of shape ``shape`` is viewed as ``rows = shape[0]`` by ``cols = prod(shape[1:])``.
+    Row ``r``'s non-zeros sit at ``crow[r]:crow[r+1]``: column ``col[j]``, value ``codebook[codes[j]]``.
+    """
+
+    shape: tuple[int, ...]
+    crow: np.ndarray  # (rows + 1,) uint64
+    col: np.ndarray  # (nnz,) uint16 when cols <= 65536, else uint32
+    codes: np.ndarray  # (nnz,) uint8 when <= 256 centroids, else uint16 (at most 2**16, see encode.MAX_BITS)
+    codebook: np.ndarray  # (K,) float32
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def nnz(self) -> int:
+        return len(self.col)
+
+    @property
+    def nbytes(self) -> int:
+        return self.crow.nbytes + self.col.nbytes + self.codes.nbytes + self.codebook.nbytes
+
+    def values(self) -> np.ndarray:
+        """(nnz,) float32 weight values: ``codebook[codes]``."""
+        return self.codebook[self.codes]
+
+    def dense(self) -> torch.Tensor:
+        """The dense float32 weight, exactly as ``format.read_file`` decodes it."""
+        out = np.zeros(self.rows * self.cols, dtype=np.float32)
+        rows = np.repeat(np.arange(self.rows, dtype=np.int64), np.diff(self.crow.astype(np.int64)))
+        out[rows * self.cols + self.col.astype(np.int64)] = self.values()
+        return torch.from_numpy(out.reshape(self.shape))
+
+
+def csr_from_positions(shape: Sequence[int], positions: np.ndarray, symbols: np.ndarray,
+                       codebook: np.ndarray) -> CsrCodebook:
+    """The CSR form of a weight given the flat C-order positions of its non-zeros and their symbols.
+
+    Args:
+        shape: the weight's shape (at least 1-D).
+        positions: (nnz,) strictly increasing flat positions, all < prod(shape).
+        symbols: (nnz,) cluster symbols, ``codebook[symbol]`` is the weight.
+        codebook: (K,) centroid values (stored float32 or float16; held as float32).
+    """
+    shape = tuple(int(d) for d in shape)
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if shape else 1
+    positions = np.asarray(positions, dtype=np.int64)
+    row_of = positions // max(cols, 1)
+    crow = np.zeros(rows + 1, dtype=np.uint64)
+    crow[1:] = np.cumsum(np.bincount(row_of, minlength=rows))
+    col = (positions - row_of * cols).astype(np.uint16 if cols <= 1 << 16 else np.uint32)
+    codes = np.asarray(symbols).astype(np.uint8 if len(codebook) <= 256 else np.uint16)
+    return CsrCodebook(shape, crow, col, codes, np.asarray(codebook, dtype=np.float32).copy())
+
+
+def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
+                    ) -> tuple[dict, dict[str, CsrCodebook | torch.Tensor]]:
+    """Read a ``.dsz`` file with the safe loader's checks into compressed forms, densifying nothing.
+
+    Returns:
+        (header, tensors): quantized weights as ``CsrCodebook``, raw tensors as CPU tensors.
+
+    Raises:
+        every error of ``format.read_file``.
+    """
+    # The one place this module touches the file format: the loader's parse (every check before
+    # any decoding), then each coded tensor's two streams decoded to symbols and positions.
+    from . import format as fmt
+    from .encode import decode_symbols, entries_to_positions
+
+    parsed = fmt._parse(path, fmt.DEFAULT_MAX_EXPANSION if max_expansion is None else max_expansion)
+    tensors: dict[str, CsrCodebook | torch.Tensor] = {}
+    for name in sorted(parsed.header["tensors"]):
+        entry = parsed.header["tensors"][name]
+        at = f"{parsed.path}: tensor {name!r}"
+        if entry["codec"] == "raw":
+            array = fmt._raw_array(entry, parsed.payload, at)
+            tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+            continue
+        coded = fmt._coded_view(entry, parsed.payload)
+        symbols, entries = decode_symbols(coded, at)
+        positions = entries_to_positions(entries, coded.index_bits, math.prod(coded.shape), at)
+        if len(positions) != coded.num_nonzero:
+            raise TensorInfoMismatch(f"{at}: positions stream places {len(positions)} weights, "
+                                     f"header says num_nonzero={coded.num_nonzero}")
+        tensors[name] = csr_from_positions(coded.shape, positions, symbols, coded.codebook)
+    return parsed.header, tensors
+
+
+# ---------------------------------------------------------------- kernels
+
+
+# Every index is unsigned (uint64 row pointers, uint8/16/32 columns and codes): numba wraps negative
+# signed indices around (a compare and select per access), which made these loops five times slower.
+_ONE, _TWO, _THREE, _FOUR = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _codebook_matvec(crow, col, codes, codebook, bias, x, out):  # pragma: no cover (compiled)
+    for row in numba.prange(len(crow) - 1):
+        # four accumulators: one would chain every add on the previous one's latency
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        j, end = crow[row], crow[row + 1]
+        while j + _FOUR <= end:
+            a0 += codebook[codes[j]] * x[col[j]]
+            a1 += codebook[codes[j + _ONE]] * x[col[j + _ONE]]
+            a2 += codebook[codes[j + _TWO]] * x[col[j + _TWO]]
+            a3 += codebook[codes[j + _THREE]] * x[col[j + _THREE]]
+            j += _FOUR
+        while j < end:
+            a0 += codebook[codes[j]] * x[col[j]]
+            j += _ONE
+        out[row] = ((a0 + a1) + (a2 + a3)) + (bias[row] if len(bias) else np.float32(0.0))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _codebook_matmat(crow, col, codes, codebook, bias, xt, out):  # pragma: no cover (compiled)
+    # xt: (cols, B), so each kept weight scales one contiguous row of the input
+    batch = xt.shape[1]
+    for row in numba.prange(len(crow) - 1):
+        acc = np.zeros(batch, dtype=np.float32)
+        j, end = crow[row], crow[row + 1]
+        while j < end:
+            v = codebook[codes[j]]
+            xrow = xt[col[j]]
+            for b in range(batch):
+                acc[b] += v * xrow[b]
+            j += _ONE
+        b0 = bias[row] if len(bias) else np.float32(0.0)
+        for b in range(batch):
+            out[row, b] = acc[b] + b0
+
+
+#: Below this many multiply-adds a product runs on one thread: waking a second one costs more than it
+#: saves, and on a busy machine a parallel loop waits for its slowest thread's next time slice.
+PARALLEL_MIN_WORK = 1 << 17
+
+
+def codebook_matmul(form: CsrCodebook, xt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ xt (+ bias[:, None])`` for W in CSR-codebook form; xt (cols, B) float32 on CPU -> (rows, B).
+
+    Runs on ``torch.get_num_threads()`` threads (capped by numba's pool), one for small products.
+    """
+    threads = torch.get_num_threads() if form.nnz * xt.shape[1] >= PARALLEL_MIN_WORK else 1
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    xt = xt.detach().to(torch.float32).contiguous()
+    b = bias.detach().numpy() if bias is not None else np.zeros(0, dtype=np.float32)
+    batch = xt.shape[1]
+    out = np.empty((form.rows, batch), dtype=np.float32)
+    if batch == 1:  # contiguous 1-D views: numba compiles faster code for C-contiguous arrays
+        _codebook_matvec(form.crow, form.col, form.codes, form.codebook, b, xt.numpy().reshape(-1),
+                         out.reshape(-1))
+    else:
+        _codebook_matmat(form.crow, form.col, form.codes, form.codebook, b, xt.numpy(), out)
+    return torch.from_numpy(out)
+
+
+def torch_csr(shape2d: tuple[int, int], crow: np.ndarray, col: np.ndarray, values: np.ndarray,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """A ``torch.sparse_csr_tensor`` (int32 indices when they fit, float32 values) on ``device``."""
+    index = np.int32 if max(len(values), shape2d[1]) < np.iinfo(np.int32).max else np.int64
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(np.asarray(crow).astype(index)), torch.from_numpy(np.asarray(col).astype(index)),
+            torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), size=shape2d,
+            check_invariants=False,  # built from positions the loader has checked: valid by construction
+        ).to(device)
+
+
+def _dense_csr_parts(weight2d: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    csr = weight2d.detach().cpu().to(torch.float32).to_sparse_csr()
+    return csr.crow_indices().numpy(), csr.col_indices().numpy(), csr.values().numpy()
+
+
+# ---------------------------------------------------------------- layers
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with W held compressed (kernel "codebook" or "torch_csr"); inference only.
+
+    Also runs 1x1 convolutions (``conv=(stride,)``): each output pixel is a row of the product.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel: str, *, form: CsrCodebook | None = None,
+                 csr: torch.Tensor | None = None, bias: torch.Tensor | None = None, conv_stride: int | None = None):
+        super().__init__()
+        if kernel not in ("codebook", "torch_csr"):
+            raise ConfigError(f"SparseLinear kernel must be 'codebook' or 'torch_csr', got {kernel!r}")
+        if (kernel == "codebook") != (form is not None) or (kernel == "torch_csr") != (csr is not None):
+            raise ConfigError(f"SparseLinear({kernel!r}): pass form= for 'codebook', csr= for 'torch_csr'")
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        self.conv_stride = conv_stride
+        self.form = form  # numpy arrays: the numba kernel's operands
+        # non-persistent: the file, not a state dict, is this layer's storage
+        self.register_buffer("csr", csr, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        nnz = self.form.nnz if self.form is not None else int(self.csr.values().numel())
+        conv = f", conv 1x1 stride {self.conv_stride}" if self.conv_stride else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, nnz={nnz}{conv}"
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor this layer holds (the compressed weight and the bias)."""
+        held = self.form.nbytes if self.form is not None else _tensor_bytes(self.csr)
+        return held + (_tensor_bytes(self.bias) if self.bias is not None else 0)
+
+    def product_t(self, xt: torch.Tensor) -> torch.Tensor:
+        """(in, B) -> (out, B), bias added."""
+        if self.kernel == "codebook":
+            return codebook_matmul(self.form, xt, self.bias)
+        y = self.csr @ xt.to(torch.float32)
+        return y if self.bias is None else y + self.bias[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.conv_stride:
+                return self._conv(x)
+            lead = x.shape[:-1]
+            xt = x.reshape(-1, self.in_features).t()  # (in, B); a transposed output of ours is contiguous here
+            return self.product_t(xt).t().reshape(*lead, self.out_features)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.conv_stride
+        x = x[:, :, ::s, ::s]
+        n, c, h, w = x.shape
+        xt = x.permute(1, 0, 2, 3).reshape(c, n * h * w)
+        return self.product_t(xt).reshape(self.out_features, n, h, w).permute(1, 0, 2, 3)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if t.layout == torch.sparse_csr:
+        return sum(_tensor_bytes(p) for p in (t.crow_indices(), t.col_indices(), t.values()))
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of every tensor a model holds: parameters, buffers, compressed forms."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            total += module.weight_bytes()
+            continue
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            if t is not None:
+                total += _tensor_bytes(t)
+    return total
+
+
+# ---------------------------------------------------------------- choosing a kernel per layer
+
+
+@dataclass
+class LayerChoice:
+    """What the runtime chose for one layer, and why (median milliseconds per candidate)."""
+
+    name: str
+    kind: str  # "linear" or "conv1x1"
+    shape: tuple[int, ...]
+    density: float  # kept fraction of the weight
+    stored: str  # "quantized" or "raw"
+    kernel: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)  # resident weight bytes of each candidate
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "density": self.density,
+                "stored": self.stored, "kernel": self.kernel, "times_ms": dict(self.times_ms),
+                "bytes": dict(self.bytes)}
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str = "cpu"
+              ) -> dict[str, float]:
+    """Median wall time in milliseconds of each ``fns[k]()`` over ``repeats`` calls, after one warm-up call.
+
+    The functions are timed in turn within each repeat, so on a shared, noisy machine every
+    candidate sees the same load; the median drops the calls that lost the CPU.
+    """
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    sync()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _eligible(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+            and module.padding in ((0, 0), "valid") and module.stride[0] == module.stride[1]):
+        return "conv1x1"
+    return None
+
+
+def _candidates(name: str, module: nn.Module, kind: str, stored: CsrCodebook | torch.Tensor,
+                bias: torch.Tensor | None, kernels: Sequence[str], device: torch.device
+                ) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of each candidate layer (built only when timed, so at most one dense weight lives)."""
+    out_f = module.out_features if kind == "linear" else module.out_channels
+    in_f = module.in_features if kind == "linear" else module.in_channels
+    stride = module.stride[0] if kind == "conv1x1" else None
+    bias_dev = None if bias is None else bias.to(device)
+    builders: dict[str, Callable[[], nn.Module]] = {}
+    quantized = isinstance(stored, CsrCodebook)
+
+    def dense() -> nn.Module:
+        weight = stored.dense() if quantized else stored
+        layer = (nn.Linear(in_f, out_f, bias=bias is not None, device="meta") if kind == "linear" else
+                 nn.Conv2d(in_f, out_f, 1, stride=stride, bias=bias is not None, device="meta"))
+        layer.weight = nn.Parameter(weight.to(torch.float32).to(device).reshape(layer.weight.shape),
+                                    requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias_dev.to(torch.float32), requires_grad=False)
+        return layer
+
+    def csr() -> nn.Module:
+        if quantized:
+            parts = (stored.crow, stored.col, stored.values())
+        else:
+            parts = _dense_csr_parts(stored.reshape(out_f, -1))
+        return SparseLinear(in_f, out_f, "torch_csr", csr=torch_csr((out_f, in_f), *parts, device=device),
+                            bias=bias_dev, conv_stride=stride)
+
+    def codebook() -> nn.Module:
+        return SparseLinear(in_f, out_f, "codebook", form=stored, bias=bias, conv_stride=stride)
+
+    if not any(k == "torch_csr" or (k == "codebook" and quantized) for k in kernels):
+        kernels = ("dense",)  # no requested kernel runs this layer (a raw weight asked to use the codebook)
+    for kernel in kernels:
+        if kernel == "dense":
+            builders[kernel] = dense
+        elif kernel == "torch_csr":
+            builders[kernel] = csr
+        elif kernel == "codebook" and quantized:
+            builders[kernel] = codebook
+    return builders
+
+
+def _example_input(module: nn.Module, kind: str, batch_size: int, device: torch.device,
+                   input_hw: tuple[int, int]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        return torch.randn(batch_size, module.in_features, generator=gen).to(device)
+    return torch.randn(batch_size, module.in_channels, *input_hw, generator=gen).to(device)
+
+
+def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | torch.Tensor,
+                 bias: torch.Tensor | None, *, batch_size: int, kernels: Sequence[str], repeats: int,
+                 device: torch.device, input_hw: tuple[int, int] = (8, 8)) -> tuple[nn.Module, LayerChoice]:
+    """Time every candidate kernel for one layer on a random input of ``batch_size``; keep the fastest.
+
+    With a single candidate nothing is timed. Within 2% of the fastest, the smaller form wins.
+    """
+    builders = _candidates(name, module, kind, stored, bias, kernels, device)
+    quantized = isinstance(stored, CsrCodebook)
+    numel = math.prod(stored.shape)
+    nnz = stored.nnz if quantized else int(torch.count_nonzero(stored))
+    choice = LayerChoice(name, kind, tuple(stored.shape), nnz / numel if numel else 0.0,
+                         "quantized" if quantized else "raw", kernel="")
+    layers = {kernel: build() for kernel, build in builders.items()}  # a dense candidate lives only until we return
+    choice.bytes = {kernel: weight_bytes(layer) for kernel, layer in layers.items()}
+    if len(layers) > 1:
+        x = _example_input(module, kind, batch_size, device, input_hw)
+        with torch.no_grad():
+            choice.times_ms = median_ms({k: (lambda layer=layer: layer(x)) for k, layer in layers.items()},
+                                        repeats, device)
+        fastest = min(choice.times_ms.values())
+        close = [k for k, ms in choice.times_ms.items() if ms <= 1.02 * fastest]
+        choice.kernel = min(close, key=lambda k: choice.bytes[k])
+    else:
+        choice.kernel = next(iter(layers))
+    return layers[choice.kernel], choice
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def _check_kernels(kernels: Sequence[str] | None, device: torch.device) -> tuple[str, ...]:
+    allowed = CUDA_KERNELS if device.type == "cuda" else CPU_KERNELS
+    if kernels is None:
+        return allowed
+    if isinstance(kernels, str):
+        kernels = (kernels,)
+    kernels = tuple(kernels)
+    bad = [k for k in kernels if k not in allowed]
+    if bad or not kernels:
+        raise ConfigError(f"unknown or unavailable kernel(s) {bad or kernels!r} on {device.type}; "
+                          f"valid: {', '.join(allowed)}")
+    return kernels
+
+
+def _resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = fqn.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _build_model(header: dict, path, model: nn.Module | None, trust_factory: bool) -> nn.Module:
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+        return model
+    spec = header["model"]
+    if spec is None:
+        raise ConfigError(f"{path}: the file has no model spec; pass the architecture as model=")
+    if "factory" in spec and not trust_factory:
+        raise ConfigError(f"{path}: model factory {spec['factory']!r} runs code named by the file; "
+                          "pass trust_factory=True if you trust it, or the architecture as model=")
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):  # no memory for weights the file replaces anyway
+            built = build_model(spec)
+    except DeepShrinkError:
+        raise
+    except Exception:
+        built = None
+    if built is None or set(dict(built.named_buffers())) - set(built.state_dict()):
+        # a model that cannot be built on the meta device, or holds buffers no file stores: build it for real
+        try:
+            built = build_model(spec)
+        except DeepShrinkError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot build model {spec} ({type(e).__name__}: {e})") from None
+    return built
+
+
+def load(
+    path: str | os.PathLike,
+    batch_size: int = 1,
+    *,
+    model: nn.Module | None = None,
+    kernels: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    repeats: int = DEFAULT_REPEATS,
+    conv_input_hw: tuple[int, int] = (8, 8),
+    trust_factory: bool = False,
+    max_expansion: int | None = None,
+) -> nn.Module:
+    """Build the file's model with its pruned layers running on compressed weights.
+
+    Args:
+        path: a ``.dsz`` file.
+        batch_size: the batch size each layer's kernel is chosen for (1 = the latency case).
+        model: the architecture to fill (any device, meta included); default: built from the file's spec.
+        kernels: candidate kernels (names in ``KERNELS``), timed against each other per layer; default
+            every one the device runs. A single name forces it wherever it applies; a layer none of
+            them can run (a raw weight when only "codebook" is asked for) runs dense.
+        device: "cpu" or a CUDA device.
+        repeats: timed calls per candidate when choosing.
+        conv_input_hw: spatial size of the random input used to time 1x1 convolutions.
+        trust_factory, max_expansion: as for ``deepshrink.load``.
+
+    Returns:
+        the model in eval mode; ``report(model)`` lists each layer's choice.
+
+    Raises:
+        ConfigError: bad batch size, repeats, kernel name or device, or no architecture to build;
+        TensorInfoMismatch: the file does not fit the model; the errors of ``read_compressed``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested, but torch sees no CUDA device")
+    kernels = _check_kernels(kernels, device)
+    header, stored = read_compressed(path, max_expansion=max_expansion)
+    net = _build_model(header, path, model, trust_factory)
+    expected = net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise TensorInfoMismatch(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]} for the model")
+    for name, t in expected.items():
+        if tuple(t.shape) != tuple(stored[name].shape):
+            raise TensorInfoMismatch(f"{path}: {name} has shape {tuple(stored[name].shape)} in the file, "
+                                     f"the model expects {tuple(t.shape)}")
+
+    choices: dict[str, LayerChoice] = {}
+    for fqn, module in list(net.named_modules()):
+        kind = _eligible(module)
+        weight_name = f"{fqn}.weight" if fqn else "weight"
+        if kind is None or weight_name not in stored:
+            continue
+        weight = stored[weight_name]
+        if not isinstance(weight, CsrCodebook) and not weight.dtype.is_floating_point:
+            continue
+        bias_name = f"{fqn}.bias" if fqn else "bias"
+        bias = stored.get(bias_name) if getattr(module, "bias", None) is not None else None
+        layer, choice = choose_layer(fqn, module, kind, weight, bias, batch_size=batch_size, kernels=kernels,
+                                     repeats=repeats, device=device, input_hw=conv_input_hw)
+        choices[fqn] = choice
+        log.info("%s: %s %s, %.1f%% kept -> %s (%s)", fqn, choice.stored, kind, 100 * choice.density, choice.kernel,
+                 ", ".join(f"{k} {v:.3f} ms" for k, v in choice.times_ms.items()) or "not timed")
+        if choice.kernel == "dense":
+            continue  # the model's own layer stays; its weight is decoded with the other tensors below
+        for key in (weight_name, bias_name):
+            stored.pop(key, None)
+        if fqn:
+            parent, child = _resolve(net, fqn)
+            setattr(parent, child, layer)
+        else:
+            net = layer
+    # every other tensor: assign the file's (the model may be on the meta device)
+    rest = {k: v.to(device) if isinstance(v, torch.Tensor) else v.dense().to(device) for k, v in stored.items()}
+    try:
+        net.load_state_dict(rest, strict=True, assign=True)
+    except RuntimeError as e:
+        raise TensorInfoMismatch(f"{path}: tensors do not fit the model: {e}") from None
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.deepshrink_runtime = RuntimeReport(str(path), batch_size, device.type, torch.get_num_threads(), choices)
+    return net
+
+
+@dataclass
+class RuntimeReport:
+    """What ``load`` chose for each eligible layer, for which batch size, threads and device."""
+
+    path: str
+    batch_size: int
+    device: str
+    threads: int
+    layers: dict[str, LayerChoice]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "batch_size": self.batch_size, "device": self.device, "threads": self.threads,
+                "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+
+
+def report(model: nn.Module) -> RuntimeReport:
+    """The per-layer choices of a model built by ``load``.
+
+    Raises:
+        ConfigError: the model was not built by ``deepshrink.runtime.load``.
+    """
+    found = getattr(model, "deepshrink_runtime", None)
+    if not isinstance(found, RuntimeReport):
+        raise ConfigError("this model was not built by deepshrink.runtime.load (no runtime report)")
+    return found

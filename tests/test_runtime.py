@@ -1,0 +1,230 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepshrink
+from deepshrink import runtime
+from deepshrink.errors import ConfigError, TensorInfoMismatch
+from deepshrink.format import compress_model
+from deepshrink.models import build_model
+from deepshrink.prune import PruneConfig, prune_model
+from deepshrink.quantize import QuantizeConfig, quantize_model
+from deepshrink.runtime import SparseLinear
+
+SPEC = {"arch": "mlp", "kwargs": {"num_classes": 10, "image_size": 8, "hidden": [48, 32]}}
+
+
+def _compress(model, path, *, q=80.0, quantize=True, spec=None, **quantize_kwargs):
+    torch.manual_seed(0)
+    prune_model(model, PruneConfig(method="percentile", q=q))
+    if quantize:
+        quantize_model(model, QuantizeConfig(bits=4, **quantize_kwargs))
+    compress_model(model, path, model_spec=spec)
+    return path
+
+
+def _dense_reference(path, architecture: nn.Module) -> nn.Module:
+    """The densely decoded model: deepshrink.load's state dict in a fresh copy of the architecture."""
+    state = deepshrink.load(path)
+    architecture.load_state_dict(state)
+    return architecture.eval()
+
+
+def _assert_close(sparse: nn.Module, dense: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected, got = dense(x), sparse(x)
+    assert got.shape == expected.shape
+    scale = float(expected.abs().max()) or 1.0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory):
+    torch.manual_seed(0)
+    return _compress(build_model(SPEC), tmp_path_factory.mktemp("rt") / "mlp.dsz", spec=SPEC)
+
+
+# ---------------------------------------------------------------- the kernels (functional core)
+
+
+@pytest.mark.parametrize("rows,cols,k,batch", [(5, 9, 4, 1), (33, 70, 300, 1), (33, 70, 300, 7), (3, 70_000, 2, 2)])
+def test_codebook_kernel_matches_dense_product(rows, cols, k, batch):
+    rng = np.random.default_rng(rows + cols)
+    keep = rng.random(rows * cols) < 0.2
+    keep[: cols] = False  # an empty first row
+    positions = np.flatnonzero(keep)
+    form = runtime.csr_from_positions((rows, cols), positions, rng.integers(0, k, len(positions)),
+                                      rng.standard_normal(k).astype(np.float32))
+    assert form.codes.dtype == (np.uint8 if k <= 256 else np.uint16)
+    assert form.col.dtype == (np.uint16 if cols <= 1 << 16 else np.uint32)
+    bias = torch.randn(rows)
+    xt = torch.randn(cols, batch)
+    got = runtime.codebook_matmul(form, xt, bias)
+    weight = form.dense().double()
+    expected = weight @ xt.double() + bias.double()[:, None]
+    magnitude = float((weight.abs() @ xt.double().abs()).max())  # float32 sums err relative to sum |terms|
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * magnitude)
+
+
+def test_csr_form_holds_exactly_the_decoded_weight(mlp_file):
+    header, stored = runtime.read_compressed(mlp_file)
+    dense = deepshrink.load(mlp_file).state_dict()
+    coded = [name for name, v in stored.items() if isinstance(v, runtime.CsrCodebook)]
+    assert sorted(coded) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    for name, value in stored.items():
+        expected = dense[name]
+        got = value.dense() if isinstance(value, runtime.CsrCodebook) else value
+        assert torch.equal(got, expected), name
+    form = stored["fc1.weight"]
+    assert form.nnz == int(torch.count_nonzero(dense["fc1.weight"]))
+    assert form.nbytes < dense["fc1.weight"].numel() * 4 / 3
+
+
+# ---------------------------------------------------------------- models: equal to the dense decode
+
+
+@pytest.mark.parametrize("kernels", [None, ("codebook",), ("torch_csr",), ("dense",)])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sparse_mlp_equals_dense_decode(mlp_file, kernels, batch):
+    sparse = runtime.load(mlp_file, batch_size=batch, kernels=kernels, repeats=2)
+    dense = deepshrink.load(mlp_file)
+    _assert_close(sparse, dense, torch.randn(batch, 1, 8, 8))
+    choices = runtime.report(sparse).layers
+    assert sorted(choices) == ["fc1", "fc2", "fc3"]
+    for name, choice in choices.items():
+        layer = sparse.get_submodule(name)
+        if kernels is not None:
+            assert choice.kernel in kernels
+        assert isinstance(layer, SparseLinear) == (choice.kernel != "dense")
+        if choice.kernel != "dense":
+            assert layer.kernel == choice.kernel
+
+
+def test_choice_is_the_fastest_measured_and_is_reported(mlp_file, caplog):
+    with caplog.at_level("INFO", logger="deepshrink.runtime"):
+        sparse = deepshrink.load(mlp_file, runtime="sparse", batch_size=3, repeats=3)
+    rep = runtime.report(sparse)
+    assert rep.batch_size == 3 and rep.threads == torch.get_num_threads()
+    for name, choice in rep.layers.items():
+        assert set(choice.times_ms) == {"codebook", "torch_csr", "dense"}
+        assert choice.times_ms[choice.kernel] <= 1.02 * min(choice.times_ms.values())
+        assert choice.bytes["codebook"] < choice.bytes["torch_csr"] < choice.bytes["dense"]
+        assert 0.15 < choice.density < 0.25 and choice.stored == "quantized"
+        assert f"{name}: quantized linear" in caplog.text
+    assert rep.to_dict()["layers"]["fc1"]["kernel"] == rep.layers["fc1"].kernel
+
+
+def test_sparse_layers_hold_no_dense_weight(mlp_file):
+    sparse = runtime.load(mlp_file, kernels=("codebook",), repeats=1)
+    dense = deepshrink.load(mlp_file)
+    weight_numels = {m.weight.numel() for m in dense.modules() if isinstance(m, nn.Linear)}
+    for module in sparse.modules():
+        assert isinstance(module, (SparseLinear, type(sparse)))
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            assert t.numel() not in weight_numels
+    assert runtime.weight_bytes(sparse) < runtime.weight_bytes(dense) / 3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_models_without_spec_with_and_without_bias(tmp_path, bias, batch):
+    def arch():
+        return nn.Sequential(nn.Linear(20, 30, bias=bias), nn.ReLU(), nn.Linear(30, 5, bias=bias))
+
+    torch.manual_seed(1)
+    path = _compress(arch(), tmp_path / "seq.dsz")
+    with pytest.raises(ConfigError, match="no model spec"):
+        runtime.load(path)
+    with torch.device("meta"):
+        skeleton = arch()
+    sparse = runtime.load(path, batch_size=batch, model=skeleton, kernels=("codebook",), repeats=1)
+    assert isinstance(sparse[0], SparseLinear) and (sparse[0].bias is not None) == bias
+    _assert_close(sparse, _dense_reference(path, arch()), torch.randn(batch, 20))
+    _assert_close(sparse, _dense_reference(path, arch()), torch.randn(2, batch, 20))  # leading dims kept
+
+
+def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
+    def arch():
+        return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 6))
+
+    torch.manual_seed(2)
+    model = arch()
+    prune_model(model, PruneConfig(method="percentile", q=70, include=("0.*", "2.*")))  # layer 4 stays dense
+    quantize_model(model, QuantizeConfig(bits=5, include=("0.*",)))  # layer 2: pruned only (raw with zeros)
+    path = tmp_path / "mixed.dsz"
+    compress_model(model, path)
+    _, stored = runtime.read_compressed(path)
+    assert isinstance(stored["0.weight"], runtime.CsrCodebook)
+    assert isinstance(stored["2.weight"], torch.Tensor) and isinstance(stored["4.weight"], torch.Tensor)
+    for kernels in [("codebook",), ("torch_csr",), None]:
+        for batch in (1, 7):
+            sparse = runtime.load(path, batch_size=batch, model=arch(), kernels=kernels, repeats=2)
+            _assert_close(sparse, _dense_reference(path, arch()), torch.randn(batch, 24))
+    sparse = runtime.load(path, model=arch(), kernels=("codebook",), repeats=1)
+    rep = runtime.report(sparse).layers
+    assert rep["0"].kernel == "codebook" and rep["0"].stored == "quantized"
+    assert rep["2"].kernel == "dense" and rep["2"].stored == "raw"  # no codebook: only dense was a candidate
+    assert rep["2"].density == pytest.approx(0.3, abs=0.02) and rep["4"].density == 1.0
+    sparse = runtime.load(path, model=arch(), kernels=("torch_csr",), repeats=1)
+    assert runtime.report(sparse).layers["2"].kernel == "torch_csr" and isinstance(sparse[2], SparseLinear)
+    rep = runtime.report(runtime.load(path, model=arch(), repeats=1)).layers
+    assert set(rep["0"].times_ms) == {"codebook", "torch_csr", "dense"}
+    assert set(rep["2"].times_ms) == set(rep["4"].times_ms) == {"torch_csr", "dense"}
+
+
+def _conv_net():
+    return nn.Sequential(
+        nn.Conv2d(6, 12, 1), nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 10, 1, stride=2, bias=False), nn.Flatten(), nn.Linear(10 * 3 * 3, 4),
+    )
+
+
+@pytest.mark.parametrize("kernels", [("codebook",), ("torch_csr",), None])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_conv_model_equals_dense_decode(tmp_path, kernels, batch):
+    torch.manual_seed(3)
+    path = _compress(_conv_net(), tmp_path / "conv.dsz", q=60)
+    sparse = runtime.load(path, batch_size=batch, model=_conv_net(), kernels=kernels, repeats=2, conv_input_hw=(5, 5))
+    _assert_close(sparse, _dense_reference(path, _conv_net()), torch.randn(batch, 6, 5, 5))
+    rep = runtime.report(sparse).layers
+    assert sorted(rep) == ["0", "4", "6"]  # 1x1 convs and the Linear; the 3x3 conv always runs dense
+    assert rep["0"].kind == "conv1x1" and rep["6"].kind == "linear"
+    assert isinstance(sparse[2], nn.Conv2d) and not isinstance(sparse[2], SparseLinear)
+    if kernels is not None:
+        assert all(isinstance(sparse[i], SparseLinear) for i in (0, 4, 6))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_are_config_errors(mlp_file, tmp_path):
+    with pytest.raises(ConfigError, match="unknown runtime 'fast'.*dense, sparse"):
+        deepshrink.load(mlp_file, runtime="fast")
+    with pytest.raises(ConfigError, match="kernel"):
+        runtime.load(mlp_file, kernels=("blas",))
+    with pytest.raises(ConfigError, match="kernel"):
+        runtime.load(mlp_file, kernels=())
+    with pytest.raises(ConfigError, match="batch_size"):
+        runtime.load(mlp_file, batch_size=0)
+    with pytest.raises(ConfigError, match="repeats"):
+        runtime.load(mlp_file, repeats=0)
+    with pytest.raises(ConfigError, match="device"):
+        runtime.load(mlp_file, device="tpu")
+    with pytest.raises(ConfigError, match="not built by"):
+        runtime.report(nn.Linear(2, 2))
+    with pytest.raises(TensorInfoMismatch, match="fc1.weight"):
+        runtime.load(mlp_file, model=build_model({"arch": "mlp", "kwargs": {"hidden": [40, 32]}}))
+    with pytest.raises(ConfigError, match="trust_factory"):
+        path = tmp_path / "factory.dsz"
+        compress_model(nn.Linear(3, 2), path, model_spec={"factory": "os:getcwd"})
+        runtime.load(path)
+
+
+def test_dense_runtime_is_the_default_loader(mlp_file):
+    a, b = deepshrink.load(mlp_file), deepshrink.load(mlp_file, runtime="dense")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert not any(isinstance(m, SparseLinear) for m in a.modules())
+    assert math.isclose(runtime.weight_bytes(a), sum(t.numel() * 4 for t in a.state_dict().values()))
