@@ -110,7 +110,10 @@ def test_choice_is_the_fastest_measured_and_is_reported(mlp_file, caplog):
     assert rep.batch_size == 3 and rep.threads == torch.get_num_threads()
     for name, choice in rep.layers.items():
         assert set(choice.times_ms) == {"codebook", "torch_csr", "dense"}
-        assert choice.times_ms[choice.kernel] <= 1.02 * min(choice.times_ms.values())
+        assert choice.times_ms[choice.kernel] <= runtime.CLOSE_ENOUGH * min(choice.times_ms.values())
+        smaller_and_close = [k for k, ms in choice.times_ms.items() if ms <= runtime.CLOSE_ENOUGH *
+                             min(choice.times_ms.values()) and choice.bytes[k] < choice.bytes[choice.kernel]]
+        assert not smaller_and_close
         assert choice.bytes["codebook"] < choice.bytes["torch_csr"] < choice.bytes["dense"]
         assert 0.15 < choice.density < 0.25 and choice.stored == "quantized"
         assert f"{name}: quantized linear" in caplog.text

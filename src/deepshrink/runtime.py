@@ -33,6 +33,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numba
@@ -49,6 +50,9 @@ KERNELS = ("codebook", "torch_csr", "dense")
 CPU_KERNELS = KERNELS
 CUDA_KERNELS = ("torch_csr", "dense")  # numba's kernel is CPU code
 DEFAULT_REPEATS = 15  # timed calls per candidate at load time (after one warm-up call); the median decides
+#: A kernel this close to the fastest counts as fast: the smaller form wins (memory is what the file
+#: saves; a 10% timing difference is within the noise of a shared machine).
+CLOSE_ENOUGH = 1.10
 
 
 # ---------------------------------------------------------------- the compressed form (functional core)
@@ -160,9 +164,9 @@ def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
 _ONE, _TWO, _THREE, _FOUR = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _codebook_matvec(crow, col, codes, codebook, bias, x, out):  # pragma: no cover (compiled)
-    for row in numba.prange(len(crow) - 1):
+@numba.njit(cache=True, nogil=True)
+def _codebook_matvec(crow, col, codes, codebook, bias, x, out, row_begin, row_end):  # pragma: no cover
+    for row in range(row_begin, row_end):
         # four accumulators: one would chain every add on the previous one's latency
         a0 = a1 = a2 = a3 = np.float32(0.0)
         j, end = crow[row], crow[row + 1]
@@ -178,12 +182,13 @@ def _codebook_matvec(crow, col, codes, codebook, bias, x, out):  # pragma: no co
         out[row] = ((a0 + a1) + (a2 + a3)) + (bias[row] if len(bias) else np.float32(0.0))
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _codebook_matmat(crow, col, codes, codebook, bias, xt, out):  # pragma: no cover (compiled)
+@numba.njit(cache=True, nogil=True)
+def _codebook_matmat(crow, col, codes, codebook, bias, xt, out, row_begin, row_end):  # pragma: no cover
     # xt: (cols, B), so each kept weight scales one contiguous row of the input
     batch = xt.shape[1]
-    for row in numba.prange(len(crow) - 1):
-        acc = np.zeros(batch, dtype=np.float32)
+    acc = np.empty(batch, dtype=np.float32)
+    for row in range(row_begin, row_end):
+        acc[:] = 0.0
         j, end = crow[row], crow[row + 1]
         while j < end:
             v = codebook[codes[j]]
@@ -196,27 +201,53 @@ def _codebook_matmat(crow, col, codes, codebook, bias, xt, out):  # pragma: no c
             out[row, b] = acc[b] + b0
 
 
-#: Below this many multiply-adds a product runs on one thread: waking a second one costs more than it
-#: saves, and on a busy machine a parallel loop waits for its slowest thread's next time slice.
+#: Below this many multiply-adds a product runs on the calling thread alone: handing work to another
+#: thread costs tens of microseconds.
 PARALLEL_MIN_WORK = 1 << 17
+
+# Threads: the kernels release the GIL and split the rows (equal non-zeros per part) over a Python
+# thread pool. numba's own parallel loops were ten times slower here: its OpenMP layer next to
+# torch's OpenMP took ~25 ms per call on a busy 2-core machine, and its workqueue layer cannot be
+# called from two threads at once.
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepshrink-runtime")
+    return _pool
+
+
+def _row_splits(crow: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    targets = np.linspace(0, int(crow[-1]), parts + 1)[1:-1]
+    cuts = [0, *np.searchsorted(crow, targets.astype(np.uint64)).tolist(), len(crow) - 1]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def codebook_matmul(form: CsrCodebook, xt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``W @ xt (+ bias[:, None])`` for W in CSR-codebook form; xt (cols, B) float32 on CPU -> (rows, B).
 
-    Runs on ``torch.get_num_threads()`` threads (capped by numba's pool), one for small products.
+    Runs on ``torch.get_num_threads()`` threads, one for small products.
     """
-    threads = torch.get_num_threads() if form.nnz * xt.shape[1] >= PARALLEL_MIN_WORK else 1
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     xt = xt.detach().to(torch.float32).contiguous()
     b = bias.detach().numpy() if bias is not None else np.zeros(0, dtype=np.float32)
     batch = xt.shape[1]
     out = np.empty((form.rows, batch), dtype=np.float32)
     if batch == 1:  # contiguous 1-D views: numba compiles faster code for C-contiguous arrays
-        _codebook_matvec(form.crow, form.col, form.codes, form.codebook, b, xt.numpy().reshape(-1),
-                         out.reshape(-1))
+        kernel, x, y = _codebook_matvec, xt.numpy().reshape(-1), out.reshape(-1)
     else:
-        _codebook_matmat(form.crow, form.col, form.codes, form.codebook, b, xt.numpy(), out)
+        kernel, x, y = _codebook_matmat, xt.numpy(), out
+    args = (form.crow, form.col, form.codes, form.codebook, b, x, y)
+    threads = torch.get_num_threads() if form.nnz * batch >= PARALLEL_MIN_WORK else 1
+    splits = _row_splits(form.crow, threads) if threads > 1 else [(0, form.rows)]
+    if len(splits) <= 1:
+        kernel(*args, 0, form.rows)
+    else:
+        pending = [_executor(len(splits) - 1).submit(kernel, *args, a, z) for a, z in splits[1:]]
+        kernel(*args, *splits[0])
+        for job in pending:
+            job.result()
     return torch.from_numpy(out)
 
 
@@ -423,7 +454,8 @@ def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | 
                  device: torch.device, input_hw: tuple[int, int] = (8, 8)) -> tuple[nn.Module, LayerChoice]:
     """Time every candidate kernel for one layer on a random input of ``batch_size``; keep the fastest.
 
-    With a single candidate nothing is timed. Within 2% of the fastest, the smaller form wins.
+    With a single candidate nothing is timed. Of the candidates within ``CLOSE_ENOUGH`` of the
+    fastest, the one holding the fewest bytes wins.
     """
     builders = _candidates(name, module, kind, stored, bias, kernels, device)
     quantized = isinstance(stored, CsrCodebook)
@@ -439,7 +471,7 @@ def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | 
             choice.times_ms = median_ms({k: (lambda layer=layer: layer(x)) for k, layer in layers.items()},
                                         repeats, device)
         fastest = min(choice.times_ms.values())
-        close = [k for k, ms in choice.times_ms.items() if ms <= 1.02 * fastest]
+        close = [k for k, ms in choice.times_ms.items() if ms <= CLOSE_ENOUGH * fastest]
         choice.kernel = min(close, key=lambda k: choice.bytes[k])
     else:
         choice.kernel = next(iter(layers))
@@ -619,3 +651,136 @@ def report(model: nn.Module) -> RuntimeReport:
     if not isinstance(found, RuntimeReport):
         raise ConfigError("this model was not built by deepshrink.runtime.load (no runtime report)")
     return found
+
+
+# ---------------------------------------------------------------- measuring: dense vs sparse, same process
+
+
+def _fmt_ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_x(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _fmt_mb(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+#: Columns of ``benchmark``'s rows (layers, then the whole model) for ``report.render_table``.
+BENCH_COLUMNS = [
+    ("batch", "batch", None),
+    ("layer", "layer", None),
+    ("shape", "shape", None),
+    ("density", "kept", lambda v: "-" if v is None else f"{100 * v:.1f}%"),
+    ("dense_ms", "dense ms", _fmt_ms),
+    ("codebook_ms", "codebook ms", _fmt_ms),
+    ("torch_csr_ms", "torch_csr ms", _fmt_ms),
+    ("sparse_speedup", "best sparse speed-up", _fmt_x),
+    ("kernel", "runtime runs", None),
+    ("speedup", "speed-up", _fmt_x),
+    ("dense_bytes", "dense MB", _fmt_mb),
+    ("runtime_bytes", "runtime MB", _fmt_mb),
+    ("memory_ratio", "memory ratio", lambda v: "-" if v is None else f"{v:.3f}"),
+]
+
+
+def _kernel_counts(rep: RuntimeReport) -> str:
+    counts: dict[str, int] = {}
+    for c in rep.layers.values():
+        counts[c.kernel] = counts.get(c.kernel, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "dense"
+
+
+def benchmark(
+    path: str | os.PathLike,
+    batch_sizes: Sequence[int] = (1,),
+    *,
+    repeats: int = 30,
+    threads: int | None = None,
+    model: Callable[[], nn.Module] | None = None,
+    input_shape: Sequence[int] | None = None,
+    trust_factory: bool = False,
+) -> dict:
+    """Dense vs sparse latency and resident weight memory, per layer and end to end, in one process.
+
+    Per layer, the figures are the load-time choice's own timings (every candidate on the same
+    random input, interleaved, median of ``repeats``). End to end, the densely decoded model
+    (``format.load``) and the runtime's model run the same random input, interleaved, median of
+    ``repeats``.
+
+    Args:
+        path: a ``.dsz`` file.
+        batch_sizes: a runtime model is built (and its kernels chosen) for each.
+        threads: ``torch.set_num_threads`` for the run (restored after); None keeps the current.
+        model: a callable returning a fresh architecture, for files without a built-in spec.
+        input_shape: one sample's shape; default ``(in_features,)`` of the first Linear.
+
+    Returns:
+        {"rows": [...] (``BENCH_COLUMNS`` keys; layer "(model)" is end to end), "choices": {batch: report}}.
+
+    Raises:
+        ConfigError: bad batch sizes/threads, or no input shape to infer; the errors of ``load``.
+    """
+    from .format import load as load_dense
+
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be integers >= 1, got {batch_sizes!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        dense = load_dense(path, trust_factory=trust_factory)
+        if isinstance(dense, dict):
+            if model is None:
+                raise ConfigError(f"{path}: the file has no built-in model spec; pass model= (a callable "
+                                  "returning the architecture)")
+            state, dense = dense, model()
+            dense.load_state_dict(state)
+        dense.eval()
+        if input_shape is None:
+            first = next((m for m in dense.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+            if not isinstance(first, nn.Linear):
+                raise ConfigError(f"{path}: cannot infer the input shape (the first layer is not a Linear); "
+                                  "pass input_shape")
+            input_shape = (first.in_features,)
+        dense_bytes = weight_bytes(dense)
+        rows: list[dict] = []
+        choices: dict[int, dict] = {}
+        for batch in batch_sizes:
+            sparse = load(path, batch, model=None if model is None else model(), repeats=repeats,
+                          trust_factory=trust_factory)
+            rep = report(sparse)
+            choices[batch] = rep.to_dict()
+            for name, c in rep.layers.items():
+                sparse_ms = [c.times_ms[k] for k in ("codebook", "torch_csr") if k in c.times_ms]
+                dense_ms = c.times_ms.get("dense")
+                rows.append({
+                    "batch": batch, "layer": name, "shape": "x".join(map(str, c.shape)), "density": c.density,
+                    "dense_ms": dense_ms, "codebook_ms": c.times_ms.get("codebook"),
+                    "torch_csr_ms": c.times_ms.get("torch_csr"),
+                    "sparse_speedup": dense_ms / min(sparse_ms) if dense_ms and sparse_ms else None,
+                    "kernel": c.kernel,
+                    "speedup": dense_ms / c.times_ms[c.kernel] if dense_ms and c.kernel in c.times_ms else None,
+                    "dense_bytes": c.bytes.get("dense"), "runtime_bytes": c.bytes[c.kernel],
+                    "memory_ratio": c.bytes[c.kernel] / c.bytes["dense"] if c.bytes.get("dense") else None,
+                })
+            x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                times = median_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats)
+            runtime_bytes = weight_bytes(sparse)
+            rows.append({
+                "batch": batch, "layer": "(model)", "shape": "x".join(map(str, (batch, *input_shape))),
+                "density": None, "dense_ms": times["dense"], "codebook_ms": None, "torch_csr_ms": None,
+                "sparse_speedup": None, "kernel": _kernel_counts(rep), "speedup": times["dense"] / times["sparse"],
+                "dense_bytes": dense_bytes, "runtime_bytes": runtime_bytes,
+                "memory_ratio": runtime_bytes / dense_bytes,
+            })
+            del sparse
+        return {"path": str(path), "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows,
+                "choices": choices}
+    finally:
+        torch.set_num_threads(previous_threads)
