@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ DEFAULT_REPEATS = 15  # timed calls per candidate at load time (after one warm-u
 #: A kernel this close to the fastest counts as fast: the smaller form wins (memory is what the file
 #: saves; a 10% timing difference is within the noise of a shared machine).
 CLOSE_ENOUGH = 1.10
+ONE_THREAD = "codebook/1-thread"  # the codebook kernel capped at one thread, timed beside the default
 
 
 # ---------------------------------------------------------------- the compressed form (functional core)
@@ -205,10 +207,13 @@ def _codebook_matmat(crow, col, codes, codebook, bias, xt, out, row_begin, row_e
 #: thread costs tens of microseconds.
 PARALLEL_MIN_WORK = 1 << 17
 
-# Threads: the kernels release the GIL and split the rows (equal non-zeros per part) over a Python
-# thread pool. numba's own parallel loops were ten times slower here: its OpenMP layer next to
-# torch's OpenMP took ~25 ms per call on a busy 2-core machine, and its workqueue layer cannot be
-# called from two threads at once.
+# Threads: the kernels release the GIL, and the rows are cut into chunks of equal non-zeros that
+# the calling thread and pool threads take in turn. The caller never waits for a thread that has not
+# started: on a busy machine a pool thread may get no CPU for a whole time slice, and the caller then
+# does the work itself. (numba's own parallel loops were ten times slower here: its OpenMP layer next
+# to torch's took ~25 ms a call on a busy 2-core machine, and its workqueue layer cannot be called
+# from two threads at once.)
+CHUNKS_PER_THREAD = 4
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -220,15 +225,48 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def _row_splits(crow: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Up to ``parts`` row ranges [a, b) holding about equal numbers of non-zeros."""
     targets = np.linspace(0, int(crow[-1]), parts + 1)[1:-1]
     cuts = [0, *np.searchsorted(crow, targets.astype(np.uint64)).tolist(), len(crow) - 1]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def codebook_matmul(form: CsrCodebook, xt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _run_rows(kernel: Callable, args: tuple, crow: np.ndarray, threads: int) -> None:
+    rows = len(crow) - 1
+    chunks = _row_splits(crow, threads * CHUNKS_PER_THREAD) if threads > 1 else []
+    if len(chunks) <= 1:
+        kernel(*args, 0, rows)
+        return
+    lock = threading.Lock()
+    queue = iter(chunks)
+    taken: list[threading.Event] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                chunk = next(queue, None)
+                if chunk is None:
+                    return
+                done = threading.Event()
+                taken.append(done)
+            try:
+                kernel(*args, *chunk)
+            finally:
+                done.set()
+
+    pool = _executor(threads - 1)
+    for _ in range(threads - 1):
+        pool.submit(work)
+    work()
+    for done in taken:  # only chunks some thread has started: all are running or finished
+        done.wait()
+
+
+def codebook_matmul(form: CsrCodebook, xt: torch.Tensor, bias: torch.Tensor | None = None,
+                    max_threads: int | None = None) -> torch.Tensor:
     """``W @ xt (+ bias[:, None])`` for W in CSR-codebook form; xt (cols, B) float32 on CPU -> (rows, B).
 
-    Runs on ``torch.get_num_threads()`` threads, one for small products.
+    Runs on ``torch.get_num_threads()`` threads (at most ``max_threads``), one for small products.
     """
     xt = xt.detach().to(torch.float32).contiguous()
     b = bias.detach().numpy() if bias is not None else np.zeros(0, dtype=np.float32)
@@ -238,16 +276,9 @@ def codebook_matmul(form: CsrCodebook, xt: torch.Tensor, bias: torch.Tensor | No
         kernel, x, y = _codebook_matvec, xt.numpy().reshape(-1), out.reshape(-1)
     else:
         kernel, x, y = _codebook_matmat, xt.numpy(), out
-    args = (form.crow, form.col, form.codes, form.codebook, b, x, y)
     threads = torch.get_num_threads() if form.nnz * batch >= PARALLEL_MIN_WORK else 1
-    splits = _row_splits(form.crow, threads) if threads > 1 else [(0, form.rows)]
-    if len(splits) <= 1:
-        kernel(*args, 0, form.rows)
-    else:
-        pending = [_executor(len(splits) - 1).submit(kernel, *args, a, z) for a, z in splits[1:]]
-        kernel(*args, *splits[0])
-        for job in pending:
-            job.result()
+    threads = min(threads, max_threads or threads)
+    _run_rows(kernel, (form.crow, form.col, form.codes, form.codebook, b, x, y), form.crow, threads)
     return torch.from_numpy(out)
 
 
@@ -279,7 +310,8 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, kernel: str, *, form: CsrCodebook | None = None,
-                 csr: torch.Tensor | None = None, bias: torch.Tensor | None = None, conv_stride: int | None = None):
+                 csr: torch.Tensor | None = None, bias: torch.Tensor | None = None, conv_stride: int | None = None,
+                 max_threads: int | None = None):
         super().__init__()
         if kernel not in ("codebook", "torch_csr"):
             raise ConfigError(f"SparseLinear kernel must be 'codebook' or 'torch_csr', got {kernel!r}")
@@ -287,6 +319,7 @@ class SparseLinear(nn.Module):
             raise ConfigError(f"SparseLinear({kernel!r}): pass form= for 'codebook', csr= for 'torch_csr'")
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.conv_stride = conv_stride
+        self.max_threads = max_threads  # codebook kernel: None = torch.get_num_threads()
         self.form = form  # numpy arrays: the numba kernel's operands
         # non-persistent: the file, not a state dict, is this layer's storage
         self.register_buffer("csr", csr, persistent=False)
@@ -295,7 +328,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         nnz = self.form.nnz if self.form is not None else int(self.csr.values().numel())
         conv = f", conv 1x1 stride {self.conv_stride}" if self.conv_stride else ""
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, nnz={nnz}{conv}"
+        threads = f", max_threads={self.max_threads}" if self.max_threads else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, nnz={nnz}{conv}{threads}"
 
     def weight_bytes(self) -> int:
         """Bytes of every tensor this layer holds (the compressed weight and the bias)."""
@@ -305,7 +339,7 @@ class SparseLinear(nn.Module):
     def product_t(self, xt: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B), bias added."""
         if self.kernel == "codebook":
-            return codebook_matmul(self.form, xt, self.bias)
+            return codebook_matmul(self.form, xt, self.bias, self.max_threads)
         y = self.csr @ xt.to(torch.float32)
         return y if self.bias is None else y + self.bias[:, None]
 
@@ -357,13 +391,19 @@ class LayerChoice:
     density: float  # kept fraction of the weight
     stored: str  # "quantized" or "raw"
     kernel: str
-    times_ms: dict[str, float] = field(default_factory=dict)
+    max_threads: int | None = None  # the codebook kernel capped at one thread when that timed faster
+    times_ms: dict[str, float] = field(default_factory=dict)  # per candidate (KERNELS, ONE_THREAD)
     bytes: dict[str, int] = field(default_factory=dict)  # resident weight bytes of each candidate
+
+    @property
+    def label(self) -> str:
+        """The chosen candidate's key in ``times_ms``/``bytes``."""
+        return ONE_THREAD if self.max_threads == 1 and self.kernel == "codebook" else self.kernel
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "density": self.density,
-                "stored": self.stored, "kernel": self.kernel, "times_ms": dict(self.times_ms),
-                "bytes": dict(self.bytes)}
+                "stored": self.stored, "kernel": self.kernel, "max_threads": self.max_threads,
+                "times_ms": dict(self.times_ms), "bytes": dict(self.bytes)}
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str = "cpu"
@@ -426,8 +466,9 @@ def _candidates(name: str, module: nn.Module, kind: str, stored: CsrCodebook | t
         return SparseLinear(in_f, out_f, "torch_csr", csr=torch_csr((out_f, in_f), *parts, device=device),
                             bias=bias_dev, conv_stride=stride)
 
-    def codebook() -> nn.Module:
-        return SparseLinear(in_f, out_f, "codebook", form=stored, bias=bias, conv_stride=stride)
+    def codebook(max_threads: int | None = None) -> nn.Module:
+        return SparseLinear(in_f, out_f, "codebook", form=stored, bias=bias, conv_stride=stride,
+                            max_threads=max_threads)
 
     if not any(k == "torch_csr" or (k == "codebook" and quantized) for k in kernels):
         kernels = ("dense",)  # no requested kernel runs this layer (a raw weight asked to use the codebook)
@@ -438,6 +479,9 @@ def _candidates(name: str, module: nn.Module, kind: str, stored: CsrCodebook | t
             builders[kernel] = csr
         elif kernel == "codebook" and quantized:
             builders[kernel] = codebook
+            if torch.get_num_threads() > 1:
+                # on a busy machine a second thread can cost more than it gives: time one thread too
+                builders[ONE_THREAD] = lambda: codebook(max_threads=1)
     return builders
 
 
@@ -463,8 +507,8 @@ def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | 
     nnz = stored.nnz if quantized else int(torch.count_nonzero(stored))
     choice = LayerChoice(name, kind, tuple(stored.shape), nnz / numel if numel else 0.0,
                          "quantized" if quantized else "raw", kernel="")
-    layers = {kernel: build() for kernel, build in builders.items()}  # a dense candidate lives only until we return
-    choice.bytes = {kernel: weight_bytes(layer) for kernel, layer in layers.items()}
+    layers = {label: build() for label, build in builders.items()}  # a dense candidate lives only until we return
+    choice.bytes = {label: weight_bytes(layer) for label, layer in layers.items()}
     if len(layers) > 1:
         x = _example_input(module, kind, batch_size, device, input_hw)
         with torch.no_grad():
@@ -472,10 +516,13 @@ def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | 
                                         repeats, device)
         fastest = min(choice.times_ms.values())
         close = [k for k, ms in choice.times_ms.items() if ms <= CLOSE_ENOUGH * fastest]
-        choice.kernel = min(close, key=lambda k: choice.bytes[k])
+        label = min(close, key=lambda k: (choice.bytes[k], choice.times_ms[k]))
     else:
-        choice.kernel = next(iter(layers))
-    return layers[choice.kernel], choice
+        label = next(iter(layers))
+    layer = layers[label]
+    choice.kernel = layer.kernel if isinstance(layer, SparseLinear) else "dense"
+    choice.max_threads = getattr(layer, "max_threads", None)
+    return layer, choice
 
 
 # ---------------------------------------------------------------- the entry point
@@ -602,7 +649,7 @@ def load(
         layer, choice = choose_layer(fqn, module, kind, weight, bias, batch_size=batch_size, kernels=kernels,
                                      repeats=repeats, device=device, input_hw=conv_input_hw)
         choices[fqn] = choice
-        log.info("%s: %s %s, %.1f%% kept -> %s (%s)", fqn, choice.stored, kind, 100 * choice.density, choice.kernel,
+        log.info("%s: %s %s, %.1f%% kept -> %s (%s)", fqn, choice.stored, kind, 100 * choice.density, choice.label,
                  ", ".join(f"{k} {v:.3f} ms" for k, v in choice.times_ms.items()) or "not timed")
         if choice.kernel == "dense":
             continue  # the model's own layer stays; its weight is decoded with the other tensors below
@@ -675,7 +722,7 @@ BENCH_COLUMNS = [
     ("shape", "shape", None),
     ("density", "kept", lambda v: "-" if v is None else f"{100 * v:.1f}%"),
     ("dense_ms", "dense ms", _fmt_ms),
-    ("codebook_ms", "codebook ms", _fmt_ms),
+    ("codebook_ms", "codebook ms", _fmt_ms),  # the faster of all threads and one thread
     ("torch_csr_ms", "torch_csr ms", _fmt_ms),
     ("sparse_speedup", "best sparse speed-up", _fmt_x),
     ("kernel", "runtime runs", None),
@@ -756,17 +803,18 @@ def benchmark(
             rep = report(sparse)
             choices[batch] = rep.to_dict()
             for name, c in rep.layers.items():
-                sparse_ms = [c.times_ms[k] for k in ("codebook", "torch_csr") if k in c.times_ms]
-                dense_ms = c.times_ms.get("dense")
+                codebook_ms = [c.times_ms[k] for k in ("codebook", ONE_THREAD) if k in c.times_ms]
+                sparse_ms = codebook_ms + [c.times_ms[k] for k in ("torch_csr",) if k in c.times_ms]
+                dense_ms, chosen_ms = c.times_ms.get("dense"), c.times_ms.get(c.label)
                 rows.append({
                     "batch": batch, "layer": name, "shape": "x".join(map(str, c.shape)), "density": c.density,
-                    "dense_ms": dense_ms, "codebook_ms": c.times_ms.get("codebook"),
+                    "dense_ms": dense_ms, "codebook_ms": min(codebook_ms) if codebook_ms else None,
                     "torch_csr_ms": c.times_ms.get("torch_csr"),
                     "sparse_speedup": dense_ms / min(sparse_ms) if dense_ms and sparse_ms else None,
-                    "kernel": c.kernel,
-                    "speedup": dense_ms / c.times_ms[c.kernel] if dense_ms and c.kernel in c.times_ms else None,
-                    "dense_bytes": c.bytes.get("dense"), "runtime_bytes": c.bytes[c.kernel],
-                    "memory_ratio": c.bytes[c.kernel] / c.bytes["dense"] if c.bytes.get("dense") else None,
+                    "kernel": c.kernel + (" (1 thread)" if c.label == ONE_THREAD else ""),
+                    "speedup": dense_ms / chosen_ms if dense_ms and chosen_ms else None,
+                    "dense_bytes": c.bytes.get("dense"), "runtime_bytes": c.bytes[c.label],
+                    "memory_ratio": c.bytes[c.label] / c.bytes["dense"] if c.bytes.get("dense") else None,
                 })
             x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
