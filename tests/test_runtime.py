@@ -257,3 +257,29 @@ def test_dense_runtime_is_the_default_loader(mlp_file):
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert not any(isinstance(m, SparseLinear) for m in a.modules())
     assert math.isclose(runtime.weight_bytes(a), sum(t.numel() * 4 for t in a.state_dict().values()))
+
+
+def test_benchmark_and_bench_infer_command(mlp_file, capsys):
+    import json
+
+    from deepshrink.cli import main
+
+    result = runtime.benchmark(mlp_file, (1, 3), repeats=2, threads=1)
+    assert result["threads"] == 1 and torch.get_num_threads() != 0
+    layers = [r for r in result["rows"] if r["layer"] != "(model)"]
+    models = [r for r in result["rows"] if r["layer"] == "(model)"]
+    assert [r["batch"] for r in models] == [1, 3] and len(layers) == 6
+    for row in layers:
+        assert row["dense_ms"] > 0 and row["codebook_ms"] > 0 and row["torch_csr_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / result["choices"][row["batch"]]["layers"][
+            row["layer"]]["times_ms"][row["kernel"].split(" ")[0] if "1 thread" not in row["kernel"]
+                                      else runtime.ONE_THREAD])
+    dense_bytes = runtime.weight_bytes(deepshrink.load(mlp_file))
+    assert all(r["dense_bytes"] == dense_bytes for r in models)
+    assert main(["-q", "bench-infer", str(mlp_file), "--batch", "1,2", "--repeats", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {r["batch"] for r in printed["rows"]} == {1, 2}
+    assert main(["-q", "bench-infer", str(mlp_file), "--batch", "1,x"]) == 2
+    assert "--batch" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="batch sizes"):
+        runtime.benchmark(mlp_file, (0,))

@@ -306,7 +306,8 @@ def _dense_csr_parts(weight2d: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with W held compressed (kernel "codebook" or "torch_csr"); inference only.
 
-    Also runs 1x1 convolutions (``conv=(stride,)``): each output pixel is a row of the product.
+    With ``conv_stride`` set it is a 1x1 convolution (groups 1, no padding): every output pixel is
+    a column of the product.
     """
 
     def __init__(self, in_features: int, out_features: int, kernel: str, *, form: CsrCodebook | None = None,
@@ -339,6 +340,9 @@ class SparseLinear(nn.Module):
     def product_t(self, xt: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B), bias added."""
         if self.kernel == "codebook":
+            if xt.device.type != "cpu":
+                raise ConfigError(f"the codebook kernel runs on the CPU, got input on {xt.device}; load with "
+                                  "device='cuda' to run torch_csr there")
             return codebook_matmul(self.form, xt, self.bias, self.max_threads)
         y = self.csr @ xt.to(torch.float32)
         return y if self.bias is None else y + self.bias[:, None]
@@ -727,10 +731,39 @@ BENCH_COLUMNS = [
     ("sparse_speedup", "best sparse speed-up", _fmt_x),
     ("kernel", "runtime runs", None),
     ("speedup", "speed-up", _fmt_x),
+    ("dense_in_model_ms", "in model: dense ms", _fmt_ms),
+    ("runtime_in_model_ms", "runtime ms", _fmt_ms),
+    ("in_model_speedup", "speed-up", _fmt_x),
     ("dense_bytes", "dense MB", _fmt_mb),
     ("runtime_bytes", "runtime MB", _fmt_mb),
     ("memory_ratio", "memory ratio", lambda v: "-" if v is None else f"{v:.3f}"),
 ]
+
+
+class _LayerClock:
+    """Wall time of each named layer inside a model's forward (forward pre/post hooks)."""
+
+    def __init__(self, model: nn.Module, names):
+        self.times: dict[str, list[float]] = {name: [] for name in names}
+        self.handles = []
+        for name in names:
+            module = model.get_submodule(name)
+            self.handles.append(module.register_forward_pre_hook(self._start))
+            self.handles.append(module.register_forward_hook(lambda m, i, o, name=name: self._stop(name)))
+        self._began = 0.0
+
+    def _start(self, module, inputs) -> None:
+        self._began = time.perf_counter()
+
+    def _stop(self, name: str) -> None:
+        self.times[name].append(time.perf_counter() - self._began)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def median_ms(self, name: str) -> float:
+        return 1e3 * statistics.median(self.times[name][1:])  # the first call is the warm-up
 
 
 def _kernel_counts(rep: RuntimeReport) -> str:
@@ -753,9 +786,11 @@ def benchmark(
     """Dense vs sparse latency and resident weight memory, per layer and end to end, in one process.
 
     Per layer, the figures are the load-time choice's own timings (every candidate on the same
-    random input, interleaved, median of ``repeats``). End to end, the densely decoded model
-    (``format.load``) and the runtime's model run the same random input, interleaved, median of
-    ``repeats``.
+    random input, interleaved, median of ``repeats``): the layer alone, its weights warm in cache
+    after the first call. End to end, the densely decoded model (``format.load``) and the runtime's
+    model run the same random input, interleaved, median of ``repeats``; hooks also time each layer
+    there ("in model"), where the other layers' weights have passed through the caches in between,
+    as in real batch-1 inference.
 
     Args:
         path: a ``.dsz`` file.
@@ -817,13 +852,22 @@ def benchmark(
                     "memory_ratio": c.bytes[c.label] / c.bytes["dense"] if c.bytes.get("dense") else None,
                 })
             x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+            in_model = {"dense": _LayerClock(dense, rep.layers), "runtime": _LayerClock(sparse, rep.layers)}
             with torch.no_grad():
                 times = median_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats)
+            for label, clock in in_model.items():
+                clock.remove()
+                for row in rows[-len(rep.layers):] if rep.layers else []:
+                    row[f"{label}_in_model_ms"] = clock.median_ms(row["layer"])
+            for row in rows[-len(rep.layers):] if rep.layers else []:
+                row["in_model_speedup"] = row["dense_in_model_ms"] / row["runtime_in_model_ms"]
             runtime_bytes = weight_bytes(sparse)
             rows.append({
                 "batch": batch, "layer": "(model)", "shape": "x".join(map(str, (batch, *input_shape))),
                 "density": None, "dense_ms": times["dense"], "codebook_ms": None, "torch_csr_ms": None,
                 "sparse_speedup": None, "kernel": _kernel_counts(rep), "speedup": times["dense"] / times["sparse"],
+                "dense_in_model_ms": times["dense"], "runtime_in_model_ms": times["sparse"],
+                "in_model_speedup": times["dense"] / times["sparse"],
                 "dense_bytes": dense_bytes, "runtime_bytes": runtime_bytes,
                 "memory_ratio": runtime_bytes / dense_bytes,
             })
