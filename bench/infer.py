@@ -2,7 +2,8 @@
 
 Usage: ``python bench/infer.py [--batch 1,8,64] [--repeats 30] [--threads N] [--quick]``. Prints a
 table per model and writes bench/results/infer.json (machine, load average, versions, date, git
-SHA, every figure) and the markdown tables to bench/results/infer.md.
+SHA, every figure) and the markdown tables to bench/results/infer.md; with ``--threads N`` the
+files are infer-Nthreads.json/.md.
 
 Models, each built with the library (``prune_model`` percentile per layer, ``quantize_model``
 linear init, ``compress_model`` with Huffman coding) from random weights, written to a real .dsz
@@ -115,8 +116,11 @@ def main() -> None:
     args = parser.parse_args()
     batches = [1] if args.quick else [int(b) for b in args.batch.split(",")]
     repeats = 10 if args.quick else args.repeats
+    results_json, tables_md = RESULTS, TABLES
     if args.threads:
         torch.set_num_threads(args.threads)
+        results_json = RESULTS.with_name(f"infer-{args.threads}threads.json")
+        tables_md = TABLES.with_name(f"infer-{args.threads}threads.md")
     started = time.perf_counter()
     results: dict = {"machine": machine_info(), "batches": batches, "repeats": repeats, "models": {}}
     results["method"] = (
@@ -136,12 +140,13 @@ def main() -> None:
     results["machine"]["load_average_end"] = os.getloadavg()
     results["runtime_s"] = time.perf_counter() - started
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((RESULTS, json.dumps(results, indent=2) + "\n"), (TABLES, "\n".join(markdown))):
+    for target, text in ((results_json, json.dumps(results, indent=2) + "\n"), (tables_md, "\n".join(markdown))):
         tmp_file = target.with_suffix(target.suffix + ".tmp")
         tmp_file.write_text(text)
         os.replace(tmp_file, target)
     print(f"runtime {results['runtime_s']:.1f} s; load average {results['machine']['load_average_start']} -> "
-          f"{results['machine']['load_average_end']}; wrote {RESULTS.relative_to(ROOT)}, {TABLES.relative_to(ROOT)}")
+          f"{results['machine']['load_average_end']}; wrote {results_json.relative_to(ROOT)}, "
+          f"{tables_md.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_csr_form_holds_exactly_the_decoded_weight(mlp_file):
 @pytest.mark.parametrize("kernels", [None, ("codebook",), ("torch_csr",), ("dense",)])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_sparse_mlp_equals_dense_decode(mlp_file, kernels, batch):
-    sparse = runtime.load(mlp_file, batch_size=batch, kernels=kernels, repeats=2)
+    sparse = runtime.load(mlp_file, batch_size=batch, kernels=kernels, repeats=2, min_sparse_bytes=0)
     dense = deepshrink.load(mlp_file)
     _assert_close(sparse, dense, torch.randn(batch, 1, 8, 8))
     choices = runtime.report(sparse).layers
@@ -126,7 +126,7 @@ def test_sparse_mlp_equals_dense_decode(mlp_file, kernels, batch):
 
 def test_choice_is_the_fastest_measured_and_is_reported(mlp_file, caplog):
     with caplog.at_level("INFO", logger="deepshrink.runtime"):
-        sparse = deepshrink.load(mlp_file, runtime="sparse", batch_size=3, repeats=3)
+        sparse = deepshrink.load(mlp_file, runtime="sparse", batch_size=3, repeats=3, min_sparse_bytes=0)
     rep = runtime.report(sparse)
     assert rep.batch_size == 3 and rep.threads == torch.get_num_threads()
     one_thread = {runtime.ONE_THREAD} if torch.get_num_threads() > 1 else set()
@@ -144,6 +144,17 @@ def test_choice_is_the_fastest_measured_and_is_reported(mlp_file, caplog):
         assert 0.15 < choice.density < 0.25 and choice.stored == "quantized"
         assert f"{name}: quantized linear" in caplog.text
     assert rep.to_dict()["layers"]["fc1"]["kernel"] == rep.layers["fc1"].kernel
+
+
+def test_small_layers_stay_dense_untimed_unless_forced(mlp_file):
+    rep = runtime.report(runtime.load(mlp_file, repeats=1)).layers  # every layer is under 256 KiB dense
+    assert all(c.kernel == "dense" and not c.times_ms for c in rep.values())
+    rep = runtime.report(runtime.load(mlp_file, repeats=1, min_sparse_bytes=48 * 32 * 4 + 1)).layers
+    assert rep["fc1"].times_ms and not rep["fc2"].times_ms and rep["fc2"].kernel == "dense"  # 64x48, 48x32
+    rep = runtime.report(runtime.load(mlp_file, kernels=("codebook",), repeats=1)).layers
+    assert all(c.kernel == "codebook" for c in rep.values())  # asked for: small or not
+    with pytest.raises(ConfigError, match="min_sparse_bytes"):
+        runtime.load(mlp_file, min_sparse_bytes=-1)
 
 
 def test_sparse_layers_hold_no_dense_weight(mlp_file):
@@ -190,7 +201,8 @@ def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
     assert isinstance(stored["2.weight"], torch.Tensor) and isinstance(stored["4.weight"], torch.Tensor)
     for kernels in [("codebook",), ("torch_csr",), None]:
         for batch in (1, 7):
-            sparse = runtime.load(path, batch_size=batch, model=arch(), kernels=kernels, repeats=2)
+            sparse = runtime.load(path, batch_size=batch, model=arch(), kernels=kernels, repeats=2,
+                                  min_sparse_bytes=0)
             _assert_close(sparse, _dense_reference(path, arch()), torch.randn(batch, 24))
     sparse = runtime.load(path, model=arch(), kernels=("codebook",), repeats=1)
     rep = runtime.report(sparse).layers
@@ -199,7 +211,7 @@ def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
     assert rep["2"].density == pytest.approx(0.3, abs=0.02) and rep["4"].density == 1.0
     sparse = runtime.load(path, model=arch(), kernels=("torch_csr",), repeats=1)
     assert runtime.report(sparse).layers["2"].kernel == "torch_csr" and isinstance(sparse[2], SparseLinear)
-    rep = runtime.report(runtime.load(path, model=arch(), repeats=1)).layers
+    rep = runtime.report(runtime.load(path, model=arch(), repeats=1, min_sparse_bytes=0)).layers
     assert set(rep["0"].times_ms) - {runtime.ONE_THREAD} == {"codebook", "torch_csr", "dense"}
     assert set(rep["2"].times_ms) == set(rep["4"].times_ms) == {"torch_csr", "dense"}
 
@@ -216,7 +228,8 @@ def _conv_net():
 def test_conv_model_equals_dense_decode(tmp_path, kernels, batch):
     torch.manual_seed(3)
     path = _compress(_conv_net(), tmp_path / "conv.dsz", q=60)
-    sparse = runtime.load(path, batch_size=batch, model=_conv_net(), kernels=kernels, repeats=2, conv_input_hw=(5, 5))
+    sparse = runtime.load(path, batch_size=batch, model=_conv_net(), kernels=kernels, repeats=2, conv_input_hw=(5, 5),
+                          min_sparse_bytes=0)
     _assert_close(sparse, _dense_reference(path, _conv_net()), torch.randn(batch, 6, 5, 5))
     rep = runtime.report(sparse).layers
     assert sorted(rep) == ["0", "4", "6"]  # 1x1 convs and the Linear; the 3x3 conv always runs dense
@@ -264,7 +277,7 @@ def test_benchmark_and_bench_infer_command(mlp_file, capsys):
 
     from deepshrink.cli import main
 
-    result = runtime.benchmark(mlp_file, (1, 3), repeats=2, threads=1)
+    result = runtime.benchmark(mlp_file, (1, 3), repeats=2, threads=1, min_sparse_bytes=0)
     assert result["threads"] == 1 and torch.get_num_threads() != 0
     layers = [r for r in result["rows"] if r["layer"] != "(model)"]
     models = [r for r in result["rows"] if r["layer"] == "(model)"]

@@ -54,6 +54,10 @@ DEFAULT_REPEATS = 15  # timed calls per candidate at load time (after one warm-u
 #: A kernel this close to the fastest counts as fast: the smaller form wins (memory is what the file
 #: saves; a 10% timing difference is within the noise of a shared machine).
 CLOSE_ENOUGH = 1.10
+#: Layers whose dense float32 weight is smaller than this stay dense without timing (when "dense" is a
+#: candidate): the sparse layer's own Python work per call (~30 us) outweighs what a cache-resident
+#: weight could save, and sub-0.1 ms timings on a shared machine are mostly noise.
+MIN_SPARSE_BYTES = 1 << 18
 ONE_THREAD = "codebook/1-thread"  # the codebook kernel capped at one thread, timed beside the default
 
 
@@ -499,15 +503,20 @@ def _example_input(module: nn.Module, kind: str, batch_size: int, device: torch.
 
 def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | torch.Tensor,
                  bias: torch.Tensor | None, *, batch_size: int, kernels: Sequence[str], repeats: int,
-                 device: torch.device, input_hw: tuple[int, int] = (8, 8)) -> tuple[nn.Module, LayerChoice]:
+                 device: torch.device, input_hw: tuple[int, int] = (8, 8),
+                 min_sparse_bytes: int = MIN_SPARSE_BYTES) -> tuple[nn.Module, LayerChoice]:
     """Time every candidate kernel for one layer on a random input of ``batch_size``; keep the fastest.
+
+    A layer whose dense weight is under ``min_sparse_bytes`` keeps only the dense candidate, if
+    "dense" is among ``kernels``.
 
     With a single candidate nothing is timed. Of the candidates within ``CLOSE_ENOUGH`` of the
     fastest, the one holding the fewest bytes wins.
     """
-    builders = _candidates(name, module, kind, stored, bias, kernels, device)
-    quantized = isinstance(stored, CsrCodebook)
     numel = math.prod(stored.shape)
+    small = "dense" in kernels and 4 * numel < min_sparse_bytes
+    builders = _candidates(name, module, kind, stored, bias, ("dense",) if small else kernels, device)
+    quantized = isinstance(stored, CsrCodebook)
     nnz = stored.nnz if quantized else int(torch.count_nonzero(stored))
     choice = LayerChoice(name, kind, tuple(stored.shape), nnz / numel if numel else 0.0,
                          "quantized" if quantized else "raw", kernel="")
@@ -591,6 +600,7 @@ def load(
     device: str | torch.device = "cpu",
     repeats: int = DEFAULT_REPEATS,
     conv_input_hw: tuple[int, int] = (8, 8),
+    min_sparse_bytes: int = MIN_SPARSE_BYTES,
     trust_factory: bool = False,
     max_expansion: int | None = None,
 ) -> nn.Module:
@@ -606,6 +616,8 @@ def load(
         device: "cpu" or a CUDA device.
         repeats: timed calls per candidate when choosing.
         conv_input_hw: spatial size of the random input used to time 1x1 convolutions.
+        min_sparse_bytes: layers whose dense float32 weight is smaller stay dense untimed (when
+            "dense" is a candidate); 0 times every layer.
         trust_factory, max_expansion: as for ``deepshrink.load``.
 
     Returns:
@@ -619,6 +631,8 @@ def load(
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(min_sparse_bytes, bool) or not isinstance(min_sparse_bytes, int) or min_sparse_bytes < 0:
+        raise ConfigError(f"min_sparse_bytes must be an integer >= 0, got {min_sparse_bytes!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -651,7 +665,8 @@ def load(
         bias_name = f"{fqn}.bias" if fqn else "bias"
         bias = stored.get(bias_name) if getattr(module, "bias", None) is not None else None
         layer, choice = choose_layer(fqn, module, kind, weight, bias, batch_size=batch_size, kernels=kernels,
-                                     repeats=repeats, device=device, input_hw=conv_input_hw)
+                                     repeats=repeats, device=device, input_hw=conv_input_hw,
+                                     min_sparse_bytes=min_sparse_bytes)
         choices[fqn] = choice
         log.info("%s: %s %s, %.1f%% kept -> %s (%s)", fqn, choice.stored, kind, 100 * choice.density, choice.label,
                  ", ".join(f"{k} {v:.3f} ms" for k, v in choice.times_ms.items()) or "not timed")
@@ -781,6 +796,7 @@ def benchmark(
     threads: int | None = None,
     model: Callable[[], nn.Module] | None = None,
     input_shape: Sequence[int] | None = None,
+    min_sparse_bytes: int = MIN_SPARSE_BYTES,
     trust_factory: bool = False,
 ) -> dict:
     """Dense vs sparse latency and resident weight memory, per layer and end to end, in one process.
@@ -834,7 +850,7 @@ def benchmark(
         choices: dict[int, dict] = {}
         for batch in batch_sizes:
             sparse = load(path, batch, model=None if model is None else model(), repeats=repeats,
-                          trust_factory=trust_factory)
+                          min_sparse_bytes=min_sparse_bytes, trust_factory=trust_factory)
             rep = report(sparse)
             choices[batch] = rep.to_dict()
             for name, c in rep.layers.items():
