@@ -445,10 +445,9 @@ def _eligible(module: nn.Module) -> str | None:
     return None
 
 
-def _candidates(name: str, module: nn.Module, kind: str, stored: CsrCodebook | torch.Tensor,
-                bias: torch.Tensor | None, kernels: Sequence[str], device: torch.device
-                ) -> dict[str, Callable[[], nn.Module]]:
-    """Builders of each candidate layer (built only when timed, so at most one dense weight lives)."""
+def _candidates(module: nn.Module, kind: str, stored: CsrCodebook | torch.Tensor, bias: torch.Tensor | None,
+                kernels: Sequence[str], device: torch.device) -> dict[str, Callable[[], nn.Module]]:
+    """A builder per candidate layer: the requested kernels that can run this weight, else dense."""
     out_f = module.out_features if kind == "linear" else module.out_channels
     in_f = module.in_features if kind == "linear" else module.in_channels
     stride = module.stride[0] if kind == "conv1x1" else None
@@ -515,7 +514,7 @@ def choose_layer(name: str, module: nn.Module, kind: str, stored: CsrCodebook | 
     """
     numel = math.prod(stored.shape)
     small = "dense" in kernels and 4 * numel < min_sparse_bytes
-    builders = _candidates(name, module, kind, stored, bias, ("dense",) if small else kernels, device)
+    builders = _candidates(module, kind, stored, bias, ("dense",) if small else kernels, device)
     quantized = isinstance(stored, CsrCodebook)
     nnz = stored.nnz if quantized else int(torch.count_nonzero(stored))
     choice = LayerChoice(name, kind, tuple(stored.shape), nnz / numel if numel else 0.0,
