@@ -422,6 +422,25 @@ def cmd_decode(args) -> None:
     console.print(f"wrote {out} ({len(tensors)} tensors)")
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench_infer(args) -> None:
+    from .runtime import BENCH_COLUMNS, benchmark
+
+    result = benchmark(args.file, _int_list(args.batch, "--batch"), repeats=args.repeats, threads=args.threads,
+                       input_shape=_int_list(args.input_shape, "--input-shape") if args.input_shape else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(report.render_table(result["rows"], BENCH_COLUMNS, title=f"{args.file}: dense vs sparse runtime, "
+                                      f"{result['threads']} threads, median of {result['repeats']} runs (ms)"))
+
+
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
@@ -550,6 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("bench-infer", help="dense vs sparse-runtime latency and weight memory, per layer and end to end")
+    p.add_argument("file")
+    p.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    p.add_argument("--threads", type=int, help="torch/numba threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per measurement; the median is reported")
+    p.add_argument("--input-shape", help="one sample's shape, e.g. 3,32,32 (default: the first Linear's inputs)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench_infer)
 
     p = sub.add_parser("sweep", help="the lab's experiments: prune-std, prune-percentile, bits, init, sensitivity")
     p.add_argument("kind", choices=["prune-std", "prune-percentile", "bits", "init", "sensitivity"])
