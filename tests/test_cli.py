@@ -90,3 +90,21 @@ def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
     assert payload["meta"]["dataset"] == {"name": "digits"} and payload["meta"]["metrics"]["test_accuracy"] > 0.5
     assert main(["sweep", "prune-percentile", str(ckpt), "--out", str(tmp_path / "sweep"), "--epochs", "0"]) == 0
     assert "sweep: prune-percentile" in capsys.readouterr().out
+
+
+def test_quantize_with_a_rate_term_prunes_more_and_reports_bad_settings(dense, tmp_path, capsys):
+    pruned, quant = tmp_path / "p.pt", tmp_path / "q.pt"
+    assert main(["prune", str(dense), "--q", "50", "--out", str(pruned)]) == 0
+    args = ["quantize", str(pruned), "--bits", "4", "--method", "ecsq", "--lambda", "0.3", "--hessian", "--out", str(quant)]
+    assert main(args) == 0
+    assert "ecsq" in capsys.readouterr().out
+    before, _ = load_checkpoint(pruned)
+    after, payload = load_checkpoint(quant)
+    assert payload["meta"]["quantize"]["method"] == "ecsq" and payload["meta"]["quantize"]["lam"] == 0.3
+    assert sum(r["nonzero"] for r in layer_summary(after)) < sum(r["nonzero"] for r in layer_summary(before))
+    assert main(["quantize", str(pruned), "--lambda", "0.1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no rate term" in capsys.readouterr().out
+    assert main(["quantize", str(pruned), "--method", "uniform", "--lambda", "-1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "lam" in capsys.readouterr().out and not (tmp_path / "x.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(pruned), "--method", "lloyd", "--out", str(tmp_path / "x.pt")])

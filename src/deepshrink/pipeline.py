@@ -43,7 +43,7 @@ from .encode import EncodeConfig
 from .format import compress_model, inspect_file, load
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
-from .quantize import QuantizeConfig, quantize_model
+from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from .train import TrainConfig, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,11 @@ def _stage_prune(model, options, ctx) -> dict:
 
 def _stage_quantize(model, options, ctx) -> dict:
     config = make_config(QuantizeConfig, {"seed": ctx["seed"], **options}, f"stage {ctx['label']}")
-    layers = quantize_model(model, config)
+    importance = None
+    if config.hessian:  # Fisher importances from the training split (never the test split)
+        importance = fisher_diagonal(model, ctx["train"], device=ctx["device"], include=config.include,
+                                     exclude=config.exclude, kinds=config.kinds, seed=config.seed)
+    layers = quantize_model(model, config, importance)
     return {"config": dataclasses.asdict(config), "layers": layers}
 
 
