@@ -107,7 +107,9 @@ def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path) -> dic
     """NNCodec compress + decompress at each qp, in its own environment; {qp: {"bytes", "seconds", "state"}}."""
     source = work / "weights.npz"
     np.savez(source, **weights)
-    done = subprocess.run([python, str(WORKER), str(source), str(work), *map(str, qps)], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([python, str(WORKER), str(source), str(work), *map(str, qps)], capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(f"NNCodec failed: {done.stderr.strip()[-2000:]}")
     out = {}
@@ -300,7 +302,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # on a shared 2-core machine a second thread mostly spins waiting for the first
 
     if args.setup and not (args.nnc_venv / "bin" / "python").exists():
         setup_nnc(args.nnc_venv)
