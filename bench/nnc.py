@@ -105,6 +105,7 @@ def nnc_status(venv: Path) -> tuple[str | None, str]:
 
 def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path) -> dict[int, dict]:
     """NNCodec compress + decompress at each qp, in its own environment; {qp: {"bytes", "seconds", "state"}}."""
+    work.mkdir(parents=True, exist_ok=True)
     source = work / "weights.npz"
     np.savez(source, **weights)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,8 +5,8 @@ of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's default
 dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress`` of that
 file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
 
-NNCodec's framework package imports torchvision when it is imported, although compress/decompress
-never use it: a stub stands in for it (torchvision would pull another torch build).
+NNCodec's framework package imports torchvision and OpenCV when it is imported, although
+compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
 """
 
 from __future__ import annotations
@@ -49,9 +49,13 @@ class _StubModule(types.ModuleType):
         return _Anything()
 
 
+#: Vision packages NNCodec's framework imports at import time but compress/decompress never call.
+STUBBED = ("torchvision", "cv2")
+
+
 class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
+        if name.split(".")[0] in STUBBED:
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
         return None
 
