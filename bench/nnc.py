@@ -14,7 +14,8 @@ of every contender is that run's checkpoint just before ``quantize`` (the pruned
 - ours from the same checkpoint within this bench: the recipe's bits and init with k-means (today's
   method), ECSQ and the uniform quantizer at each lambda; then ``--epochs`` of centroid training (the
   recipe's post-quantize fine-tune settings) on the training split minus the validation images; then
-  the recipe's encode settings. Bytes are the ``.dsz`` file on disk; error is the decoded file's.
+  the recipe's encode settings. ECSQ also runs Fisher-weighted (``--hessian-lambdas``; the Fisher
+  estimate from 32 batches of those training images). Bytes are the ``.dsz`` file on disk; error is the decoded file's.
 
 Honest selection: a validation split is carved from the training split (a seeded permutation, the
 last min(5000, 10%) images; the deepshrink library has no validation split yet). The chosen lambda is
@@ -58,7 +59,7 @@ from deepshrink.encode import EncodeConfig
 from deepshrink.format import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
 from deepshrink.prune import strip
-from deepshrink.quantize import QuantizeConfig, quantize_model
+from deepshrink.quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from deepshrink.report import layer_summary, summary_totals
 from deepshrink.train import TrainConfig, evaluate, train
 
@@ -68,6 +69,7 @@ RESULTS = ROOT / "bench" / "results" / "nnc.json"
 QPS = (-38, -34, -30, -28, -26, -24, -22, -20, -18)
 LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 UNIFORM_LAMBDAS = (0.01, 0.03)
+HESSIAN_LAMBDAS = (0.01, 0.03)
 VAL_MAX, VAL_FRACTION, VAL_SEED = 5000, 0.1, 0
 
 
@@ -201,22 +203,28 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
              **errors(load(recipe_file), val, test)})
 
     encode = make_config(EncodeConfig, encode_options, "encode")
-    settings = [("kmeans", 0.0)] + [("ecsq", lam) for lam in args.lambdas] + [("uniform", lam) for lam in args.uniform_lambdas]
-    for method, lam in settings:
+    settings = ([("kmeans", 0.0, False)] + [("ecsq", lam, False) for lam in args.lambdas]
+                + [("uniform", lam, False) for lam in args.uniform_lambdas]
+                + [("ecsq", lam, True) for lam in args.hessian_lambdas])
+    for method, lam, hessian in settings:
         start = time.perf_counter()
         model, _ = load_checkpoint(pruned_ckpt)
         base = {k: v for k, v in quantize_options.items() if k not in ("method", "lam", "hessian")}
-        quantize_model(model, make_config(QuantizeConfig, {**base, "method": method, "lam": lam}, "quantize"))
+        config = make_config(QuantizeConfig, {**base, "method": method, "lam": lam, "hessian": hessian}, "quantize")
+        importance = fisher_diagonal(model, fit, include=config.include, exclude=config.exclude,
+                                     kinds=config.kinds) if hessian else None  # training images only
+        quantize_model(model, config, importance)
         if args.epochs > 0:
             config = make_config(TrainConfig, {**finetune, "epochs": args.epochs, "progress": False}, "finetune")
             train(model, fit, config)
-        path = work / recipe["name"] / f"{method}-{lam:g}.dsz"
+        path = work / recipe["name"] / f"{method}-{lam:g}{'-fisher' if hessian else ''}.dsz"
         path.parent.mkdir(parents=True, exist_ok=True)
         compress_model(model, path, encode, model_spec=recipe["model"])
         decoded = load(path)
         sparsity = summary_totals(layer_summary(decoded))["sparsity"]
-        add({"who": "ours", "setting": f"{method} lambda {lam:g}" + (f" +{args.epochs} ep" if args.epochs else ""),
-             "method": method, "lam": lam, "epochs": args.epochs, "bytes": path.stat().st_size, "sparsity": sparsity,
+        add({"who": "ours", "setting": f"{method}{' Fisher' if hessian else ''} lambda {lam:g}"
+                + (f" +{args.epochs} ep" if args.epochs else ""),
+             "method": method, "lam": lam, "hessian": hessian, "epochs": args.epochs, "bytes": path.stat().st_size, "sparsity": sparsity,
              "seconds": round(time.perf_counter() - start, 1), **errors(decoded, val, test)})
     select(case)
     return case
@@ -300,6 +308,8 @@ def main() -> int:
     parser.add_argument("--qps", type=int, nargs="+", default=list(QPS))
     parser.add_argument("--lambdas", type=float, nargs="*", default=list(LAMBDAS), help="ECSQ lambdas")
     parser.add_argument("--uniform-lambdas", type=float, nargs="*", default=list(UNIFORM_LAMBDAS))
+    parser.add_argument("--hessian-lambdas", type=float, nargs="*", default=list(HESSIAN_LAMBDAS),
+                        help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
