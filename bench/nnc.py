@@ -79,9 +79,9 @@ VAL_MAX, VAL_FRACTION, VAL_SEED = 5000, 0.1, 0
 def setup_nnc(venv: Path) -> None:
     """Create NNCodec's virtual environment (CPU torch, numpy < 2, NNCodec without its dependencies)."""
     python = venv / "bin" / "python"
+    base = Path(sys.base_prefix, "bin", "python3")  # the interpreter under our venv, not the venv itself
     steps = [
-        [sys.executable if not (sys.base_prefix and Path(sys.base_prefix, "bin", "python3").exists())
-         else str(Path(sys.base_prefix, "bin", "python3")), "-m", "venv", str(venv)],
+        [str(base) if base.exists() else sys.executable, "-m", "venv", str(venv)],
         [str(python), "-m", "pip", "install", "torch==2.13.0"],
         [str(python), "-m", "pip", "install", "numpy<2", "scipy", "h5py", "pandas", "tqdm", "scikit-learn", "click"],
         [str(python), "-m", "pip", "install", "--no-deps", "nncodec"],
