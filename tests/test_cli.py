@@ -210,3 +210,21 @@ def test_the_command_line_shows_one_error_line_and_a_traceback_only_with_v(tmp_p
     assert quiet.stderr.startswith(f"error: {garbage}: not a readable torch checkpoint") and quiet.stderr.count("\n") == 1
     verbose = subprocess.run([*run, "-v", "summary", str(garbage)], capture_output=True, text=True, env=env)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "CheckpointError" in verbose.stderr
+
+
+def test_quantize_with_a_rate_term_prunes_more_and_reports_bad_settings(dense, tmp_path, capsys):
+    pruned, quant = tmp_path / "p.pt", tmp_path / "q.pt"
+    assert main(["prune", str(dense), "--q", "50", "--out", str(pruned)]) == 0
+    args = ["quantize", str(pruned), "--bits", "4", "--method", "ecsq", "--lambda", "0.3", "--hessian", "--out", str(quant)]
+    assert main(args) == 0
+    assert "ecsq" in capsys.readouterr().out
+    before, _ = load_checkpoint(pruned)
+    after, payload = load_checkpoint(quant)
+    assert payload["meta"]["quantize"]["method"] == "ecsq" and payload["meta"]["quantize"]["lam"] == 0.3
+    assert sum(r["nonzero"] for r in layer_summary(after)) < sum(r["nonzero"] for r in layer_summary(before))
+    assert main(["quantize", str(pruned), "--lambda", "0.1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no rate term" in capsys.readouterr().err
+    assert main(["quantize", str(pruned), "--method", "uniform", "--lambda", "-1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "lam" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(pruned), "--method", "lloyd", "--out", str(tmp_path / "x.pt")])

@@ -158,6 +158,23 @@ def test_an_existing_run_folder_is_not_silently_overwritten(tmp_path):
         run_recipe(other, tmp_path, resume=True)
 
 
+def test_a_recipe_quantizes_with_a_rate_term_and_fisher_weights(tmp_path):
+    dataset = {"name": "digits", "train_subset": 200, "test_subset": 50}
+    stages = [{"train": {"epochs": 2, "progress": False}}, {"prune": {"q": 50}}]
+    base = run_recipe(Recipe.from_dict({"model": "mlp", "dataset": dataset, "stages": stages}), tmp_path / "base")
+    quantize = {"quantize": {"bits": 4, "method": "ecsq", "lam": 0.3, "hessian": True}}
+    result = run_recipe(Recipe.from_dict({"model": "mlp", "dataset": dataset, "stages": stages + [quantize]}),
+                        tmp_path / "rate")
+    assert result.stages[1] == {**base.stages[1], "seconds": result.stages[1]["seconds"]}
+    details = json.loads((tmp_path / "rate" / "03-quantize" / "details.json").read_text())
+    assert details["config"]["method"] == "ecsq" and details["config"]["hessian"] is True
+    assert sum(layer["zeroed"] for layer in details["layers"].values()) > 0
+    assert result.stages[-1]["sparsity"] > base.stages[-1]["sparsity"]
+    bad = {"model": "mlp", "dataset": dataset, "stages": [{"quantize": {"method": "lloyd"}}]}
+    with pytest.raises(ConfigError, match="unknown quantization method 'lloyd'"):
+        run_recipe(Recipe.from_dict(bad), tmp_path / "bad")
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [

@@ -21,12 +21,16 @@ from deepshrink.layers import WeightRef
 from deepshrink.quantize import (
     CentroidInit,
     QuantizeConfig,
+    QuantizeMethod,
     bits_for,
     codebooks,
+    ecsq_1d,
+    fisher_diagonal,
     init_centroids,
     kmeans_1d,
     quantize_model,
     quantize_weight,
+    uniform_1d,
 )
 
 INITS = [m.value for m in CentroidInit]
@@ -533,3 +537,204 @@ def test_load_checkpoint_rebuilds_a_quantized_builtin_model(tmp_path):
     loaded, _ = load_checkpoint(path)
     for (fa, (ca, ia, _)), (fb, (cb, ib, _)) in zip(codebooks(model).items(), codebooks(loaded).items()):
         assert fa == fb and torch.equal(ca, cb) and torch.equal(ia, ib)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rate-aware quantization: ECSQ and the uniform grid
+# ---------------------------------------------------------------------------------------------------
+
+LAMBDAS = [0.0, 0.003, 0.01, 0.03, 0.1]
+
+
+def pruned_layer(seed: int = 0) -> torch.Tensor:
+    """A (200, 150) weight with the 70% smallest magnitudes pruned (exact zeros)."""
+    w = torch.from_numpy(np.random.default_rng(seed).normal(0, 0.05, (200, 150)).astype(np.float32))
+    w[w.abs() < w.abs().flatten().quantile(0.7)] = 0
+    return w
+
+
+def index_entropy_bits(indices: torch.Tensor) -> float:
+    from deepshrink.coding import entropy_bits
+
+    flat = indices.reshape(-1).numpy().astype(np.int64)
+    return entropy_bits(flat, int(flat.max()) + 1)
+
+
+def huffman_bytes(centroids: torch.Tensor, indices: torch.Tensor, bits: int) -> int:
+    from deepshrink.encode import encode_quantized
+
+    coded = encode_quantized(indices.numpy(), centroids.numpy(), bits, index_bits=5, coder="huffman")
+    return len(coded.weights_stream) + len(coded.positions_stream) + coded.codebook.nbytes
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("k", [4, 64])
+def test_ecsq_at_lambda_zero_is_exactly_kmeans(init, k):
+    values = pruned_weights(6000, seed=3)
+    centroids, labels = kmeans_1d(values, k, init, seed=5)
+    levels, ecsq_labels = ecsq_1d(values, k, 0.0, init=init, seed=5, zeros=1234)
+    assert np.array_equal(levels, centroids) and np.array_equal(ecsq_labels, labels)
+
+
+def test_ecsq_rate_term_trades_distortion_for_fewer_bits():
+    values = pruned_weights(20000, seed=1)
+    zeros = 20000 - values.size
+    rates, errors, counts = [], [], []
+    for lam in LAMBDAS:
+        levels, labels = ecsq_1d(values, 32, lam, zeros=zeros)
+        assert np.all(np.diff(levels) > 0)
+        symbols = np.concatenate([labels, np.full(zeros, np.searchsorted(levels, 0.0) if lam > 0 else levels.size)])
+        from deepshrink.coding import entropy_bits
+
+        rates.append(entropy_bits(symbols, levels.size + 1))
+        errors.append(mse(values, levels, labels))
+        counts.append(int(np.count_nonzero(levels)))
+    assert all(a > b for a, b in zip(rates, rates[1:])), rates
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+    assert counts[0] == 32 and counts[-1] < 16  # levels that lost all their members dropped out
+
+
+def test_the_rate_term_lowers_entropy_and_real_huffman_bytes_monotonically():
+    w = pruned_layer()
+    entropies, sizes, errors = [], [], []
+    for lam in LAMBDAS:
+        centroids, indices = quantize_weight(w, bits=5, method="ecsq", lam=lam)
+        entropies.append(index_entropy_bits(indices))
+        sizes.append(huffman_bytes(centroids, indices, 5))
+        q = torch.cat([torch.zeros(1), centroids])[indices.long()]
+        errors.append(float((q - w).square().sum()))
+    assert all(a > b for a, b in zip(entropies, entropies[1:])), entropies
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[-1] < 0.7 * sizes[0]
+    assert errors == sorted(errors)
+
+
+def test_hessian_weights_protect_the_important_weights():
+    values = pruned_weights(8000, seed=2)
+    important = np.arange(values.size) % 2 == 0
+    h = np.where(important, 100.0, 1.0)
+    for lam in (0.0, 0.02):
+        plain = ecsq_1d(values, 8, lam, zeros=100)
+        weighted = ecsq_1d(values, 8, lam, h, zeros=100)
+        err = [np.square(values - lv[lab])[important].mean() for lv, lab in (plain, weighted)]
+        assert err[1] < err[0]
+
+
+def test_ecsq_rejects_bad_settings():
+    values = pruned_weights(100, seed=0)
+    for kwargs, match in [({"lam": -1.0}, "lam"), ({"lam": float("nan")}, "lam"), ({"lam": True}, "lam"),
+                          ({"lam": 0.1, "weights": np.ones(3)}, "weights"),
+                          ({"lam": 0.1, "weights": -np.ones(values.size)}, "weights"),
+                          ({"lam": 0.1, "zeros": -1}, "zeros"), ({"lam": 0.1, "iters": 0}, "iters")]:
+        with pytest.raises(ConfigError, match=match):
+            ecsq_1d(values, 4, **kwargs)
+    with pytest.raises(ConfigError, match="num_levels"):
+        uniform_1d(values, 1, 0.0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 0.1])
+def test_uniform_levels_are_integer_multiples_of_one_step(lam):
+    values = pruned_weights(10000, seed=4)
+    step, q = uniform_1d(values, 30, lam, zeros=5000)
+    assert step > 0 and q.dtype == np.int64 and np.abs(q).max() <= 15
+    if lam == 0:  # distortion only: plain rounding to the final grid (no value beyond the top level)
+        assert np.all(np.abs(values - q * step) <= step / 2 + 1e-9)
+    # the model layer: 2^5 - 2 = 30 non-zero levels, the codebook is the used multiples of the step
+    w = pruned_layer(seed=4)
+    centroids, indices = quantize_weight(w, bits=5, method="uniform", lam=lam)
+    step, q = uniform_1d(w[w != 0].numpy(), 30, lam, zeros=int((w == 0).sum()))
+    used = np.unique(q[q != 0])
+    assert torch.equal(centroids, torch.from_numpy(used * step).float())
+    quantized = torch.cat([torch.zeros(1), centroids])[indices.long()]
+    expected = torch.zeros_like(w)
+    expected[w != 0] = torch.from_numpy(q * step).float()
+    assert torch.equal(quantized, expected)
+
+
+def test_uniform_rate_term_lowers_the_entropy():
+    w = pruned_layer(seed=5)
+    entropies = [index_entropy_bits(quantize_weight(w, bits=5, method="uniform", lam=lam)[1]) for lam in LAMBDAS]
+    assert all(a > b for a, b in zip(entropies, entropies[1:])), entropies
+
+
+def test_weights_sent_to_the_zero_level_are_pruned_and_stay_zero_through_training():
+    model, masks = masked_net(sparsity=0.3)
+    before = {f: (getattr(model, f.split(".")[0]).weight != 0).clone() for f in masks}
+    info = quantize_model(model, QuantizeConfig(bits=4, method="ecsq", lam=0.3))
+    from deepshrink.prune import masks as current_masks
+
+    zeroed = 0
+    for fqn, mask in current_masks(model).items():
+        assert torch.equal(mask, shared(model, fqn.split(".")[0]).indices != 0)
+        assert not (mask & ~before[fqn]).any()  # pruned weights stay pruned
+        assert info[fqn]["zeroed"] == int((before[fqn] & ~mask).sum())
+        assert info[fqn]["nonzero"] == int(mask.sum())
+        zeroed += info[fqn]["zeroed"]
+    assert zeroed > 0
+    kept = current_masks(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_steps(model, torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3), steps=4)
+    for fqn, mask in kept.items():
+        w = getattr(model, fqn.split(".")[0]).weight
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask])) and (w[mask] != 0).all()
+
+
+def test_ecsq_at_lambda_zero_quantizes_a_model_as_kmeans_does():
+    a, _ = masked_net(seed=1)
+    b, _ = masked_net(seed=1)
+    quantize_model(a, QuantizeConfig(bits=3))
+    quantize_model(b, QuantizeConfig(bits=3, method="ecsq", lam=0.0))
+    for fqn, (c, i, _) in codebooks(a).items():
+        c2, i2, _ = codebooks(b)[fqn]
+        assert torch.equal(c, c2) and torch.equal(i, i2)
+
+
+def test_fisher_diagonal_and_hessian_weighted_quantization():
+    from deepshrink.data import Batches, ImageData
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(images=torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g),
+                     labels=torch.randint(0, 10, (64,), generator=g), classes=tuple("0123456789"),
+                     mean=(0.5,), std=(0.25,), name="synthetic")
+    model, masks = masked_net()
+    weights = {f: getattr(model, f.split(".")[0]).weight.detach().clone() for f in masks}
+    fisher = fisher_diagonal(model, data, batches=3, batch_size=16)
+    assert set(fisher) == set(masks)
+    for fqn, h in fisher.items():
+        assert h.shape == masks[fqn].shape and (h >= 0).all() and h.sum() > 0
+        assert torch.equal(getattr(model, fqn.split(".")[0]).weight, weights[fqn])  # model unchanged
+    assert model.fc1.parametrizations.weight.original.requires_grad and model.training
+    # one batch: exactly the squared gradient of that batch's loss w.r.t. the effective weight
+    x, y = next(iter(Batches(data, 16, shuffle=True, seed=0)))
+    model.eval()
+    loss = nn.functional.cross_entropy(model(x), y)
+    grad = torch.autograd.grad(loss, model.fc2.parametrizations.weight.original)[0]
+    model.train()
+    one = fisher_diagonal(model, data, batches=1, batch_size=16)["fc2.weight"]
+    torch.testing.assert_close(one[masks["fc2.weight"]], grad.square()[masks["fc2.weight"]])
+    with pytest.raises(ConfigError, match="importance"):
+        quantize_model(model, QuantizeConfig(bits=3, method="ecsq", lam=0.01, hessian=True))
+    with pytest.raises(ConfigError, match="hessian=False"):
+        quantize_model(model, QuantizeConfig(bits=3, method="ecsq", lam=0.01), importance=fisher)
+    info = quantize_model(model, QuantizeConfig(bits=3, method="ecsq", lam=0.01, hessian=True), importance=fisher)
+    assert set(info) == set(masks)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "lloyd"}, "unknown quantization method 'lloyd'; valid: kmeans, ecsq, uniform"),
+    ({"method": "ecsq", "lam": -0.1}, "lam"),
+    ({"method": "uniform", "lam": float("inf")}, "lam"),
+    ({"method": "ecsq", "lam": "0.1"}, "lam"),
+    ({"lam": 0.1}, "method 'kmeans' has no rate term"),
+    ({"hessian": True}, "method 'kmeans' has no rate term"),
+    ({"method": "ecsq", "hessian": "yes"}, "hessian"),
+])
+def test_rate_config_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantizeConfig(**kwargs)
+
+
+def test_rate_config_round_trips_through_json():
+    config = QuantizeConfig(bits=5, method=QuantizeMethod.UNIFORM, lam=0.02)
+    assert config.method == "uniform" and config.lam == 0.02
+    assert QuantizeConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config

@@ -72,3 +72,30 @@ def test_unknown_sweep_and_missing_dataset(trained, tmp_path):
     bare = save_checkpoint(tmp_path / "bare.pt", build_model(SPEC), SPEC)
     with pytest.raises(ConfigError, match="names no dataset"):
         run_sweep("bits", bare, tmp_path)
+
+
+def test_rate_sweep_writes_the_size_vs_accuracy_frontier(trained, tmp_path):
+    model, payload = load_checkpoint(trained)
+    prune_model(model, PruneConfig(q=50))
+    pruned = save_checkpoint(tmp_path / "pruned.pt", model, SPEC, payload["meta"])
+    lambdas = (0.0, 0.05, 0.3)
+    result = run_sweep("rate", pruned, tmp_path / "rate", epochs=1, bits=5, lambdas=lambdas)
+    assert [r["lambda"] for r in result.rows] == list(lambdas)
+    sizes = [r["file_bytes"] for r in result.rows]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]  # more rate weight, smaller file
+    for row in result.rows:
+        assert row["file_bytes"] == (tmp_path / "rate" / f"lambda-{row['lambda']:g}.dsz").stat().st_size
+        assert row["retrained_accuracy"] is not None and row["ratio"] > 1
+    assert result.rows[-1]["sparsity"] > result.rows[0]["sparsity"] >= 0.49  # weights joined the zero level
+    assert json.loads((tmp_path / "rate" / "sweep.json").read_text())["kind"] == "rate"
+    assert (tmp_path / "rate" / "sweep.png").stat().st_size > 0
+    assert "file bytes" in result.report.read_text()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"lambdas": ()}, "at least one lambda"),
+                                           ({"lambdas": (0.1, -1.0)}, "lam"),
+                                           ({"method": "kmeans", "lambdas": (0.1,)}, "no rate term")])
+def test_rate_sweep_rejects_bad_settings_before_any_work(trained, tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        run_sweep("rate", trained, tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()

@@ -333,12 +333,24 @@ def cmd_quantize(args) -> None:
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
                             seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer),
-                            bits_by_kind=tuple(_pattern_value(v, int) for v in args.bits_kind), **_selection(args))
-    quantize_model(model, config)
+                            bits_by_kind=tuple(_pattern_value(v, int) for v in args.bits_kind), **_selection(args),
+                            method=args.method, lam=args.lam, hessian=args.hessian)
+    importance = None
+    if config.hessian:
+        from .pipeline import resolve_device
+        from .quantize import fisher_diagonal
+
+        train_data, _ = _load(_dataset_entry(args, payload["meta"]))
+        importance = fisher_diagonal(model, train_data, device=resolve_device(args.device), seed=args.seed,
+                                     include=config.include, exclude=config.exclude, kinds=config.kinds)
+    layers = quantize_model(model, config, importance)
     meta = {"quantize": dataclasses.asdict(config)}
     if args.train_centroids:
         meta.update(_retrain(model, args, payload["meta"], "centroid_training"))
-    _print_layers(model, f"quantized ({args.bits} bits, {args.init} init)")
+    rate = "" if config.method == "kmeans" else f", lambda {config.lam:g}{', Fisher-weighted' if config.hessian else ''}"
+    zeroed = sum(info["zeroed"] for info in layers.values())
+    _print_layers(model, f"quantized ({args.bits} bits, {config.method}, {args.init} init{rate}; "
+                         f"{zeroed:,} weights sent to zero)")
     _save(args.out, model, payload, meta)
 
 
@@ -444,8 +456,10 @@ def cmd_bench_infer(args) -> None:
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
+    rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian} \
+        if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
-                       epochs=args.epochs, lr=args.lr, trust_factory=args.trust_factory)
+                       epochs=args.epochs, lr=args.lr, trust_factory=args.trust_factory, **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
     console.print(f"report: {result.report}")
 
@@ -520,8 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("quantize", help="k-means weight sharing (optionally train the centroids)")
+    p = sub.add_parser("quantize", help="weight sharing: k-means, entropy-constrained or uniform (optionally train the centroids)")
     p.add_argument("checkpoint")
+    p.add_argument("--method", choices=["kmeans", "ecsq", "uniform"], default="kmeans",
+                   help="kmeans: the paper's; ecsq/uniform: levels chosen for error + lambda x code length")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0,
+                   help="ecsq/uniform: bits traded per unit of relative squared error (0 = distortion only)")
+    p.add_argument("--hessian", action="store_true",
+                   help="ecsq/uniform: weight the error by a diagonal Fisher estimate from training batches")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--bits-conv", type=int)
     p.add_argument("--bits-fc", type=int)
@@ -579,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench_infer)
 
-    p = sub.add_parser("sweep", help="the lab's experiments: prune-std, prune-percentile, bits, init, sensitivity")
-    p.add_argument("kind", choices=["prune-std", "prune-percentile", "bits", "init", "sensitivity"])
+    p = sub.add_parser("sweep", help="the lab's experiments: prune-std, prune-percentile, bits, init, sensitivity, rate")
+    p.add_argument("kind", choices=["prune-std", "prune-percentile", "bits", "init", "sensitivity", "rate"])
     p.add_argument("checkpoint", help="a trained (dense) checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir")
@@ -588,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1, help="retraining epochs per point (0 = no retraining)")
     p.add_argument("--lr", type=float, default=0.01)
     _add_trust_arg(p)
+    g = p.add_argument_group("rate sweep (file size vs accuracy)")
+    g.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1])
+    g.add_argument("--method", choices=["ecsq", "uniform"], default="ecsq")
+    g.add_argument("--bits", type=int, default=6, help="levels per layer at lambda 0: 2^bits")
+    g.add_argument("--hessian", action="store_true", help="Fisher-weighted error (from training batches)")
     p.set_defaults(func=cmd_sweep)
     return parser
 

@@ -44,7 +44,7 @@ from .errors import ConfigError, DataError
 from .files import atomic_write, sweep_temp_files
 from .models import build_model, load_foreign_weights
 from .prune import PruneConfig, prune_model, zero_pruned_
-from .quantize import QuantizeConfig, quantize_model
+from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from .train import TrainConfig, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,11 @@ def _stage_prune(model, options, ctx) -> dict:
 
 def _stage_quantize(model, options, ctx) -> dict:
     config = stage_config("quantize", options, f"stage {ctx['label']}", ctx["seed"])
-    layers = quantize_model(model, config)
+    importance = None
+    if config.hessian:  # Fisher importances from the training split (never the test split)
+        importance = fisher_diagonal(model, ctx["train"], device=ctx["device"], include=config.include,
+                                     exclude=config.exclude, kinds=config.kinds, seed=config.seed)
+    layers = quantize_model(model, config, importance)
     return {"config": dataclasses.asdict(config), "layers": layers}
 
 

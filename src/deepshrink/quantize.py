@@ -1,4 +1,4 @@
-"""Stage 3: trained quantization by per-layer k-means weight sharing.
+"""Stage 3: trained quantization by per-layer weight sharing: k-means, entropy-constrained (ECSQ) or uniform.
 
 A quantized weight is ``codebook[indices]`` where index 0 is the pruned value (exactly zero) and
 indices 1..K point at the K trainable centroids. Gradients reach each centroid as the sum of its
@@ -13,6 +13,11 @@ Fine-tuning the centroids therefore needs nothing beyond an optimizer over the m
 The clustering core is exact 1-D Lloyd k-means on the sorted non-zero values: with prefix sums, one
 iteration costs O(k log n) (k-1 binary searches for the boundaries between clusters, then k segment
 means), not the O(nk) of a general k-means.
+
+Rate-aware methods (``QuantizeConfig(method="ecsq" | "uniform", lam=...)``) trade distortion for the
+file's size: each weight takes the level minimising squared error (optionally Fisher-weighted,
+``hessian=True``) plus ``lam`` times the level's code length. Zero is one of the levels: weights sent
+there become pruned (index 0) and stay zero through training, like pruned ones.
 """
 
 from __future__ import annotations
@@ -55,6 +60,21 @@ class CentroidInit(str, Enum):
     DENSITY = "density"
     LINEAR = "linear"
     KMEANS_PP = "kmeans++"
+
+
+class QuantizeMethod(str, Enum):
+    """How a layer's weights are mapped to shared values.
+
+    KMEANS: 1-D k-means on the non-zero weights, 2^bits centroids (Han et al. 2016); no rate term.
+    ECSQ: entropy-constrained scalar quantization (Choi et al. 2017): k-means, then levels chosen for
+        distortion + lam * code length; levels drop out and weights may join the zero level (pruned).
+    UNIFORM: integer multiples of a per-layer step (as NNCodec), with the same rate-distortion
+        assignment; zero is always a level.
+    """
+
+    KMEANS = "kmeans"
+    ECSQ = "ecsq"
+    UNIFORM = "uniform"
 
 
 def _check_bits(bits, what: str = "bits") -> int:
@@ -376,7 +396,252 @@ def kmeans_1d(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Functional core: rate-aware quantization (entropy-constrained and uniform) on plain numpy arrays.
+#
+# Both minimise, per value, ``h_i (w_i - c)^2 / s + lam * bits(c)``: squared error weighted by an
+# importance h_i (1, or a diagonal Fisher estimate), divided by the layer's weighted mean square
+# ``s = mean(h_i w_i^2)`` so that ``lam`` is dimensionless (the fraction of a typical weight's energy
+# worth one bit, the same in every layer), plus the level's code length ``bits(c) = -log2 p(c)``
+# under the current assignment, counted over the whole tensor (pruned zeros included): what a
+# memoryless entropy coder of all level indices would pay.
 # ---------------------------------------------------------------------------------------------------
+
+#: Values per chunk of the rate-distortion assignment: bounds the (chunk, levels) cost matrix.
+_RD_CHUNK = 1 << 16
+
+
+def _check_lam(lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) or lam < 0:
+        raise ConfigError(f"lam (the rate weight lambda) must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def _check_iters(iters) -> int:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise ConfigError(f"iters must be an integer >= 1, got {iters!r}")
+    return int(iters)
+
+
+def _check_zeros(zeros) -> int | None:
+    if zeros is None:
+        return None
+    if isinstance(zeros, bool) or not isinstance(zeros, numbers.Integral) or zeros < 0:
+        raise ConfigError(f"zeros (count of already-zero weights) must be an integer >= 0 or None, got {zeros!r}")
+    return int(zeros)
+
+
+def _check_importance(weights, n: int) -> np.ndarray | None:
+    """float64 importances, floored so every weighted mean and the scale stay defined."""
+    if weights is None:
+        return None
+    h = np.asarray(weights, dtype=np.float64).reshape(-1) if np.ndim(weights) else None
+    if h is None or h.size != n:
+        raise ConfigError(f"weights (importances) must be a 1-D array of {n} entries, got shape {np.shape(weights)}")
+    if not np.isfinite(h).all() or (h < 0).any():
+        raise ConfigError("weights (importances) must be finite and >= 0")
+    # an importance of exactly 0 (e.g. a weight on an always-black input pixel) would leave its level's
+    # weighted mean undefined: floor at a millionth of the mean (1 when all are 0)
+    mean = float(h.mean())
+    return np.maximum(h, 1e-6 * mean if mean > 0 else 1.0)
+
+
+def code_lengths(counts: np.ndarray) -> np.ndarray:
+    """-log2(count / total) per level, in bits; +inf for an empty level (it can take no value)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    with np.errstate(divide="ignore"):
+        return np.where(counts > 0, -np.log2(counts / total), np.inf) if total > 0 else np.full(counts.shape, np.inf)
+
+
+def rd_assign(values: np.ndarray, levels: np.ndarray, bits: np.ndarray, lam: float,
+              importance: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
+    """Index of the level minimising ``h_i (v_i - c)^2 / scale + lam * bits(c)`` for every value.
+
+    Ties go to the lower index. Exhaustive over the levels, in chunks of ``_RD_CHUNK`` values: with
+    importances the cheapest level is not the nearest one, so the sorted-run trick of k-means does
+    not apply; O(n K) is a few hundred milliseconds for a million weights at 64 levels.
+
+    Returns:
+        intp array of shape ``values.shape``.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    penalty = lam * np.asarray(bits, dtype=np.float64) if lam > 0 else np.where(np.isinf(bits), np.inf, 0.0)
+    out = np.empty(x.size, dtype=np.intp)
+    for start in range(0, x.size, _RD_CHUNK):
+        part = x[start:start + _RD_CHUNK, None]
+        cost = np.square(part - levels[None, :])
+        if importance is not None:
+            cost *= importance[start:start + _RD_CHUNK, None]
+        cost /= scale
+        cost += penalty[None, :]
+        out[start:start + _RD_CHUNK] = np.argmin(cost, axis=1)
+    return out
+
+
+def _scale(x: np.ndarray, h: np.ndarray | None) -> float:
+    s = float(np.mean(np.square(x) if h is None else h * np.square(x)))
+    return s if s > 0 else 1.0
+
+
+def ecsq_1d(
+    values: np.ndarray,
+    num_levels: int,
+    lam: float,
+    weights: np.ndarray | None = None,
+    *,
+    init: str = "linear",
+    iters: int = 100,
+    seed: int = 0,
+    zeros: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy-constrained scalar quantization (Choi, El-Khamy & Lee, ICLR 2017, Sec. 4).
+
+    Starts from ``kmeans_1d(values, num_levels, init)``, then alternates (Chou, Lookabaugh & Gray's
+    ECVQ iteration): each value takes the level minimising ``h_i (v_i - c)^2 / s + lam * bits(c)``
+    (see the section comment), each free level moves to the h-weighted mean of its members, and a
+    level that loses all its members drops out. Stops when no assignment changes or after ``iters``.
+
+    With ``lam == 0`` and no ``weights`` the objective is k-means' own, and the result is exactly
+    ``kmeans_1d``'s (same init, same centroids, same labels).
+
+    Args:
+        values: 1-D array of finite numbers (a layer's non-zero weights).
+        num_levels: free levels at the start (k-means' k); fewer remain when levels drop out.
+        lam: rate weight (>= 0), dimensionless; 0 = distortion only.
+        weights: per-value importance h_i >= 0 (e.g. a diagonal Fisher estimate); None = 1.
+        init, seed: k-means' initialisation (see ``kmeans_1d``).
+        iters: most ECSQ iterations (>= 1).
+        zeros: None for no zero level; else the number of weights already at zero (pruned): a level
+            fixed at exactly 0.0 is offered to every value when ``lam > 0``, starting with that many
+            members for the code lengths (at least one, so it never drops out). At ``lam == 0`` it is
+            not offered: distortion alone keeps the k-means result, and only rate makes pruning pay.
+
+    Returns:
+        (levels, labels): sorted float64 levels (including 0.0 when the zero level was offered) and
+        each value's level index (intp, or k-means' labels when they are returned unchanged).
+
+    Raises:
+        ConfigError: bad values, num_levels < 1, lam < 0 or not finite, bad weights, iters < 1, zeros < 0.
+    """
+    values = _check_values(values)
+    k = _check_k(num_levels)
+    lam = _check_lam(lam)
+    iters = _check_iters(iters)
+    zeros = _check_zeros(zeros)
+    h = _check_importance(weights, values.size)
+    centers, labels = kmeans_1d(values, k, init, seed=seed)
+    use_zero = zeros is not None and lam > 0
+    if lam == 0 and h is None:
+        return centers, labels  # ECSQ's objective at lam = 0 is k-means': its result, untouched
+
+    x = values.astype(np.float64)
+    scale = _scale(x, h)
+    levels = centers.copy()
+    labels = labels.astype(np.intp)
+    if use_zero:
+        levels = np.append(levels, 0.0)  # the last level is the fixed zero; it never moves or drops
+    for _ in range(iters):
+        counts = np.bincount(labels, minlength=levels.size).astype(np.float64)
+        if use_zero:
+            counts[-1] += max(zeros, 1)
+        new_labels = rd_assign(x, levels, code_lengths(counts), lam, h, scale)
+        changed = not np.array_equal(new_labels, labels)
+        labels = new_labels
+        levels, labels = _update_levels(x, h, levels, labels, use_zero)
+        if not changed:
+            break
+    order = np.argsort(levels, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return levels[order], rank[labels]
+
+
+def _update_levels(x, h, levels, labels, fixed_zero: bool):
+    """Weighted means of the free levels' members; empty free levels drop out (labels renumbered)."""
+    n_free = levels.size - 1 if fixed_zero else levels.size
+    w = np.ones_like(x) if h is None else h
+    mass = np.bincount(labels, weights=w, minlength=levels.size)
+    moment = np.bincount(labels, weights=w * x, minlength=levels.size)
+    keep = mass > 0
+    if fixed_zero:
+        keep[-1] = True
+    new = levels.copy()
+    free = np.arange(levels.size) < n_free
+    live = free & (mass > 0)
+    new[live] = moment[live] / mass[live]
+    if keep.all():
+        return new, labels
+    renumber = np.cumsum(keep) - 1
+    return new[keep], renumber[labels]
+
+
+def uniform_1d(
+    values: np.ndarray,
+    num_levels: int,
+    lam: float,
+    weights: np.ndarray | None = None,
+    *,
+    iters: int = 100,
+    zeros: int = 0,
+) -> tuple[float, np.ndarray]:
+    """Uniform quantization with a rate-distortion assignment: each value becomes ``q_i * step`` with an
+    integer ``q_i`` in ``-L..L`` (L = num_levels // 2), zero always a level, as NNCodec does.
+
+    Starts from ``step = max|v| / L`` (the largest weight lands on a level) and rounding, then
+    alternates: each value takes the integer minimising ``h_i (v_i - q step)^2 / s + lam * bits(q)``
+    (code lengths of the current assignment over the whole tensor, ``zeros`` included at q = 0), and
+    the step becomes the least-squares fit ``sum h q v / sum h q^2`` of the non-zero assignments.
+
+    Args:
+        values: 1-D array of finite numbers (a layer's non-zero weights).
+        num_levels: non-zero levels available (2 L of them; >= 2).
+        lam: rate weight (>= 0); see ``ecsq_1d``.
+        weights: per-value importance h_i >= 0; None = 1.
+        iters: most iterations (>= 1).
+        zeros: weights already at zero (pruned), counted at q = 0 for the code lengths.
+
+    Returns:
+        (step, q): the step (> 0; 1.0 when every value is zero) and each value's integer level (int64).
+
+    Raises:
+        ConfigError: bad values, num_levels < 2, lam/weights/iters/zeros out of range.
+    """
+    values = _check_values(values)
+    if isinstance(num_levels, bool) or not isinstance(num_levels, numbers.Integral) or num_levels < 2:
+        raise ConfigError(f"num_levels of a uniform quantizer must be an integer >= 2, got {num_levels!r}")
+    lam = _check_lam(lam)
+    iters = _check_iters(iters)
+    zeros = _check_zeros(zeros) or 0
+    h = _check_importance(weights, values.size)
+    x = values.astype(np.float64)
+    top = int(num_levels) // 2
+    peak = float(np.max(np.abs(x)))
+    if peak == 0:
+        return 1.0, np.zeros(x.size, dtype=np.int64)
+    step = peak / top
+    ints = np.arange(-top, top + 1)
+    q = np.clip(np.rint(x / step), -top, top).astype(np.int64)
+    scale = _scale(x, h)
+    w = np.ones_like(x) if h is None else h
+    def assign(q: np.ndarray, step: float) -> np.ndarray:
+        counts = np.bincount(q + top, minlength=ints.size).astype(np.float64)
+        counts[top] = max(counts[top] + zeros, 1)  # zero never drops out
+        # distortion only at lam = 0: every level stays on offer (plain rounding to the grid)
+        bits = code_lengths(counts) if lam > 0 else np.zeros(ints.size)
+        return ints[rd_assign(x, ints * step, bits, lam, h, scale)]
+
+    for _ in range(iters):
+        new_q = assign(q, step)
+        if np.array_equal(new_q, q):
+            break  # the step was fitted to this very assignment: a fixed point
+        q = new_q
+        denom = float(np.sum(w * q * q))
+        if denom > 0:
+            step = float(np.sum(w * q * x)) / denom
+    else:
+        q = assign(q, step)  # out of iterations: the returned levels are the assignment on the final grid
+    return step, q
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,9 +667,19 @@ class QuantizeConfig:
     gradient: str = "sum"  # a GradientMode value; sum is the paper's Eq. 3
     min_dims: int = MIN_DIMS  # floating parameters with at least this many dims are compressible
     min_numel: int = 1  # ... and at least this many elements
+    method: str = "kmeans"  # a QuantizeMethod value; kmeans is the paper's (no rate term)
+    lam: float = 0.0  # ecsq/uniform: bits traded per unit of relative squared error; 0 = distortion only
+    hessian: bool = False  # ecsq/uniform: weight the error by a diagonal Fisher estimate (fisher_diagonal)
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
+        set_(self, "method", enum_value(QuantizeMethod, self.method, "quantization method"))
+        set_(self, "lam", _check_lam(self.lam))
+        if not isinstance(self.hessian, bool):
+            raise ConfigError(f"hessian must be true or false, got {self.hessian!r}")
+        if self.method == QuantizeMethod.KMEANS.value and (self.lam > 0 or self.hessian):
+            raise ConfigError(f"method 'kmeans' has no rate term: lam={self.lam} and hessian={self.hessian} "
+                              "apply to method 'ecsq' or 'uniform'")
         set_(self, "bits", _check_bits(self.bits))
         for name in ("bits_conv", "bits_fc"):
             value = getattr(self, name)
@@ -446,31 +721,127 @@ def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, init: str = "linear", seed: int = 0, max_iter: int = 100
+    weight: torch.Tensor,
+    bits: int,
+    init: str = "linear",
+    seed: int = 0,
+    max_iter: int = 100,
+    *,
+    method: str = "kmeans",
+    lam: float = 0.0,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster the non-zero entries of ``weight`` into at most ``2**bits`` shared values.
+    """Map the non-zero entries of ``weight`` to at most ``2**bits`` shared non-zero values.
+
+    Zeros stay at index 0 (pruned). With "ecsq" and "uniform", non-zero weights that the
+    rate-distortion assignment sends to the zero level join them: they are pruned from here on.
+
+    Args:
+        method: a ``QuantizeMethod`` value ("kmeans", "ecsq", "uniform").
+        lam: rate weight of "ecsq"/"uniform" (see ``ecsq_1d``).
+        importance: per-weight h_i shaped like ``weight`` (e.g. from ``fisher_diagonal``); None = 1.
 
     Returns:
         (centroids, indices): float32 centroids of shape (K,), K <= 2**bits (fewer when there are fewer
-        distinct non-zero values; 0 for an all-zero weight), and integer indices shaped like
-        ``weight``: 0 where ``weight == 0``, 1..K elsewhere. Both on ``weight``'s device.
+        distinct non-zero values or levels dropped out; 0 for an all-zero weight), and integer indices
+        shaped like ``weight``: 0 = zero (pruned), 1..K elsewhere. Both on ``weight``'s device.
 
     Raises:
-        ConfigError: bits outside 1..16, NaN/inf entries, unknown init.
+        ConfigError: bits outside 1..16, NaN/inf entries, unknown init or method, bad lam or importance.
     """
     bits = _check_bits(bits)
+    method = QuantizeMethod(enum_value(QuantizeMethod, method, "quantization method"))
     flat = weight.detach().reshape(-1).to("cpu", torch.float32)
     keep = flat != 0
     values = flat[keep].numpy()
+    h = None
+    if importance is not None:
+        if tuple(importance.shape) != tuple(weight.shape):
+            raise ConfigError(f"importance has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}")
+        h = importance.detach().reshape(-1).to("cpu", torch.float64)[keep].numpy()
+    zeros = int(flat.numel() - values.size)
     if values.size == 0:
-        centroids = torch.zeros(0)
-        labels = torch.zeros(0, dtype=torch.uint8)
+        levels, labels = np.zeros(0), np.zeros(0, dtype=np.intp)
+    elif method is QuantizeMethod.KMEANS:
+        levels, labels = kmeans_1d(values, 2**bits, init, seed=seed, max_iter=max_iter)
+    elif method is QuantizeMethod.ECSQ:
+        levels, labels = ecsq_1d(values, 2**bits, lam, h, init=init, iters=max_iter, seed=seed, zeros=zeros)
     else:
-        c, lab = kmeans_1d(values, 2**bits, init, seed=seed, max_iter=max_iter)
-        centroids, labels = torch.from_numpy(c).float(), torch.from_numpy(lab)
+        # 2^bits - 2 non-zero levels (+-L): with the zero level, indices still fit in ``bits`` bits
+        step, q = uniform_1d(values, max(2, 2**bits - 2), lam, h, iters=max_iter, zeros=zeros)
+        ints, labels = np.unique(q, return_inverse=True)
+        levels = ints * step
+    # levels exactly 0.0 (the zero level) become index 0; the others 1..K in sorted order
+    nonzero_level = levels != 0 if method is not QuantizeMethod.KMEANS else np.ones(levels.size, dtype=bool)
+    renumber = np.where(nonzero_level, np.cumsum(nonzero_level), 0)
+    centroids = torch.from_numpy(levels[nonzero_level]).float()
     indices = torch.zeros(flat.numel(), dtype=index_dtype(centroids.numel()))
-    indices[keep] = labels.to(indices.dtype) + 1
+    indices[keep] = torch.from_numpy(renumber[np.asarray(labels, dtype=np.intp)]).to(indices.dtype)
     return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data,
+    *,
+    batches: int = 32,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    kinds: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher estimate per selected weight: mean squared minibatch gradient of the loss.
+
+    The importance h_i of Hessian-weighted quantization (Choi et al. 2017, Sec. 3.3): the squared
+    gradient approximates the loss's second derivative at a trained minimum. Gradients are those of the
+    effective weight (a pruned entry's is reported but never used: quantizing keeps it at zero). The
+    model runs in eval mode (BatchNorm statistics untouched) and is left unchanged.
+
+    Args:
+        data: an ``ImageData`` (a training split: the test split never chooses anything).
+        batches: minibatches averaged (drawn in a seeded shuffled order).
+
+    Returns:
+        ``{fqn: float32 tensor shaped like the weight}`` on the CPU.
+    """
+    import torch.nn.functional as F
+
+    from .data import Batches
+
+    if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or batches < 1:
+        raise ConfigError(f"batches must be an integer >= 1, got {batches!r}")
+    device = torch.device(device)
+    refs = select_weights(model, include, exclude, kinds)
+    tensors = {}
+    for ref in refs:
+        module, name = resolve(model, ref.fqn)
+        # the stored tensor: a masked weight's gradient reaches its original through the mask
+        tensors[ref.fqn] = (module.parametrizations[name].original if parametrize.is_parametrized(module, name)
+                            else getattr(module, name))
+    was_training = model.training
+    model.to(device).eval()
+    sums = {fqn: torch.zeros_like(t, dtype=torch.float32) for fqn, t in tensors.items()}
+    flags = {fqn: t.requires_grad for fqn, t in tensors.items()}
+    count = 0
+    try:
+        for t in tensors.values():
+            t.requires_grad_(True)
+        for x, y in Batches(data, batch_size, shuffle=True, device=device, seed=seed):
+            loss = F.cross_entropy(model(x).float(), y)
+            grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+            for fqn, g in zip(tensors, grads):
+                if g is not None:
+                    sums[fqn] += g.float().square()
+            count += 1
+            if count == batches:
+                break
+    finally:
+        for fqn, t in tensors.items():
+            t.requires_grad_(flags[fqn])
+        model.train(was_training)
+    return {fqn: (s / max(count, 1)).cpu() for fqn, s in sums.items()}
 
 
 def _layer_seed(seed: int, fqn: str) -> int:
@@ -478,22 +849,40 @@ def _layer_seed(seed: int, fqn: str) -> int:
     return (seed + zlib.crc32(fqn.encode())) % 2**32
 
 
-def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) -> dict[str, dict]:
-    """Share weights in every selected layer: k-means on its non-zero *effective* entries.
+def quantize_model(
+    model: nn.Module,
+    config: QuantizeConfig = QuantizeConfig(),
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict]:
+    """Share weights in every selected layer: k-means (or ECSQ, or a uniform grid) on its non-zero
+    *effective* entries.
 
     A layer's ``Masked`` mask is baked in first, so its zeros form the pruned set (index 0);
     ``SharedWeights`` is attached instead and the stored original is frozen (``requires_grad=False``):
     train the centroids with a fresh optimizer. All layers are clustered before any is changed, so an
     error leaves the model as it was.
 
+    With "ecsq"/"uniform", weights sent to the zero level become pruned (index 0), exactly as
+    pruned weights: they stay zero through any training.
+
+    Args:
+        importance: ``{fqn: h}`` per-weight importances (``fisher_diagonal``); required when
+            ``config.hessian``, refused otherwise.
+
     Returns:
-        ``{fqn: {"bits", "num_centroids", "mse", "nonzero", "numel"}}`` in module order; mse is the
-        mean squared quantization error over the layer's non-zero weights.
+        ``{fqn: {"bits", "num_centroids", "mse", "nonzero", "numel", "zeroed"}}`` in module order; mse
+        is the mean squared quantization error over the weights that were non-zero before, zeroed
+        the number of them the quantizer sent to zero.
 
     Raises:
         ConfigError: a selected weight is already quantized, carries a foreign parametrization or holds
-        NaN/inf, a bits setting is out of range, a pattern matches nothing.
+        NaN/inf, a bits setting is out of range, a pattern matches nothing, importances are missing
+        for ``hessian=True`` (or given without it) or do not fit a weight.
     """
+    if config.hessian and importance is None:
+        raise ConfigError("hessian=True needs importances: pass importance=fisher_diagonal(model, train_data)")
+    if importance is not None and not config.hessian:
+        raise ConfigError("importances were given but hessian=False; set hessian=True to use them")
     refs = select_weights(model, config.include, config.exclude, config.kinds,
                           min_dims=config.min_dims, min_numel=config.min_numel)
     fqns = [r.fqn for r in refs]
@@ -523,18 +912,26 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
             weight = getattr(module, name).detach()
         if not weight.is_floating_point():
             raise ConfigError(f"{ref.fqn}: expected a floating-point weight, got {weight.dtype}")
+        h = None
+        if importance is not None:
+            if ref.fqn not in importance:
+                raise ConfigError(f"{ref.fqn}: no importance given for this weight")
+            h = importance[ref.fqn]
         try:
             seed = _layer_seed(config.seed, ref.fqn)
-            centroids, indices = quantize_weight(weight, bits, config.init, seed, config.max_iter)
+            centroids, indices = quantize_weight(weight, bits, config.init, seed, config.max_iter,
+                                                 method=config.method, lam=config.lam, importance=h)
         except ConfigError as e:
             raise ConfigError(f"{ref.fqn}: {e}") from None
         nonzero = indices != 0
+        was_nonzero = weight != 0
         with torch.no_grad():
             codebook = torch.cat([centroids.new_zeros(1), centroids]).double()
-            err = codebook[indices.long()][nonzero] - weight.double()[nonzero]
+            err = codebook[indices.long()][was_nonzero] - weight.double()[was_nonzero]
             mse = float(err.square().mean()) if err.numel() else 0.0
         info = {"bits": bits, "num_centroids": centroids.numel(), "mse": mse,
-                "nonzero": int(nonzero.sum()), "numel": weight.numel()}
+                "nonzero": int(nonzero.sum()), "numel": weight.numel(),
+                "zeroed": int((was_nonzero & ~nonzero).sum())}
         plans.append((ref.fqn, module, name, centroids, indices, info))
 
     layers = {}
@@ -549,7 +946,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
         logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
                      fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
     tie_parametrizations(model)
-    logger.info("quantized %d weights (%s init)", len(layers), config.init)
+    logger.info("quantized %d weights (%s, %s init%s)", len(layers), config.method, config.init,
+                f", lambda {config.lam:g}" if config.method != QuantizeMethod.KMEANS.value else "")
     return layers
 
 

@@ -5,6 +5,8 @@
 - ``bits``: k-means weight sharing at 6, 5, 4, 3 bits; accuracy before and after centroid training.
 - ``init``: random, density, linear and kmeans++ centroid initialisation at 4 bits.
 - ``sensitivity``: one layer alone pruned at increasing q, no retraining (the basis for per-layer q).
+- ``rate``: rate-aware quantization (ECSQ or uniform) at increasing lambda, centroid training, then the
+  compressed file: its size on disk against accuracy (the size-vs-error frontier).
 
 Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder.
 """
@@ -12,9 +14,10 @@ Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under i
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from .files import atomic_write
 from .layers import select_weights
 from .pipeline import load_splits, resolve_device
 from .prune import PruneConfig, prune_model, zero_pruned_
-from .quantize import QuantizeConfig, quantize_model
+from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from .train import TrainConfig, evaluate, train
 
 STD_VALUES = (0.0, 0.25, 0.5, 1.0)
@@ -35,6 +38,7 @@ PERCENTILES = (0.0, 25.0, 50.0, 75.0)
 BITS = (6, 5, 4, 3)
 INITS = ("random", "density", "linear", "kmeans++")
 SENSITIVITY_Q = (25.0, 50.0, 75.0, 90.0)
+RATE_LAMBDAS = (0.0, 0.003, 0.01, 0.03, 0.1)
 
 
 @dataclass
@@ -54,19 +58,27 @@ def run_sweep(
     epochs: int = 1,
     lr: float = 0.01,
     bits: int = 4,
+    lambdas: Sequence[float] = RATE_LAMBDAS,
+    method: str = "ecsq",
+    hessian: bool = False,
     on_point: Callable[[dict], None] | None = None,
     trust_factory: bool = False,
 ) -> SweepResult:
     """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
 
     Args:
-        epochs: retraining epochs per point (pruning sweeps) or centroid-training epochs (bits/init);
+        epochs: retraining epochs per point (pruning sweeps) or centroid-training epochs (bits/init/rate);
             0 skips retraining.
-        bits: the bit width of the ``init`` sweep.
+        bits: the bit width of the ``init`` and ``rate`` sweeps.
         trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
+        lambdas, method, hessian: the ``rate`` sweep's points and quantizer (see ``QuantizeConfig``).
     """
     if kind not in SWEEPS:
         raise ConfigError(f"unknown sweep {kind!r}; valid: {sorted(SWEEPS)}")
+    if kind == "rate":  # every setting checked before any work
+        if not lambdas:
+            raise ConfigError("the rate sweep needs at least one lambda")
+        rate_configs = [QuantizeConfig(bits=bits, method=method, lam=lam, hessian=hessian) for lam in lambdas]
     _, payload = load_checkpoint(checkpoint, trust_factory=trust_factory)
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
@@ -93,14 +105,19 @@ def run_sweep(
         # generated classes, so quantizing one copy (which removes a mask parametrization) breaks the rest
         return load_checkpoint(checkpoint, trust_factory=trust_factory)[0]
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = SWEEPS[kind].points
+    if kind == "rate":
+        fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
+        points = functools.partial(points, configs=rate_configs, fisher=fisher, files=out_dir,
+                                   spec=payload["model"])
     rows = []
-    for row in SWEEPS[kind].points(fresh, accuracy, retrained, bits):
+    for row in points(fresh, accuracy, retrained, bits):
         rows.append(row)
         if on_point:
             on_point(row)
     spec = SWEEPS[kind]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = write_sweep(out_dir, kind, rows, spec)
     return SweepResult(rows, spec.columns, path)
 
@@ -154,6 +171,26 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
+def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict):
+    # imported here: format imports encode, which imports quantize; the sweep module stays light
+    from .format import compress_model
+
+    for config in configs:
+        model = fresh()
+        importance = fisher(model) if fisher is not None else None  # from training batches only
+        quantize_model(model, config, importance)
+        row = {"lambda": config.lam, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
+        row["retrained_accuracy"] = retrained(model)
+        path = files / f"lambda-{config.lam:g}.dsz"
+        file_report = compress_model(model.cpu(), path, model_spec=spec, meta={"quantize": {"method": config.method, "lam": config.lam}})
+        row.update(file_bytes=file_report.file_bytes, ratio=file_report.ratio)
+        yield row
+
+
+def _fmt_bytes(value) -> str:
+    return f"{value:,}"
+
+
 _ACC = [("accuracy", "accuracy", report.fmt_percent), ("retrained_accuracy", "after retraining", report.fmt_percent)]
 SWEEPS: dict[str, Sweep] = {
     "prune-std": Sweep(_prune_points("s", STD_VALUES), [("s", "s", None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
@@ -164,6 +201,9 @@ SWEEPS: dict[str, Sweep] = {
                   "bits", ("accuracy", "retrained_accuracy"), "bits per weight"),
     "init": Sweep(_quantize_points("init"), [("init", "init", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],
                   "init", ("accuracy", "retrained_accuracy"), "centroid initialisation"),
+    "rate": Sweep(_rate_points, [("lambda", "lambda", None), ("sparsity", "sparsity", report.fmt_percent),
+                                 ("file_bytes", "file bytes", _fmt_bytes), ("ratio", "ratio", report.fmt_ratio), *_ACC],
+                  "file_bytes", ("accuracy", "retrained_accuracy"), "compressed file (bytes)"),
     "sensitivity": Sweep(_sensitivity_points, [("layer", "layer", None), ("q", "q", None),
                                                 ("accuracy", "accuracy", report.fmt_percent), ("drop", "drop", report.fmt_percent)],
                          "q", ("accuracy",), "q (percent of this layer pruned)"),

@@ -1,0 +1,94 @@
+"""NNCodec side of bench/nnc.py: runs in NNCodec's own environment, never imports deepshrink.
+
+Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR QP [QP ...]``. For each qp: ``nncodec.nnc.compress``
+of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's defaults otherwise:
+dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress`` of that
+file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
+
+NNCodec's framework package imports torchvision and OpenCV when it is imported, although
+compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import io
+import json
+import sys
+import time
+import types
+from contextlib import redirect_stdout
+from pathlib import Path
+
+
+class _Anything:
+    """Whatever torchvision attribute NNCodec touches at import time: callable, subclassable, inert."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Anything()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _StubModule(types.ModuleType):
+    __path__: list = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+
+#: Vision packages NNCodec's framework imports at import time but compress/decompress never call.
+STUBBED = ("torchvision", "cv2")
+
+
+class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _StubModule(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    sys.meta_path.insert(0, _TorchvisionStub())
+    import numpy as np
+    from nncodec import nnc
+
+    source, out_dir, qps = Path(argv[0]), Path(argv[1]), [int(q) for q in argv[2:]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with np.load(source) as archive:
+        params = {name: archive[name] for name in archive.files}
+    for qp in qps:
+        path = out_dir / f"qp{qp}.nnc"
+        start = time.perf_counter()
+        with redirect_stdout(io.StringIO()):  # NNCodec prints progress; stdout carries our JSON lines
+            nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False)
+            decoded = nnc.decompress(str(path), verbose=False)
+        seconds = time.perf_counter() - start
+        np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()})
+        print(json.dumps({"qp": qp, "bytes": path.stat().st_size, "seconds": round(seconds, 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
