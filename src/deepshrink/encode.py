@@ -180,6 +180,34 @@ def entries_to_positions(entries: np.ndarray, index_bits: int, numel: int, where
     return positions
 
 
+def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Signed levels for cluster indices (0 = pruned, s = codebook[s-1]), ordered like the values.
+
+    The codebook is sorted ascending (stable); its n negative values get levels -n..-1 (the most
+    negative -n) and the others 1, 2, ... by increasing value, so |level| grows with |value| on
+    each side and 0 stays "pruned".
+
+    Returns:
+        (levels int32 shaped like ``indices``, the sorted codebook, n).
+    """
+    codebook = np.asarray(codebook).reshape(-1)
+    order = np.argsort(codebook, kind="stable")
+    num_negative = int((codebook < 0).sum())
+    rank = np.empty(codebook.size, dtype=np.int64)
+    rank[order] = np.arange(codebook.size)
+    lookup = np.zeros(codebook.size + 1, dtype=np.int32)
+    lookup[1:] = rank - num_negative + (rank >= num_negative)
+    return lookup[np.asarray(indices)], codebook[order], num_negative
+
+
+def levels_to_values(levels: np.ndarray, sorted_codebook: np.ndarray, num_negative: int) -> np.ndarray:
+    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range."""
+    levels = np.asarray(levels).astype(np.int64)
+    slot = levels + num_negative - (levels > 0)
+    table = np.concatenate([sorted_codebook.astype(np.float32), np.zeros(1, np.float32)])
+    return table[np.where(levels == 0, sorted_codebook.size, slot)]
+
+
 def encode_quantized(
     indices: np.ndarray,
     codebook: np.ndarray,

@@ -8,11 +8,12 @@ run of zeros costs a small fraction of a bit per level.
 
 Context state, all from levels already coded: ``window`` = non-zeros among the previous 8 levels of
 the row; ``row_last`` = the row's last non-zero level so far (0 if none); ``column`` = column j's
-last non-zero level in earlier rows (0 if none); ``up`` = the level one row up (0 in row 0).
+last non-zero level in earlier rows (0 if none); ``seen`` = column j's non-zeros in earlier rows.
 Binarisation of a level v (M = max_abs, T = min(num_gt, M - 1)); nothing at all is coded when M == 0:
 
-1. ``sig`` = v != 0, context ``4 * col_class + min(window, 3)`` with col_class 0 if column == 0,
-   1 if up == 0, else 2 (12 contexts).
+1. ``sig`` = v != 0, context ``4 * col_class + min(window, 3)`` with col_class 0 if seen == 0,
+   1 if 8 * seen < r (row r, so a column that was non-zero in under 1/8 of the earlier rows), else 2
+   (12 contexts).
 2. ``sign`` = v < 0, context ``12 + 3 * sign_class(column) + sign_class(row_last)``, sign_class
    0 for zero, 1 for negative, 2 for positive (9 contexts).
 3. ``gt_k`` = |v| > k for k = 1..T, stopping after the first 0, context
@@ -22,8 +23,10 @@ Binarisation of a level v (M = max_abs, T = min(num_gt, M - 1)); nothing at all 
    remainder + 1 below its leading one, most significant first).
 
 Bins go through a range coder with 32-bit range and carry propagation (the LZMA design). Each
-context holds two 16-bit estimates of P(bin = 1), adapted with shifts 4 and 7 and averaged into a
-15-bit probability; a bypass bin is a bin with the fixed probability 2**14 / 2**15 and no
+context holds two 16-bit estimates of P(bin = 1) and a count n of its bins (saturating at 255);
+each bin moves them towards 0 or 65536 by the difference shifted right by min(r, 4) and min(r, 7),
+r = 1 + floor(log2(n + 1)) (a running mean while the context is young, then fixed rates), and
+their sum shifted right by 2 is the 15-bit probability; a bypass bin is a bin with the fixed probability 2**14 / 2**15 and no
 adaptation. docs/format.md specifies every step; the constants below are written into ``params``
 and checked on decode, so a file never depends on a library default.
 """
@@ -40,8 +43,8 @@ from deepshrink.errors import CodecError
 PROB_BITS = 15  # coding probability precision: bound = (range >> 15) * p
 SHIFTS = (4, 7)  # adaptation rates of the two estimates (fast, slow)
 INIT_PROB = 1 << 15  # each 16-bit estimate starts at P(1) = 1/2
-CONTEXT_MODEL = "sig12-sign9-gt6k-eg0"  # names the context rules in this docstring / docs/format.md
-DEFAULT_NUM_GT = 16  # unary "greater than k" flags before the Exp-Golomb remainder
+CONTEXT_MODEL = "sig12-sign9-gt6k-eg0-warmup"  # names the context rules in this docstring / docs/format.md
+DEFAULT_NUM_GT = 32  # unary "greater than k" flags before the Exp-Golomb remainder
 MAX_NUM_GT = 64  # bounds the bins per level a hostile header can ask for
 MAX_ABS = 1 << 16  # the format's largest alphabet is 2**16 centroids
 MAX_ROW_LENGTH = 1 << 31
@@ -108,12 +111,21 @@ def _prob(probs, ctx):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _adapt(probs, ctx, bit, fast, slow):
+    # warm-up: a context seen n times adapts with shift min(1 + floor(log2(n + 1)), cap), so its
+    # first bins move the estimate like a running mean and later ones like a fixed-rate average
+    seen = probs[ctx, 2]
+    rate = 1
+    while rate < slow and (seen + 1) >> rate:
+        rate += 1
+    rate_fast = min(rate, fast)
     if bit:
-        probs[ctx, 0] += (65536 - probs[ctx, 0]) >> fast
-        probs[ctx, 1] += (65536 - probs[ctx, 1]) >> slow
+        probs[ctx, 0] += (65536 - probs[ctx, 0]) >> rate_fast
+        probs[ctx, 1] += (65536 - probs[ctx, 1]) >> rate
     else:
-        probs[ctx, 0] -= probs[ctx, 0] >> fast
-        probs[ctx, 1] -= probs[ctx, 1] >> slow
+        probs[ctx, 0] -= probs[ctx, 0] >> rate_fast
+        probs[ctx, 1] -= probs[ctx, 1] >> rate
+    if seen < 255:
+        probs[ctx, 2] = seen + 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -125,13 +137,15 @@ def _sign_class(v):
 def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
     """Code ``levels``; returns the payload bytes as uint8 (leading zero byte dropped, trailing zeros stripped)."""
     n = levels.shape[0]
-    probs = np.full((_GT + 6 * num_gt, 2), init_prob, dtype=np.int64)
+    probs = np.full((_GT + 6 * num_gt, 3), init_prob, dtype=np.int64)
+    probs[:, 2] = 0  # times seen
     state = np.zeros(5, dtype=np.int64)  # low, range, cache, cache_size, pos
     state[1] = 0xFFFFFFFF
     state[3] = 1
     out = np.empty(n // 4 + 64, dtype=np.uint8)
     last = min(num_gt, max_abs - 1)  # T: the unary code's last flag
     col_last = np.zeros(min(row_length, n), dtype=np.int64)  # last non-zero level of each column
+    col_count = np.zeros(min(row_length, n), dtype=np.int64)  # non-zeros of each column so far
     col = 0
     row_last = np.int64(0)  # last non-zero level of the current row
     window = 0  # non-zeros among the previous WINDOW levels of the row
@@ -143,9 +157,9 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
             window += levels[i - 1] != 0
             if col > _WINDOW:
                 window -= levels[i - 1 - _WINDOW] != 0
-        up = np.int64(levels[i - row_length]) if i >= row_length else 0
         column = col_last[col]
-        ctx = _SIG + 4 * (0 if column == 0 else (1 if up == 0 else 2)) + min(window, 3)
+        seen = col_count[col]
+        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
         v = np.int64(levels[i])
         sig = 1 if v != 0 else 0
         out = _put(state, out, sig, _prob(probs, ctx))
@@ -163,6 +177,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
         near_row = abs(row_last)
         near_col = abs(column)
         col_last[col] = v
+        col_count[col] += 1
         row_last = v
         col += 1
         if col == row_length:
@@ -228,7 +243,8 @@ def _get(state, data, p):
 @numba.njit(cache=True, nogil=True)
 def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out):
     """Decode ``count`` levels into ``out``; returns (status, bytes read including zeros past the end)."""
-    probs = np.full((_GT + 6 * num_gt, 2), init_prob, dtype=np.int64)
+    probs = np.full((_GT + 6 * num_gt, 3), init_prob, dtype=np.int64)
+    probs[:, 2] = 0  # times seen
     state = np.zeros(3, dtype=np.int64)  # range, code, pos
     state[0] = 0xFFFFFFFF
     code = 0
@@ -246,6 +262,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
     while (max_abs >> (max_width + 1)) > 0:
         max_width += 1
     col_last = np.zeros(min(row_length, count), dtype=np.int64)
+    col_count = np.zeros(min(row_length, count), dtype=np.int64)
     col = 0
     row_last = np.int64(0)
     window = 0
@@ -257,9 +274,9 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
             window += out[i - 1] != 0
             if col > _WINDOW:
                 window -= out[i - 1 - _WINDOW] != 0
-        up = np.int64(out[i - row_length]) if i >= row_length else 0
         column = col_last[col]
-        ctx = _SIG + 4 * (0 if column == 0 else (1 if up == 0 else 2)) + min(window, 3)
+        seen = col_count[col]
+        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
         sig = _get(state, data, _prob(probs, ctx))
         _adapt(probs, ctx, sig, fast, slow)
         if sig == 0:
@@ -302,6 +319,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
         v = -magnitude if negative else magnitude
         out[i] = v
         col_last[here] = v
+        col_count[here] += 1
         row_last = v
     return _OK, state[2]
 
