@@ -56,6 +56,8 @@ _WINDOW = 8  # the significance context counts the non-zeros among this many pre
 _PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_prob", "context_model"}
 
 _OK, _BAD_LEVEL, _BAD_START = 0, 1, 2
+# 1 + floor(log2(n + 1)) for a context seen n = 0..255 times (the warm-up adaptation shift before its cap)
+_RATE = np.array([1 + int(np.log2(n + 1)) for n in range(256)], dtype=np.int64)
 
 
 def num_contexts(num_gt: int) -> int:
@@ -114,10 +116,8 @@ def _adapt(probs, ctx, bit, fast, slow):
     # warm-up: a context seen n times adapts with shift min(1 + floor(log2(n + 1)), cap), so its
     # first bins move the estimate like a running mean and later ones like a fixed-rate average
     seen = probs[ctx, 2]
-    rate = 1
-    while rate < slow and (seen + 1) >> rate:
-        rate += 1
-    rate_fast = min(rate, fast)
+    rate = _RATE[seen] if _RATE[seen] < slow else slow
+    rate_fast = rate if rate < fast else fast
     if bit:
         probs[ctx, 0] += (65536 - probs[ctx, 0]) >> rate_fast
         probs[ctx, 1] += (65536 - probs[ctx, 1]) >> rate
