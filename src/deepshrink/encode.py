@@ -66,8 +66,9 @@ class StoredFloat(str, Enum):
 class EncodeConfig:
     """How ``compress_model`` writes a file. Every choice is recorded in the file itself."""
 
-    coder: str = "huffman"  # the paper's coder; "ans" gets closer to the entropy; "cabac": one context-coded
-    # stream of levels; "auto": per layer the smallest of huffman, ans and cabac
+    # per layer the smallest of: the paper's layout with "huffman" (the paper's coder) or "ans" (closer to
+    # the entropy), and "cabac" (one context-coded stream of levels); never larger than any one of them
+    coder: str = "auto"
     index_bits_conv: int = 8  # paper: 8-bit relative indices for conv layers
     index_bits_fc: int = 5  # paper: 5 bits for fc layers (sparser rows, shorter runs)
     index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
