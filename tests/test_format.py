@@ -46,6 +46,8 @@ from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
 
 CODER_NAMES = ["huffman", "ans"]
+MODEL_CODERS = [*CODER_NAMES, "cabac"]  # EncodeConfig coders whose files the fuzz tests attack
+STREAMS = {"deep_compression": ("weights_stream", "positions_stream"), "cabac": ("levels_stream",)}
 
 
 def _import_attacks():
@@ -478,8 +480,9 @@ def base_bytes():
 def test_attack_base_file_is_valid(base_bytes, tmp_path):
     (tmp_path / "base.dsz").write_bytes(base_bytes)
     header, tensors = read_file(tmp_path / "base.dsz")
-    assert sorted(tensors) == ["a.bias", "a.weight", "bn.num_batches_tracked", "p.weight", "z.weight"]
-    assert header["tensors"]["z.weight"]["coder"] == "ans"
+    assert sorted(tensors) == ["a.bias", "a.weight", "bn.num_batches_tracked", "c.weight", "p.weight", "z.weight"]
+    assert header["tensors"]["z.weight"]["coder"] == "ans" and header["tensors"]["c.weight"]["codec"] == "cabac"
+    assert header["version"] == 2
 
 
 @pytest.mark.parametrize("name", attacks.ATTACKS)
@@ -573,7 +576,7 @@ def _assert_bounded(data: bytes, path: Path, case: str) -> None:
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     out = {}
-    for coder in CODER_NAMES:
+    for coder in MODEL_CODERS:
         path = tmp_path_factory.mktemp(coder) / "m.dsz"
         compress_model(quantized_tiny(), path, EncodeConfig(coder=coder, index_bits_conv=4, index_bits_fc=3))
         out[coder] = path.read_bytes()
@@ -608,7 +611,7 @@ def _with(header: dict, path: tuple, value) -> dict:
     return header
 
 
-@pytest.mark.parametrize("coder", CODER_NAMES)
+@pytest.mark.parametrize("coder", MODEL_CODERS)
 def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
     data = model_files[coder]
     rng = np.random.default_rng(1234)
@@ -619,12 +622,12 @@ def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
         _assert_bounded(bytes(mutated), tmp_path / "f.dsz", f"flip case {case}")
 
 
-@pytest.mark.parametrize("coder", CODER_NAMES)
+@pytest.mark.parametrize("coder", MODEL_CODERS)
 def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path, traced):
     # a hostile writer recomputes CRCs: the decoders themselves must reject or bound the damage
     header, payload, start = _split(model_files[coder])
-    sections = [(name, part) for name, e in header["tensors"].items() for part in ("weights_stream", "positions_stream")
-                if e["codec"] == "deep_compression"]
+    sections = [(name, part) for name, e in header["tensors"].items() for part in STREAMS.get(e["codec"], ())]
+    assert sections
     rng = np.random.default_rng(99)
     for case in range(150):
         name, part = sections[rng.integers(len(sections))]
@@ -637,12 +640,13 @@ def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path,
         _assert_bounded(attacks.join(fixed, bytes(body)), tmp_path / "f.dsz", f"stream case {case} {name}/{part}")
 
 
-def test_fuzz_truncation_at_every_boundary(model_files, tmp_path, traced):
-    data = model_files["huffman"]
+@pytest.mark.parametrize("coder", ["huffman", "cabac"])
+def test_fuzz_truncation_at_every_boundary(coder, model_files, tmp_path, traced):
+    data = model_files[coder]
     header, payload, start = _split(data)
     cuts = {0, 1, 8, 12, 19, 20, start - 1, start, len(data) - 1}
     for entry in header["tensors"].values():
-        for part in (entry, entry.get("codebook"), entry.get("weights_stream"), entry.get("positions_stream")):
+        for part in (entry, entry.get("codebook"), *(entry.get(s) for s in STREAMS.get(entry["codec"], ()))):
             if part and "offsets" in part:
                 cuts.update(start + o for o in part["offsets"])
     cuts.update(int(c) for c in np.random.default_rng(5).integers(0, len(data), 20))
@@ -658,7 +662,7 @@ def _write(tmp_path: Path, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("coder", CODER_NAMES)
+@pytest.mark.parametrize("coder", MODEL_CODERS)
 def test_fuzz_inflated_numbers_in_the_header(coder, model_files, tmp_path, traced):
     header, payload, _ = _split(model_files[coder])
     paths = list(_int_fields(header))
@@ -670,9 +674,9 @@ def test_fuzz_inflated_numbers_in_the_header(coder, model_files, tmp_path, trace
         shape = entry["shape"]
         grown = _with(header, ("tensors", name, "shape"), [shape[0] * 1000, *shape[1:]] if shape else [1000])
         _assert_bounded(attacks.join(grown, payload), tmp_path / "f.dsz", f"{name} first dim x1000")
-        if entry["codec"] == "deep_compression":
+        if entry["codec"] != "raw":
             numel = math.prod(entry["shape"]) * 1000
-            for key in ("num_nonzero", "num_entries"):
+            for key in ("num_nonzero", "num_entries") if entry["codec"] == "deep_compression" else ("num_nonzero",):
                 inflated = _with(grown, ("tensors", name, key), numel)
                 _assert_bounded(attacks.join(inflated, payload), tmp_path / "f.dsz", f"{name} {key}={numel}")
     for header_len in (2**32, len(payload) * 10**6):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .coding import entropy_bits
-from .encode import DTYPES, CodedTensor, Encoded, RawTensor, decode_symbols
+from .encode import DTYPES, CabacTensor, CodedTensor, Encoded, RawTensor, decode_levels, decode_symbols, levels_entropy
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,20 @@ def _coded_row(coded: CodedTensor, where: str) -> dict:
     )
 
 
+def _cabac_row(coded: CabacTensor, where: str) -> dict:
+    entropy = coded.levels_entropy_bits
+    if entropy is None:  # read from a file: measure by decoding
+        entropy = levels_entropy(decode_levels(coded, where), coded.coder_params["max_abs"])
+    stream_bits, codebook_bytes, nnz = 8 * len(coded.stream), coded.codebook.nbytes, coded.num_nonzero
+    return dict(
+        nonzero=nnz, bits=coded.bits, weight_stream_bits=stream_bits, position_stream_bits=0,
+        codebook_bytes=codebook_bytes, stored_bytes=codebook_bytes + stream_bits // 8,
+        bits_per_nonzero=(stream_bits + 8 * codebook_bytes) / nnz if nnz else None,
+        # memoryless entropy of the levels, zeros included: the contexts may code below it
+        weight_entropy_bits=entropy, position_entropy_bits=0.0,
+    )
+
+
 def _dense_bytes(encoded: Encoded) -> tuple[int, int]:
     """(numel, bytes of the tensor in the dense float32 state dict)."""
     if isinstance(encoded, RawTensor):
@@ -103,21 +117,23 @@ def account(tensors: dict[str, Encoded], *, path: str, file_bytes: int, header_b
         numel, dense = _dense_bytes(encoded)
         dense_bytes += dense
         shape = list(encoded.array.shape) if isinstance(encoded, RawTensor) else list(encoded.shape)
-        row = {"name": name, "codec": "raw" if isinstance(encoded, RawTensor) else "deep_compression",
-               "shape": shape, "numel": numel, **dict.fromkeys(_CODED_COLUMNS)}
+        codec = {RawTensor: "raw", CabacTensor: "cabac"}.get(type(encoded), "deep_compression")
+        row = {"name": name, "codec": codec, "shape": shape, "numel": numel, **dict.fromkeys(_CODED_COLUMNS)}
         if isinstance(encoded, RawTensor):
             row.update(_raw_row(encoded.array))
+        elif isinstance(encoded, CabacTensor):
+            row.update(_cabac_row(encoded, f"{path}: tensor {name!r}"))
         else:
             row.update(_coded_row(encoded, f"{path}: tensor {name!r}"))
         rows.append(row)
-    coded_rows = [r for r in rows if r["codec"] == "deep_compression"]
+    coded_rows = [r for r in rows if r["codec"] != "raw"]
     totals = {
         "tensors": len(rows),
         "coded_tensors": len(coded_rows),
         "numel": sum(r["numel"] for r in rows),
         "coded_numel": sum(r["numel"] for r in coded_rows),
         "coded_nonzero": sum(r["nonzero"] for r in coded_rows),
-        "fillers": sum(r["fillers"] for r in coded_rows),
+        "fillers": sum(r["fillers"] or 0 for r in coded_rows),
         "weight_stream_bits": sum(r["weight_stream_bits"] for r in coded_rows),
         "position_stream_bits": sum(r["position_stream_bits"] for r in coded_rows),
         "weight_entropy_bits": sum(r["weight_entropy_bits"] for r in coded_rows),

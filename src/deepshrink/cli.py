@@ -246,7 +246,6 @@ def _load(dataset: dict):
 
 def cmd_eval(args) -> None:
     from .checkpoint import load_checkpoint
-    from .compress import load
     from .format import MAGIC
     from .pipeline import resolve_device
     from .train import evaluate
@@ -468,6 +467,8 @@ def cmd_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .encode import EncodeConfig, tensor_coders  # the encode command's choices and default
+
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no per-epoch lines)")
@@ -567,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="write the compressed file")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--coder", choices=["huffman", "ans"], default="huffman")
+    p.add_argument("--coder", choices=tensor_coders(), default=EncodeConfig.coder,
+                   help="huffman/ans: the paper's layout; cabac: one context-coded stream of levels; "
+                        "auto: the smallest per layer")
     p.add_argument("--index-bits-conv", type=int, default=8)
     p.add_argument("--index-bits-fc", type=int, default=5)
     p.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32")

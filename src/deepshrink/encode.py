@@ -1,15 +1,24 @@
 """Stage 4's core: a quantized weight as Deep Compression stores it, and raw tensors otherwise.
 
-For each non-zero weight of a quantized layer (C order): its cluster symbol, and the run of zeros
-before it as an entry of ``index_bits`` bits, with filler entries for longer runs (``positions_to_entries``).
-Both symbol streams are entropy coded (``deepshrink.coding``). Every other tensor is stored raw.
-This module turns tensors into ``CodedTensor``/``RawTensor`` and back; ``format.py`` lays them out
-in a file and reads them back from untrusted bytes.
+A quantized layer is stored in one of two layouts:
+
+* the paper's (``CodedTensor``): for each non-zero weight (C order), its cluster symbol, and the run
+  of zeros before it as an entry of ``index_bits`` bits, with filler entries for longer runs
+  (``positions_to_entries``); both symbol streams are entropy coded (``deepshrink.coding``, Huffman
+  or ANS);
+* one stream of signed levels, zeros included (``CabacTensor``): the codebook sorted, each weight's
+  level ordered like its value (``indices_to_levels``), coded by the context-adaptive coder
+  ``deepshrink.coding.cabac`` with one output row/filter as the context geometry.
+
+``EncodeConfig(coder="auto")`` writes each layer in whichever is smaller. Every other tensor is
+stored raw. This module turns tensors into ``CodedTensor``/``CabacTensor``/``RawTensor`` and back;
+``format.py`` lays them out in a file and reads them back from untrusted bytes.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,13 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .coding import CODERS, entropy_bits, get_coder
+from .coding import CODERS, cabac, entropy_bits, get_coder
 from .compression import plain_state_dict
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
 from .layers import as_patterns, tied_weights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
 MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
+CABAC = "cabac"  # the one-stream layout's coder name (not a symbol coder of deepshrink.coding.CODERS)
+AUTO = "auto"  # per tensor, the smallest of every layout and coder
 
 #: Stored dtype name -> (little-endian numpy dtype, torch dtype).
 DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -54,7 +65,9 @@ class StoredFloat(str, Enum):
 class EncodeConfig:
     """How ``compress_model`` writes a file. Every choice is recorded in the file itself."""
 
-    coder: str = "huffman"  # the paper's coder; "ans" gets closer to the entropy
+    # per layer the smallest of: the paper's layout with "huffman" (the paper's coder) or "ans" (closer to
+    # the entropy), and "cabac" (one context-coded stream of levels); never larger than any one of them
+    coder: str = "auto"
     index_bits_conv: int = 8  # paper: 8-bit relative indices for conv layers
     index_bits_fc: int = 5  # paper: 5 bits for fc layers (sparser rows, shorter runs)
     index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
@@ -65,8 +78,8 @@ class EncodeConfig:
 
     def __post_init__(self):
         coder = self.coder.value if isinstance(self.coder, Enum) else self.coder
-        if not isinstance(coder, str) or coder not in CODERS:
-            raise ConfigError(f"unknown coder {self.coder!r}; valid: {', '.join(sorted(CODERS))}")
+        if not isinstance(coder, str) or coder not in tensor_coders():
+            raise ConfigError(f"unknown coder {self.coder!r}; valid: {', '.join(tensor_coders())}")
         object.__setattr__(self, "coder", coder)
         for label in ("codebook_dtype", "raw_dtype"):
             object.__setattr__(self, label, StoredFloat(_stored_float(getattr(self, label), label)))
@@ -90,6 +103,11 @@ class EncodeConfig:
             if fnmatch.fnmatchcase(fqn, pattern):
                 return int(bits)
         return self.index_bits_conv if kind == "conv" else self.index_bits_fc
+
+
+def tensor_coders() -> list[str]:
+    """Valid ``EncodeConfig.coder`` values: the symbol coders, "cabac" and "auto"."""
+    return [*sorted(CODERS), CABAC, AUTO]
 
 
 def is_int(v: Any) -> bool:
@@ -138,7 +156,28 @@ class CodedTensor:
     positions_entropy_bits: float | None = None
 
 
-Encoded = Union[RawTensor, CodedTensor]
+@dataclass(frozen=True)
+class CabacTensor:
+    """A quantized weight as one context-coded stream of signed levels (see ``encode_levels``)."""
+
+    shape: tuple[int, ...]
+    bits: int
+    codebook: np.ndarray  # (K,) sorted ascending, float32 or float16
+    num_negative: int  # codebook[:num_negative] < 0 get levels -num_negative..-1; the rest 1..K-num_negative
+    num_nonzero: int  # non-zero levels
+    stream: bytes
+    coder_params: dict  # deepshrink.coding.cabac params (row_length, max_abs, num_gt and the constants)
+    # memoryless entropy of the levels (zeros included), in bits: known when encoding, None when read
+    levels_entropy_bits: float | None = None
+
+
+Encoded = Union[RawTensor, CodedTensor, CabacTensor]
+
+
+def row_length_of(shape: tuple[int, ...]) -> int:
+    """Levels per output row/filter: prod(shape[1:]) for 2-D and up, else every element (at least 1)."""
+    numel = math.prod(shape)
+    return max(1, numel // shape[0] if len(shape) >= 2 and shape[0] else numel)
 
 
 def positions_to_entries(positions: np.ndarray, index_bits: int) -> np.ndarray:
@@ -187,6 +226,34 @@ def entries_to_positions(entries: np.ndarray, index_bits: int, numel: int, where
     return positions
 
 
+def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Signed levels for cluster indices (0 = pruned, s = codebook[s-1]), ordered like the values.
+
+    The codebook is sorted ascending (stable); its n negative values get levels -n..-1 (the most
+    negative -n) and the others 1, 2, ... by increasing value, so |level| grows with |value| on
+    each side and 0 stays "pruned".
+
+    Returns:
+        (levels int32 shaped like ``indices``, the sorted codebook, n).
+    """
+    codebook = np.asarray(codebook).reshape(-1)
+    order = np.argsort(codebook, kind="stable")
+    num_negative = int((codebook < 0).sum())
+    rank = np.empty(codebook.size, dtype=np.int64)
+    rank[order] = np.arange(codebook.size)
+    lookup = np.zeros(codebook.size + 1, dtype=np.int32)
+    lookup[1:] = rank - num_negative + (rank >= num_negative)
+    return lookup[np.asarray(indices)], codebook[order], num_negative
+
+
+def levels_to_values(levels: np.ndarray, sorted_codebook: np.ndarray, num_negative: int) -> np.ndarray:
+    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range."""
+    levels = np.asarray(levels).astype(np.int64)
+    slot = levels + num_negative - (levels > 0)
+    table = np.concatenate([sorted_codebook.astype(np.float32), np.zeros(1, np.float32)])
+    return table[np.where(levels == 0, sorted_codebook.size, slot)]
+
+
 def encode_quantized(
     indices: np.ndarray,
     codebook: np.ndarray,
@@ -211,24 +278,13 @@ def encode_quantized(
     """
     where = where or "tensor"
     _check_index_bits(index_bits, f"{where}: index_bits")
-    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{where}: bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
     if coder not in CODERS:
         raise ConfigError(f"{where}: unknown coder {coder!r}; valid: {', '.join(sorted(CODERS))}")
-    codebook_dtype = _stored_float(codebook_dtype, f"{where}: codebook_dtype")
-    codebook = np.asarray(codebook).reshape(-1)
+    indices, codebook, codebook_dtype = _check_quantized(indices, codebook, bits, codebook_dtype, where)
     num_centroids = len(codebook)
-    if num_centroids > 1 << bits:
-        raise ConfigError(f"{where}: {num_centroids} centroids do not fit in {bits} bits")
-    indices = np.asarray(indices)
-    if indices.size > MAX_TENSOR_ELEMENTS:
-        raise ConfigError(f"{where}: {indices.size} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
     flat = indices.reshape(-1)  # C order
     positions = np.flatnonzero(flat)
     symbols = flat[positions].astype(np.int64) - 1
-    if len(symbols) and (symbols.min() < 0 or symbols.max() >= num_centroids):
-        bad = int(flat[positions][(symbols < 0) | (symbols >= num_centroids)][0])
-        raise ConfigError(f"{where}: cluster index {bad} outside 0..{num_centroids}")
     entries = positions_to_entries(positions, index_bits)
     codec = get_coder(coder)
     weights_stream, weights_params = _encode_stream(codec, symbols.astype(np.uint32), num_centroids)
@@ -241,6 +297,111 @@ def encode_quantized(
         weights_entropy_bits=entropy_bits(symbols.astype(np.uint32), num_centroids) if len(symbols) else 0.0,
         positions_entropy_bits=entropy_bits(entries, 1 << index_bits) if len(entries) else 0.0,
     )
+
+
+def _check_quantized(indices, codebook, bits, codebook_dtype, where: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(indices, flat codebook, stored codebook dtype name) after checking bits, sizes and index range.
+
+    Raises:
+        ConfigError: bad bits or dtype, too many centroids or elements, or an index outside 0..K.
+    """
+    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
+        raise ConfigError(f"{where}: bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    codebook_dtype = _stored_float(codebook_dtype, f"{where}: codebook_dtype")
+    codebook = np.asarray(codebook).reshape(-1)
+    if len(codebook) > 1 << bits:
+        raise ConfigError(f"{where}: {len(codebook)} centroids do not fit in {bits} bits")
+    indices = np.asarray(indices)
+    if indices.size > MAX_TENSOR_ELEMENTS:
+        raise ConfigError(f"{where}: {indices.size} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
+    if indices.dtype.kind not in "iu":
+        raise ConfigError(f"{where}: cluster indices must be integers, got {indices.dtype}")
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) > len(codebook)):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise ConfigError(f"{where}: cluster index {bad} outside 0..{len(codebook)}")
+    return indices, codebook, codebook_dtype
+
+
+def encode_levels(
+    indices: np.ndarray, codebook: np.ndarray, bits: int, codebook_dtype: str = "float32", where: str = "tensor"
+) -> CabacTensor:
+    """Encode a quantized weight (0 = pruned, k = codebook[k-1]) as one ``cabac`` stream of signed levels.
+
+    Raises:
+        ConfigError: see ``encode_quantized``.
+    """
+    where = where or "tensor"
+    indices, codebook, codebook_dtype = _check_quantized(indices, codebook, bits, codebook_dtype, where)
+    levels, sorted_codebook, num_negative = indices_to_levels(indices, codebook)
+    flat = levels.reshape(-1)
+    shape = tuple(int(d) for d in indices.shape)
+    stream, params = cabac.encode(flat, row_length_of(shape))
+    return CabacTensor(
+        shape=shape, bits=int(bits), codebook=sorted_codebook.astype(DTYPES[codebook_dtype][0]),
+        num_negative=num_negative, num_nonzero=int(np.count_nonzero(flat)), stream=stream, coder_params=params,
+        levels_entropy_bits=levels_entropy(flat, params["max_abs"]),
+    )
+
+
+def levels_entropy(levels: np.ndarray, max_abs: int) -> float:
+    """Memoryless entropy of signed levels in bits, zeros included (the context coder may go below it)."""
+    return float(entropy_bits(levels + max_abs, 2 * max_abs + 1)) if levels.size else 0.0
+
+
+def decode_levels(coded: CabacTensor, where: str = "tensor") -> np.ndarray:
+    """Decode the signed levels (int32, flat) of a ``CabacTensor``, checked against its codebook and counts.
+
+    Raises:
+        CodecError: a malformed stream; TensorInfoMismatch: a level outside the codebook, or a
+            non-zero count other than the header's.
+    """
+    numel = math.prod(coded.shape)
+    levels = np.asarray(untrusted_call(cabac.decode, f"{where}: levels stream", coded.stream, coded.coder_params,
+                                       numel))
+    if levels.shape != (numel,):
+        raise TensorInfoMismatch(f"{where}: levels stream decoded {levels.shape} levels, shape needs {numel}")
+    if numel:
+        low, high = int(levels.min()), int(levels.max())
+        positive = len(coded.codebook) - coded.num_negative
+        if low < -coded.num_negative or high > positive:
+            raise TensorInfoMismatch(f"{where}: levels span {low}..{high}, the codebook has {coded.num_negative} "
+                                     f"negative and {positive} other values")
+    nonzero = int(np.count_nonzero(levels))
+    if nonzero != coded.num_nonzero:
+        raise TensorInfoMismatch(f"{where}: levels stream holds {nonzero} non-zeros, header says {coded.num_nonzero}")
+    return levels
+
+
+def decode_cabac(coded: CabacTensor, where: str = "tensor") -> np.ndarray:
+    """Dense float32 array of a ``CabacTensor`` (see ``decode_levels`` for the errors)."""
+    levels = decode_levels(coded, where)
+    return levels_to_values(levels, np.asarray(coded.codebook), coded.num_negative).reshape(coded.shape)
+
+
+def stored_bytes(encoded: Encoded) -> int:
+    """Bytes a coded tensor adds to a file: its sections plus its coder params as JSON (the header's share)."""
+    if isinstance(encoded, CabacTensor):
+        return encoded.codebook.nbytes + len(encoded.stream) + len(json.dumps(encoded.coder_params))
+    if isinstance(encoded, CodedTensor):
+        return (encoded.codebook.nbytes + len(encoded.weights_stream) + len(encoded.positions_stream)
+                + len(json.dumps(encoded.coder_params)))
+    return encoded.array.nbytes
+
+
+def encode_weight(
+    indices: np.ndarray, codebook: np.ndarray, bits: int, index_bits: int, coder: str = "huffman",
+    codebook_dtype: str = "float32", where: str = "tensor",
+) -> Encoded:
+    """A quantized weight in the layout ``coder`` names; "auto" tries huffman, ans and cabac and keeps the
+    smallest by ``stored_bytes`` (ties go to that order)."""
+    if coder == CABAC:
+        return encode_levels(indices, codebook, bits, codebook_dtype, where)
+    if coder != AUTO:
+        return encode_quantized(indices, codebook, bits, index_bits, coder, codebook_dtype, where)
+    candidates = [encode_quantized(indices, codebook, bits, index_bits, name, codebook_dtype, where)
+                  for name in sorted(CODERS, key=lambda n: (n != "huffman", n))]
+    candidates.append(encode_levels(indices, codebook, bits, codebook_dtype, where))
+    return min(candidates, key=stored_bytes)  # min keeps the first of equal sizes
 
 
 def _encode_stream(codec, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]:
@@ -314,6 +475,8 @@ def decode_tensor(encoded: Encoded, where: str = "tensor") -> np.ndarray:
     """
     if isinstance(encoded, RawTensor):
         return encoded.array.copy()  # own, writable memory (a file's raw tensors view its bytes)
+    if isinstance(encoded, CabacTensor):
+        return decode_cabac(encoded, where)
     return decode_quantized(encoded, where)
 
 
@@ -349,7 +512,7 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
             continue
         if name in coded:
             sw, kind = shared[name]
-            encoded[name] = encode_quantized(
+            encoded[name] = encode_weight(
                 sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
                 config.index_bits_for(name, kind), config.coder, config.codebook_dtype, where=name,
             )

@@ -3,8 +3,10 @@
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
 length N, N bytes of zlib-compressed JSON header (zero-padded so the payload starts 8-byte
 aligned), then the payload: 8-byte aligned sections (raw tensors, codebooks, weight and position
-streams), each with a CRC32. A quantized weight is stored as the paper describes: for each non-zero, its cluster index and
-the zero-run before it in ``index_bits`` bits, with filler entries for longer runs.
+streams), each with a CRC32. A quantized weight is stored as the paper describes (codec
+``deep_compression``: for each non-zero, its cluster index and the zero-run before it in
+``index_bits`` bits, with filler entries for longer runs) or, from version 2, as one context-coded
+stream of signed levels (codec ``cabac``).
 
 The reader treats every file as hostile: all checks that need no decoding run first, in a fixed
 order, and each failure raises its own ``FormatError`` subclass (see ``read_header``).
@@ -21,22 +23,24 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .accounting import FileReport, account
-from .coding import CODERS, get_coder
+from .coding import CODERS, cabac, get_coder
 from .encode import (
     DTYPES,
     MAX_BITS,
     MAX_TENSOR_ELEMENTS,
+    CabacTensor,
     CodedTensor,
     Encoded,
     RawTensor,
     decode_tensor,
     is_int,
+    row_length_of,
     untrusted_call,
 )
 from .errors import (
@@ -56,7 +60,11 @@ from .errors import (
 from .files import atomic_write
 
 MAGIC = b"DSHRINK\0"
-VERSION = 1
+#: Version 2 adds the ``cabac`` codec. The writer stamps the lowest version that holds the file's
+#: codecs, so a file without cabac tensors is still a version-1 file that older readers load.
+VERSION = 2
+VERSIONS = (1, 2)
+CODECS_BY_VERSION = {1: ("raw", "deep_compression"), 2: ("raw", "deep_compression", "cabac")}
 _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 #: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
 #: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
@@ -83,6 +91,9 @@ RAW_KEYS = {"codec", "dtype", "shape", "offsets", "crc32"}
 CODED_KEYS = {
     "codec", "dtype", "shape", "bits", "index_bits", "coder", "coder_params", "num_nonzero",
     "num_entries", "codebook", "weights_stream", "positions_stream",
+}
+CABAC_KEYS = {
+    "codec", "dtype", "shape", "bits", "num_negative", "num_nonzero", "coder_params", "codebook", "levels_stream",
 }
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}
 
@@ -133,20 +144,24 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
             data = arr.astype(DTYPES[dtype][0], order="C").tobytes()
             entries[name] = {"codec": "raw", "dtype": dtype, "shape": [int(d) for d in arr.shape], **add(data)}
         elif isinstance(enc, CodedTensor):
-            cb_name = next((n for n in CODEBOOK_DTYPES if DTYPES[n][0] == enc.codebook.dtype.newbyteorder("<")), None)
-            if cb_name is None:
-                raise ConfigError(f"{name}: codebook dtype {enc.codebook.dtype}, expected one of {CODEBOOK_DTYPES}")
-            codebook = {"dtype": cb_name, "size": len(enc.codebook),
-                        **add(enc.codebook.astype(DTYPES[cb_name][0]).tobytes())}
+            codebook = _codebook_entry(name, enc.codebook, add)
             entries[name] = {
                 "codec": "deep_compression", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
                 "index_bits": enc.index_bits, "coder": enc.coder, "coder_params": enc.coder_params,
                 "num_nonzero": enc.num_nonzero, "num_entries": enc.num_entries, "codebook": codebook,
                 "weights_stream": add(enc.weights_stream), "positions_stream": add(enc.positions_stream),
             }
+        elif isinstance(enc, CabacTensor):
+            entries[name] = {
+                "codec": "cabac", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
+                "num_negative": enc.num_negative, "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params,
+                "codebook": _codebook_entry(name, enc.codebook, add), "levels_stream": add(enc.stream),
+            }
         else:
-            raise ConfigError(f"{name}: expected a RawTensor or CodedTensor, got {type(enc).__name__}")
-    header = {"format": "deepshrink", "version": VERSION, "model": model_spec, "meta": meta or {}, "tensors": entries}
+            raise ConfigError(f"{name}: expected a RawTensor, CodedTensor or CabacTensor, got {type(enc).__name__}")
+    codecs = {entry["codec"] for entry in entries.values()}
+    version = min(v for v in VERSIONS if codecs <= set(CODECS_BY_VERSION[v]))
+    header = {"format": "deepshrink", "version": version, "model": model_spec, "meta": meta or {}, "tensors": entries}
     try:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -155,7 +170,14 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
         raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
     raw = zlib.compress(text.encode("utf-8"), 9)
     raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
-    return [_PREFIX.pack(MAGIC, VERSION, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
+    return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
+
+
+def _codebook_entry(name: str, codebook: np.ndarray, add: Callable[[bytes], dict]) -> dict:
+    cb_name = next((n for n in CODEBOOK_DTYPES if DTYPES[n][0] == codebook.dtype.newbyteorder("<")), None)
+    if cb_name is None:
+        raise ConfigError(f"{name}: codebook dtype {codebook.dtype}, expected one of {CODEBOOK_DTYPES}")
+    return {"dtype": cb_name, "size": len(codebook), **add(codebook.astype(DTYPES[cb_name][0]).tobytes())}
 
 
 def write_file(
@@ -225,8 +247,8 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     magic, version, flags, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise BadMagic(f"{where}: starts with {magic!r}, expected {MAGIC!r} (not a deepshrink file)")
-    if version != VERSION or flags not in KNOWN_FLAGS:
-        raise UnsupportedVersion(f"{where}: version {version} flags {flags:#x}; this reader knows version {VERSION}, "
+    if version not in VERSIONS or flags not in KNOWN_FLAGS:
+        raise UnsupportedVersion(f"{where}: version {version} flags {flags:#x}; this reader knows versions {VERSIONS}, "
                                  f"flags {KNOWN_FLAGS}")
     # 2. header length: capped, inside the file, payload aligned
     if header_len > MAX_HEADER_BYTES:
@@ -253,7 +275,7 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     except (ValueError, RecursionError) as e:
         raise InvalidHeader(f"{where}: header is not valid JSON ({e})") from None
     payload = memoryview(data)[PREFIX_SIZE + header_len :]
-    sections = _check_schema(header, where, len(data), max_expansion)
+    sections = _check_schema(header, where, len(data), max_expansion, version)
     # 4. sections tile the payload: sorted, from 0, 8-aligned, zero padding, no overlap, no trailing bytes
     _check_tiling(sections, payload, where)
     # 5. checksums
@@ -330,12 +352,12 @@ def _shape(entry: dict, where: str) -> int:
     return numel
 
 
-def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int) -> list[_Section]:
+def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, version: int) -> list[_Section]:
     """Known keys, types, allowlists and bounds; returns every section the entries claim."""
     _check_keys(header, TOP_KEYS, f"{where}: header")
     _expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
-    _expect(is_int(header["version"]) and header["version"] == VERSION, where,
-            f"header version {header['version']!r} disagrees with the prefix version {VERSION}", UnsupportedVersion)
+    _expect(is_int(header["version"]) and header["version"] == version, where,
+            f"header version {header['version']!r} disagrees with the prefix version {version}", UnsupportedVersion)
     _expect(header["model"] is None or isinstance(header["model"], dict), where, "'model' must be an object or null")
     spec_bytes = len(json.dumps(header["model"]))
     _expect(spec_bytes <= MAX_SPEC_BYTES, where, f"model spec of {spec_bytes} bytes exceeds {MAX_SPEC_BYTES} (its "
@@ -347,8 +369,9 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int) 
     for name, entry in header["tensors"].items():
         at = f"{where}: tensor {name!r}"
         _expect(bool(name), where, "empty tensor name")
-        _expect(isinstance(entry, dict) and _one_of(entry.get("codec"), ("raw", "deep_compression")), at,
-                "'codec' must be 'raw' or 'deep_compression'")
+        codecs = CODECS_BY_VERSION[version]
+        _expect(isinstance(entry, dict) and _one_of(entry.get("codec"), codecs), at,
+                f"'codec' must be one of {codecs} in a version-{version} file")
         if entry["codec"] == "raw":
             _check_keys(entry, RAW_KEYS, at)
             _expect(_one_of(entry["dtype"], DTYPES), at, f"dtype {entry['dtype']!r} not in {sorted(DTYPES)}")
@@ -357,6 +380,8 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int) 
             expected = numel * DTYPES[entry["dtype"]][0].itemsize
             _expect(length == expected, at, f"section holds {length} bytes, shape {entry['shape']} of "
                     f"{entry['dtype']} needs {expected}", TensorInfoMismatch)
+        elif entry["codec"] == "cabac":
+            coded_elements += _check_cabac(entry, name, at, sections)
         else:
             coded_elements += _check_coded(entry, name, at, sections)
     limit = EXPANSION_ALLOWANCE + max_expansion * file_bytes
@@ -373,15 +398,7 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
     bits = _int_field(entry, "bits", at, 1, MAX_BITS)
     index_bits = _int_field(entry, "index_bits", at, 1, MAX_BITS)
     _expect(_one_of(entry["coder"], CODERS), at, f"coder {entry['coder']!r} not in {sorted(CODERS)}")
-    codebook = entry["codebook"]
-    _check_keys(codebook, {"dtype", "offsets", "crc32", "size"}, f"{at}: codebook")
-    _expect(_one_of(codebook["dtype"], CODEBOOK_DTYPES), at,
-            f"codebook dtype {codebook['dtype']!r} not in {CODEBOOK_DTYPES}")
-    size = _int_field(codebook, "size", f"{at}: codebook", 0, 1 << bits)
-    length = _section(codebook, at, sections, f"{name}/codebook")
-    expected = size * DTYPES[codebook["dtype"]][0].itemsize
-    _expect(length == expected, at, f"codebook section holds {length} bytes, {size} {codebook['dtype']} "
-            f"values need {expected}", TensorInfoMismatch)
+    size = _check_codebook(entry["codebook"], bits, name, at, sections)
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
     filler = (1 << index_bits) - 1
     # fillers cover at least F zeros each, and the writer never ends with one
@@ -403,6 +420,43 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
         bound = _max_symbols(entry["coder"], length)
         _expect(bound is None or count <= bound, at, f"{label} stream of {length} bytes cannot hold {count} "
                 f"{entry['coder']} symbols (at most {bound})", TensorInfoMismatch)
+    return numel
+
+
+def _check_codebook(codebook: Any, bits: int, name: str, at: str, sections: list[_Section]) -> int:
+    """Check a codebook part (keys, dtype, K <= 2**bits, section length); returns K."""
+    _check_keys(codebook, {"dtype", "offsets", "crc32", "size"}, f"{at}: codebook")
+    _expect(_one_of(codebook["dtype"], CODEBOOK_DTYPES), at,
+            f"codebook dtype {codebook['dtype']!r} not in {CODEBOOK_DTYPES}")
+    size = _int_field(codebook, "size", f"{at}: codebook", 0, 1 << bits)
+    length = _section(codebook, at, sections, f"{name}/codebook")
+    expected = size * DTYPES[codebook["dtype"]][0].itemsize
+    _expect(length == expected, at, f"codebook section holds {length} bytes, {size} {codebook['dtype']} "
+            f"values need {expected}", TensorInfoMismatch)
+    return size
+
+
+def _check_cabac(entry: dict, name: str, at: str, sections: list[_Section]) -> int:
+    _check_keys(entry, CABAC_KEYS, at)
+    _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
+    numel = _shape(entry, at)
+    bits = _int_field(entry, "bits", at, 1, MAX_BITS)
+    size = _check_codebook(entry["codebook"], bits, name, at, sections)
+    num_negative = _int_field(entry, "num_negative", at, 0, size)
+    num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
+    _check_keys(entry["levels_stream"], {"offsets", "crc32"}, f"{at}: levels_stream")
+    length = _section(entry["levels_stream"], at, sections, f"{name}/levels_stream")
+    row_length, max_abs, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    expected_row = row_length_of(tuple(entry["shape"]))
+    _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
+            f"{expected_row}", TensorInfoMismatch)
+    widest = max(num_negative, size - num_negative)
+    _expect(max_abs <= widest, at, f"cabac max_abs {max_abs} exceeds the codebook's widest side ({widest} values)",
+            TensorInfoMismatch)
+    _expect((max_abs == 0) == (num_nonzero == 0), at, f"cabac max_abs {max_abs} disagrees with num_nonzero "
+            f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
+    _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
+            TensorInfoMismatch)
     return numel
 
 
@@ -459,6 +513,18 @@ def _coded_view(entry: dict, payload: memoryview) -> CodedTensor:
         num_nonzero=entry["num_nonzero"], num_entries=entry["num_entries"],
         weights_stream=bytes(span(entry["weights_stream"])), positions_stream=bytes(span(entry["positions_stream"])),
         coder_params=entry["coder_params"],
+    )
+
+
+def _cabac_view(entry: dict, payload: memoryview) -> CabacTensor:
+    cb = entry["codebook"]
+    begin, end = cb["offsets"]
+    stream_begin, stream_end = entry["levels_stream"]["offsets"]
+    return CabacTensor(
+        shape=tuple(entry["shape"]), bits=entry["bits"],
+        codebook=np.frombuffer(payload[begin:end], dtype=DTYPES[cb["dtype"]][0]),
+        num_negative=entry["num_negative"], num_nonzero=entry["num_nonzero"],
+        stream=bytes(payload[stream_begin:stream_end]), coder_params=entry["coder_params"],
     )
 
 
@@ -523,8 +589,12 @@ def _encoded(parsed: _Parsed) -> dict[str, Encoded]:
     for name in sorted(parsed.header["tensors"]):
         entry = parsed.header["tensors"][name]
         at = f"{parsed.path}: tensor {name!r}"
-        out[name] = (RawTensor(_raw_array(entry, parsed.payload, at)) if entry["codec"] == "raw"
-                     else _coded_view(entry, parsed.payload))
+        if entry["codec"] == "raw":
+            out[name] = RawTensor(_raw_array(entry, parsed.payload, at))
+        elif entry["codec"] == "cabac":
+            out[name] = _cabac_view(entry, parsed.payload)
+        else:
+            out[name] = _coded_view(entry, parsed.payload)
     return out
 
 

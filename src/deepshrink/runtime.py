@@ -139,26 +139,30 @@ def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
         every error of ``format.read_file``.
     """
     # The one place this module touches the file format: the loader's parse (every check before
-    # any decoding), then each coded tensor's two streams decoded to symbols and positions.
+    # any decoding), then each coded tensor decoded to cluster symbols and positions.
     from . import format as fmt
-    from .encode import decode_symbols, entries_to_positions
+    from .encode import CabacTensor, RawTensor, decode_levels, decode_symbols, entries_to_positions
 
     parsed = fmt._parse(path, fmt.DEFAULT_MAX_EXPANSION if max_expansion is None else max_expansion)
     tensors: dict[str, CsrCodebook | torch.Tensor] = {}
-    for name in sorted(parsed.header["tensors"]):
-        entry = parsed.header["tensors"][name]
+    for name, encoded in fmt._encoded(parsed).items():
         at = f"{parsed.path}: tensor {name!r}"
-        if entry["codec"] == "raw":
-            array = fmt._raw_array(entry, parsed.payload, at)
+        if isinstance(encoded, RawTensor):
+            array = encoded.array
             tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
             continue
-        coded = fmt._coded_view(entry, parsed.payload)
-        symbols, entries = decode_symbols(coded, at)
-        positions = entries_to_positions(entries, coded.index_bits, math.prod(coded.shape), at)
-        if len(positions) != coded.num_nonzero:
-            raise TensorInfoMismatch(f"{at}: positions stream places {len(positions)} weights, "
-                                     f"header says num_nonzero={coded.num_nonzero}")
-        tensors[name] = csr_from_positions(coded.shape, positions, symbols, coded.codebook)
+        if isinstance(encoded, CabacTensor):  # signed levels over the sorted codebook
+            levels = decode_levels(encoded, at)
+            positions = np.flatnonzero(levels)
+            nonzero = levels[positions].astype(np.int64)
+            symbols = nonzero + encoded.num_negative - (nonzero > 0)
+        else:
+            symbols, entries = decode_symbols(encoded, at)
+            positions = entries_to_positions(entries, encoded.index_bits, math.prod(encoded.shape), at)
+        if len(positions) != encoded.num_nonzero:
+            raise TensorInfoMismatch(f"{at}: the streams place {len(positions)} weights, "
+                                     f"header says num_nonzero={encoded.num_nonzero}")
+        tensors[name] = csr_from_positions(encoded.shape, positions, symbols, encoded.codebook)
     return parsed.header, tensors
 
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from deepshrink import errors
 from deepshrink.coding import get_coder
-from deepshrink.encode import CodedTensor, RawTensor, encode_quantized
-from deepshrink.format import FLAG_DEFLATED_HEADER, MAGIC, PREFIX_SIZE, serialize
+from deepshrink.coding import cabac
+from deepshrink.encode import CabacTensor, CodedTensor, RawTensor, encode_levels, encode_quantized
+from deepshrink.format import FLAG_DEFLATED_HEADER, MAGIC, PREFIX_SIZE, VERSIONS, serialize
 
 
 def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman") -> CodedTensor:
@@ -41,6 +42,9 @@ def base_tensors() -> dict:
         "a.bias": RawTensor(np.arange(8, dtype="<f4")),  # the first section: 32 bytes at offset 0
         # 3 centroids = 12 bytes, so 4 bytes of alignment padding follow the codebook
         "a.weight": _coded((8, 50), np.flatnonzero(dense), rng.integers(0, 3, dense.sum()), [-0.5, 0.25, 1.0], 2, 3),
+        # cabac (version 2): levels -2..2 over a sorted 4-value codebook, rows of 40
+        "c.weight": encode_levels(np.where(rng.random((6, 40)) < 0.3, rng.integers(1, 5, (6, 40)), 0),
+                                  np.array([0.7, -0.1, 0.2, -0.5], np.float32), 2),
         "bn.num_batches_tracked": RawTensor(np.array(7, dtype="<i8")),
         "p.weight": _coded((100,), [10, 90], [0, 1], [-1.0, 1.0], 1, 8),  # last non-zero at 90
         # ANS, named last so that its positions stream is the payload's last section
@@ -65,9 +69,13 @@ def split(data: bytes) -> tuple[dict, bytes]:
     return json.loads(header), data[PREFIX_SIZE + header_len :]
 
 
-def join(header: dict | str | bytes, payload: bytes, magic: bytes = MAGIC, version: int = 1, flags: int = 0,
-         header_len: int | None = None) -> bytes:
-    """A file from a header (dict, or exact text/bytes), padded so the payload stays 8-aligned."""
+def join(header: dict | str | bytes, payload: bytes, magic: bytes = MAGIC, version: int | None = None,
+         flags: int = 0, header_len: int | None = None) -> bytes:
+    """A file from a header (dict, or exact text/bytes), padded so the payload stays 8-aligned.
+
+    The prefix version defaults to the header's own where that is a known version, else 1."""
+    if version is None:
+        version = header.get("version") if isinstance(header, dict) and header.get("version") in VERSIONS else 1
     if isinstance(header, dict):
         header = json.dumps(header, sort_keys=True, separators=(",", ":"))
     raw = header.encode() if isinstance(header, str) else header
@@ -112,7 +120,7 @@ def _deflated(compress: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         raw = compress(text)
         raw += bytes(-(PREFIX_SIZE + len(raw)) % 8)
-        return struct.pack("<8sHHQ", MAGIC, 1, FLAG_DEFLATED_HEADER, len(raw)) + raw + payload
+        return struct.pack("<8sHHQ", MAGIC, header["version"], FLAG_DEFLATED_HEADER, len(raw)) + raw + payload
 
     return craft
 
@@ -181,6 +189,18 @@ class Attack:
     abuse: str
 
 
+def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", **changes) -> CabacTensor:
+    """A cabac tensor over the codebook [-1, 1] with a hand-picked level stream (and header fields)."""
+    stream, params = cabac.encode(np.array(levels), len(levels))
+    fields = dict(shape=(len(levels),), bits=1, codebook=np.array([-1.0, 1.0], np.float32), num_negative=1,
+                  num_nonzero=int(np.count_nonzero(levels)), stream=stream + stream_suffix, coder_params=params)
+    return CabacTensor(**{**fields, **changes})
+
+
+def _as_version_1(header: dict) -> None:
+    header["version"] = 1
+
+
 def _pad_after_codebook(header: dict) -> int:
     return header["tensors"]["a.weight"]["codebook"]["offsets"][1]  # 12-byte codebook: padding follows
 
@@ -191,7 +211,7 @@ ATTACKS: dict[str, Attack] = {
     "empty_file": Attack(E.HeaderTooSmall, "header", lambda d: b"", "no prefix at all"),
     "shorter_than_prefix": Attack(E.HeaderTooSmall, "header", lambda d: d[: PREFIX_SIZE - 1], "truncated prefix"),
     "bad_magic": Attack(E.BadMagic, "header", lambda d: b"PK\x03\x04" + d[4:], "another format (a zip)"),
-    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=2), "a future version"),
+    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=3), "a future version"),
     "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=2), "reserved flags set"),
     "deflated_header_corrupt": Attack(E.InvalidHeader, "header", prefix(flags=1), "plain JSON flagged as deflated"),
     "deflated_header_bomb": Attack(E.HeaderTooLarge, "header", _deflated(lambda h: zlib.compress(b" " * (17 << 20), 9)),
@@ -231,7 +251,7 @@ ATTACKS: dict[str, Attack] = {
     "missing_entry_key": Attack(E.InvalidHeader, "header", edit(lambda h: tensors(h)["a.weight"].pop("num_entries")),
                                 "count missing"),
     "wrong_format_name": Attack(E.InvalidHeader, "header", edit(lambda h: h.update(format="other")), "not ours"),
-    "header_version_disagrees": Attack(E.UnsupportedVersion, "header", edit(lambda h: h.update(version=2)),
+    "header_version_disagrees": Attack(E.UnsupportedVersion, "header", prefix(version=1),
                                        "header and prefix versions differ"),
     "model_spec_too_large": Attack(E.HeaderTooLarge, "header",
                                    edit(lambda h: h.update(model={"arch": "mlp", "kwargs": {"hidden": [1] * 10_000}})),
@@ -283,6 +303,37 @@ ATTACKS: dict[str, Attack] = {
     "ans_frequencies_bad_sum": Attack(E.CodecError, "header",
                                       edit(_set("z.weight/coder_params/weights/frequencies",
                                                 lambda f: [f[0] + 1] + f[1:])), "frequencies not 2**precision"),
+    # cabac entries
+    "cabac_in_version_1": Attack(E.InvalidHeader, "header", edit(_as_version_1), "a codec version 1 does not have"),
+    "cabac_params_bad_shifts": Attack(E.CodecError, "header", edit(_set("c.weight/coder_params/shifts", [5, 7])),
+                                      "adaptation rates this decoder does not implement"),
+    "cabac_params_many_flags": Attack(E.CodecError, "header", edit(_set("c.weight/coder_params/num_gt", 10**6)),
+                                      "a million bins per level"),
+    "cabac_row_length_mismatch": Attack(E.TensorInfoMismatch, "header",
+                                        edit(_set("c.weight/coder_params/row_length", 7)),
+                                        "context geometry other than the shape's rows"),
+    "cabac_max_abs_beyond_codebook": Attack(E.TensorInfoMismatch, "header",
+                                            edit(_set("c.weight/coder_params/max_abs", 3)),
+                                            "levels the codebook cannot resolve"),
+    "cabac_negatives_exceed_codebook": Attack(E.TensorInfoMismatch, "header", edit(_set("c.weight/num_negative", 5)),
+                                              "more negative values than the codebook has"),
+    "cabac_nonzero_exceeds_numel": Attack(E.TensorInfoMismatch, "header", edit(_set("c.weight/num_nonzero", 241)),
+                                          "more non-zeros than elements"),
+    "cabac_all_zero_with_bytes": Attack(E.TensorInfoMismatch, "header",
+                                        _own_file({"w": _cabac_levels([0, 0, 0, 0], b"\x01")}),
+                                        "an all-zero tensor with stream bytes"),
+    "cabac_trailing_stream_bytes": Attack(E.CodecError, "decode",
+                                          _own_file({"w": _cabac_levels([0, 1, -1, 0], b"\x01" * 64)}),
+                                          "data after the coded levels"),
+    "cabac_level_outside_codebook": Attack(E.TensorInfoMismatch, "decode",
+                                           _own_file({"w": _cabac_levels([0, 1, -1, 0], num_negative=0)}),
+                                           "a negative level with no negative value"),
+    "cabac_nonzero_disagrees": Attack(E.TensorInfoMismatch, "decode",
+                                      _own_file({"w": _cabac_levels([0, 1, -1, 0], num_nonzero=3)}),
+                                      "header and stream count different non-zeros"),
+    "checksum_levels_stream": Attack(E.ChecksumMismatch, "header",
+                                     payload_byte(lambda h: h["tensors"]["c.weight"]["levels_stream"]["offsets"][0]),
+                                     "bit rot in a levels stream"),
     # sections
     "offsets_reversed": Attack(E.InvalidOffset, "header", edit(_set("a.bias/offsets", [32, 0])), "end < begin"),
     "offsets_overlap": Attack(E.InvalidOffset, "header",

@@ -1,0 +1,423 @@
+"""Context-adaptive binary arithmetic coding of one quantized tensor's signed levels (DeepCABAC-like).
+
+A tensor is a 1-D stream of integer levels in scan order (C order of the weight), zeros included,
+with ``|level| <= max_abs``. ``row_length`` (the elements of one output row/filter) gives the
+context geometry: column j of row r is level ``r * row_length + j``. Nothing is stored but the
+bits and a few constants (``params``); the bit probabilities adapt as the stream is coded, so a long
+run of zeros costs a small fraction of a bit per level.
+
+Context state, all from levels already coded: ``window`` = non-zeros among the previous 8 levels of
+the row; ``row_last`` = the row's last non-zero level so far (0 if none); ``column`` = column j's
+last non-zero level in earlier rows (0 if none); ``seen`` = column j's non-zeros in earlier rows.
+Binarisation of a level v (M = max_abs, T = min(num_gt, M - 1)); nothing at all is coded when M == 0:
+
+1. ``sig`` = v != 0, context ``4 * col_class + min(window, 3)`` with col_class 0 if seen == 0,
+   1 if 8 * seen < r (row r, so a column that was non-zero in under 1/8 of the earlier rows), else 2
+   (12 contexts).
+2. ``sign`` = v < 0, context ``12 + 3 * sign_class(column) + sign_class(row_last)``, sign_class
+   0 for zero, 1 for negative, 2 for positive (9 contexts).
+3. ``gt_k`` = |v| > k for k = 1..T, stopping after the first 0, context
+   ``21 + 6 * (k - 1) + 3 * (v < 0) + (|row_last| > k) + (|column| > k)``.
+4. If |v| > T: when T == M - 1 the unary code was truncated and |v| == M; otherwise the remainder
+   |v| - T - 1 follows as order-0 Exp-Golomb in bypass bins (n ones, a zero, then the n bits of
+   remainder + 1 below its leading one, most significant first).
+
+Bins go through a range coder with 32-bit range and carry propagation (the LZMA design). Each
+context holds two 16-bit estimates of P(bin = 1) and a count n of its bins (saturating at 255);
+each bin moves them towards 0 or 65536 by the difference shifted right by min(r, 4) and min(r, 7),
+r = 1 + floor(log2(n + 1)) (a running mean while the context is young, then fixed rates), and
+their sum shifted right by 2 is the 15-bit probability; a bypass bin is a bin with the fixed probability 2**14 / 2**15 and no
+adaptation. docs/format.md specifies every step; the constants below are written into ``params``
+and checked on decode, so a file never depends on a library default.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from deepshrink.coding import as_payload, check_count
+from deepshrink.errors import CodecError
+
+# --- the bitstream's constants (all written into params and checked on decode) -----------------
+PROB_BITS = 15  # coding probability precision: bound = (range >> 15) * p
+SHIFTS = (4, 7)  # adaptation rates of the two estimates (fast, slow)
+INIT_PROB = 1 << 15  # each 16-bit estimate starts at P(1) = 1/2
+CONTEXT_MODEL = "sig12-sign9-gt6k-eg0-warmup"  # names the context rules in this docstring / docs/format.md
+DEFAULT_NUM_GT = 32  # unary "greater than k" flags before the Exp-Golomb remainder
+MAX_NUM_GT = 64  # bounds the bins per level a hostile header can ask for
+MAX_ABS = 1 << 16  # the format's largest alphabet is 2**16 centroids
+MAX_ROW_LENGTH = 1 << 31
+
+_TOP = 1 << 24  # the range is renormalised (shifted by a byte) while it is below this
+_HALF = 1 << (PROB_BITS - 1)  # bypass probability
+_SIG, _SIGN, _GT = 0, 12, 21  # context index bases
+_WINDOW = 8  # the significance context counts the non-zeros among this many previous levels of the row
+_PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_prob", "context_model"}
+
+_OK, _BAD_LEVEL, _BAD_START = 0, 1, 2
+# 1 + floor(log2(n + 1)) for a context seen n = 0..255 times (the warm-up adaptation shift before its cap)
+_RATE = np.array([1 + int(np.log2(n + 1)) for n in range(256)], dtype=np.int64)
+
+
+def num_contexts(num_gt: int) -> int:
+    return _GT + 6 * num_gt
+
+
+# --- encoder ------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shift_low(state, out):
+    """Move the top byte of ``low`` out (through the one-byte cache that absorbs carries); returns ``out``."""
+    low = state[0]
+    if low < 0xFF000000 or low >= (1 << 32):
+        carry = low >> 32
+        byte = state[2]
+        pos = state[4]
+        if pos + state[3] + 8 > out.shape[0]:
+            bigger = np.empty(2 * out.shape[0] + state[3] + 64, dtype=np.uint8)
+            bigger[:pos] = out[:pos]
+            out = bigger
+        while state[3] > 0:
+            out[pos] = np.uint8((byte + carry) & 0xFF)
+            pos += 1
+            byte = 0xFF
+            state[3] -= 1
+        state[4] = pos
+        state[2] = (low >> 24) & 0xFF
+    state[3] += 1
+    state[0] = (low & 0x00FFFFFF) << 8
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put(state, out, bit, p):
+    """Code ``bit`` with P(1) = p / 2**15: the 1 takes the lower part of the range."""
+    bound = (state[1] >> PROB_BITS) * p
+    if bit:
+        state[1] = bound
+    else:
+        state[0] += bound
+        state[1] -= bound
+    while state[1] < _TOP:
+        state[1] <<= 8
+        out = _shift_low(state, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _prob(probs, ctx):
+    return (probs[ctx, 0] + probs[ctx, 1]) >> 2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _adapt(probs, ctx, bit, fast, slow):
+    # warm-up: a context seen n times adapts with shift min(1 + floor(log2(n + 1)), cap), so its
+    # first bins move the estimate like a running mean and later ones like a fixed-rate average
+    seen = probs[ctx, 2]
+    rate = _RATE[seen] if _RATE[seen] < slow else slow
+    rate_fast = rate if rate < fast else fast
+    if bit:
+        probs[ctx, 0] += (65536 - probs[ctx, 0]) >> rate_fast
+        probs[ctx, 1] += (65536 - probs[ctx, 1]) >> rate
+    else:
+        probs[ctx, 0] -= probs[ctx, 0] >> rate_fast
+        probs[ctx, 1] -= probs[ctx, 1] >> rate
+    if seen < 255:
+        probs[ctx, 2] = seen + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sign_class(v):
+    return 0 if v == 0 else (1 if v < 0 else 2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
+    """Code ``levels``; returns the payload bytes as uint8 (leading zero byte dropped, trailing zeros stripped)."""
+    n = levels.shape[0]
+    probs = np.full((_GT + 6 * num_gt, 3), init_prob, dtype=np.int64)
+    probs[:, 2] = 0  # times seen
+    state = np.zeros(5, dtype=np.int64)  # low, range, cache, cache_size, pos
+    state[1] = 0xFFFFFFFF
+    state[3] = 1
+    out = np.empty(n // 4 + 64, dtype=np.uint8)
+    last = min(num_gt, max_abs - 1)  # T: the unary code's last flag
+    col_last = np.zeros(min(row_length, n), dtype=np.int64)  # last non-zero level of each column
+    col_count = np.zeros(min(row_length, n), dtype=np.int64)  # non-zeros of each column so far
+    col = 0
+    row_last = np.int64(0)  # last non-zero level of the current row
+    window = 0  # non-zeros among the previous WINDOW levels of the row
+    for i in range(n if max_abs > 0 else 0):
+        if col == 0:
+            row_last = 0
+            window = 0
+        else:
+            window += levels[i - 1] != 0
+            if col > _WINDOW:
+                window -= levels[i - 1 - _WINDOW] != 0
+        column = col_last[col]
+        seen = col_count[col]
+        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
+        v = np.int64(levels[i])
+        sig = 1 if v != 0 else 0
+        out = _put(state, out, sig, _prob(probs, ctx))
+        _adapt(probs, ctx, sig, fast, slow)
+        if sig == 0:
+            col += 1
+            if col == row_length:
+                col = 0
+            continue
+        negative = 1 if v < 0 else 0
+        ctx = _SIGN + 3 * _sign_class(column) + _sign_class(row_last)
+        out = _put(state, out, negative, _prob(probs, ctx))
+        _adapt(probs, ctx, negative, fast, slow)
+        magnitude = -v if negative else v
+        near_row = abs(row_last)
+        near_col = abs(column)
+        col_last[col] = v
+        col_count[col] += 1
+        row_last = v
+        col += 1
+        if col == row_length:
+            col = 0
+        k = 1
+        while k <= last:
+            flag = 1 if magnitude > k else 0
+            ctx = _GT + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
+            out = _put(state, out, flag, _prob(probs, ctx))
+            _adapt(probs, ctx, flag, fast, slow)
+            if flag == 0:
+                break
+            k += 1
+        if magnitude > last and last < max_abs - 1:
+            value = magnitude - last  # remainder + 1 >= 1
+            width = 0
+            while (value >> (width + 1)) > 0:
+                width += 1
+            for _ in range(width):
+                out = _put(state, out, 1, _HALF)
+            out = _put(state, out, 0, _HALF)
+            for b in range(width - 1, -1, -1):
+                out = _put(state, out, (value >> b) & 1, _HALF)
+    # flush: the value in [low, low + range) with the most trailing zero bits, then strip them
+    low, rng = state[0], state[1]
+    for bits in range(32, -1, -1):
+        mask = (np.int64(1) << bits) - 1
+        value = (low + mask) & ~mask
+        if value < low + rng:
+            state[0] = value
+            break
+    for _ in range(5):
+        out = _shift_low(state, out)
+    end = state[4]
+    while end > 1 and out[end - 1] == 0:
+        end -= 1
+    return out[1:end].copy()  # the first byte is the initial cache, always 0
+
+
+# --- decoder ------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _get(state, data, p):
+    """Decode one bin with P(1) = p / 2**15; bytes past the payload read as zero (and are counted)."""
+    bound = (state[0] >> PROB_BITS) * p
+    if state[1] < bound:
+        state[0] = bound
+        bit = 1
+    else:
+        state[1] -= bound
+        state[0] -= bound
+        bit = 0
+    while state[0] < _TOP:
+        pos = state[2]
+        byte = np.int64(data[pos]) if pos < data.shape[0] else 0
+        state[0] <<= 8
+        state[1] = (state[1] << 8) | byte
+        state[2] = pos + 1
+    return bit
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out):
+    """Decode ``count`` levels into ``out``; returns (status, bytes read including zeros past the end)."""
+    probs = np.full((_GT + 6 * num_gt, 3), init_prob, dtype=np.int64)
+    probs[:, 2] = 0  # times seen
+    state = np.zeros(3, dtype=np.int64)  # range, code, pos
+    state[0] = 0xFFFFFFFF
+    code = 0
+    for j in range(4):
+        code = (code << 8) | (np.int64(data[j]) if j < data.shape[0] else 0)
+    state[1] = code
+    state[2] = 4
+    if code >= state[0]:
+        return _BAD_START, 4
+    if max_abs == 0:
+        out[:count] = 0
+        return _OK, 4
+    last = min(num_gt, max_abs - 1)
+    max_width = 0
+    while (max_abs >> (max_width + 1)) > 0:
+        max_width += 1
+    col_last = np.zeros(min(row_length, count), dtype=np.int64)
+    col_count = np.zeros(min(row_length, count), dtype=np.int64)
+    col = 0
+    row_last = np.int64(0)
+    window = 0
+    for i in range(count):
+        if col == 0:
+            row_last = 0
+            window = 0
+        else:
+            window += out[i - 1] != 0
+            if col > _WINDOW:
+                window -= out[i - 1 - _WINDOW] != 0
+        column = col_last[col]
+        seen = col_count[col]
+        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
+        sig = _get(state, data, _prob(probs, ctx))
+        _adapt(probs, ctx, sig, fast, slow)
+        if sig == 0:
+            out[i] = 0
+            col += 1
+            if col == row_length:
+                col = 0
+            continue
+        ctx = _SIGN + 3 * _sign_class(column) + _sign_class(row_last)
+        negative = _get(state, data, _prob(probs, ctx))
+        _adapt(probs, ctx, negative, fast, slow)
+        near_row = abs(row_last)
+        near_col = abs(column)
+        here = col
+        col += 1
+        if col == row_length:
+            col = 0
+        magnitude = 1
+        k = 1
+        while k <= last:
+            ctx = _GT + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
+            flag = _get(state, data, _prob(probs, ctx))
+            _adapt(probs, ctx, flag, fast, slow)
+            if flag == 0:
+                break
+            magnitude += 1
+            k += 1
+        if magnitude > last and last < max_abs - 1:
+            width = 0
+            while _get(state, data, _HALF):
+                width += 1
+                if width > max_width:  # remainder + 1 <= max_abs needs at most max_width ones
+                    return _BAD_LEVEL, state[2]
+            value = 1
+            for _ in range(width):
+                value = (value << 1) | _get(state, data, _HALF)
+            magnitude = last + value
+            if magnitude > max_abs:
+                return _BAD_LEVEL, state[2]
+        v = -magnitude if negative else magnitude
+        out[i] = v
+        col_last[here] = v
+        col_count[here] += 1
+        row_last = v
+    return _OK, state[2]
+
+
+# --- API ----------------------------------------------------------------------------------------
+
+
+def _check_int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise CodecError(f"cabac {name} must be an int, got {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise CodecError(f"cabac {name} must be in {low}..{high}, got {value}")
+    return int(value)
+
+
+def make_params(row_length: int, max_abs: int, num_gt: int = DEFAULT_NUM_GT) -> dict:
+    """The params dict for a stream: geometry, alphabet and every bitstream constant."""
+    params = {
+        "row_length": row_length, "max_abs": max_abs, "num_gt": num_gt, "prob_bits": PROB_BITS,
+        "shifts": list(SHIFTS), "init_prob": INIT_PROB, "context_model": CONTEXT_MODEL,
+    }
+    validate_params(params)
+    return params
+
+
+def validate_params(params: dict) -> tuple[int, int, int]:
+    """(row_length, max_abs, num_gt) after checking ``params`` (CodecError names the bad key)."""
+    if not isinstance(params, dict):
+        raise CodecError(f"cabac params must be a dict, got {type(params).__name__}")
+    if set(params) != _PARAM_KEYS:
+        raise CodecError(f"cabac params must have keys {sorted(_PARAM_KEYS)}, got {sorted(map(str, params))}")
+    fixed = {"prob_bits": PROB_BITS, "shifts": list(SHIFTS), "init_prob": INIT_PROB, "context_model": CONTEXT_MODEL}
+    for key, expected in fixed.items():
+        value = params[key]
+        if type(value) is not type(expected) or value != expected or (
+            isinstance(value, list) and any(type(x) is not int for x in value)
+        ):
+            raise CodecError(f"cabac param {key} must be {expected!r} (the only supported value), got {value!r}")
+    row_length = _check_int(params["row_length"], "row_length", 1, MAX_ROW_LENGTH)
+    max_abs = _check_int(params["max_abs"], "max_abs", 0, MAX_ABS)
+    num_gt = _check_int(params["num_gt"], "num_gt", 0, MAX_NUM_GT)
+    return row_length, max_abs, num_gt
+
+
+def as_levels(levels) -> np.ndarray:
+    """1-D int32 copy/view of ``levels`` after checking rank, dtype and |level| <= MAX_ABS (CodecError)."""
+    array = np.asarray(levels)
+    if array.ndim != 1:
+        raise CodecError(f"levels must be a 1-D array, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise CodecError(f"levels must have an integer dtype, got {array.dtype}")
+    if array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < -MAX_ABS or high > MAX_ABS:
+            raise CodecError(f"levels must lie in [-{MAX_ABS}, {MAX_ABS}], got values in [{low}, {high}]")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def encode(levels, row_length: int, num_gt: int = DEFAULT_NUM_GT) -> tuple[bytes, dict]:
+    """Code 1-D signed ``levels`` (scan order) whose rows hold ``row_length`` levels; returns (payload, params).
+
+    >>> payload, params = encode(np.array([0, 0, 3, -1, 0, 0]), row_length=3)
+    >>> decode(payload, params, 6).tolist()
+    [0, 0, 3, -1, 0, 0]
+
+    Raises:
+        CodecError: levels not 1-D integers within MAX_ABS, or a bad row_length/num_gt.
+    """
+    array = as_levels(levels)
+    max_abs = int(np.abs(array.astype(np.int64)).max()) if array.size else 0
+    params = make_params(row_length, max_abs, num_gt)
+    payload = _encode(array, params["row_length"], max_abs, params["num_gt"], SHIFTS[0], SHIFTS[1], INIT_PROB)
+    return payload.tobytes(), params
+
+
+def decode(payload, params: dict, count: int) -> np.ndarray:
+    """Decode ``count`` levels (int32) from ``payload``; ``count`` comes from the caller (the file's header).
+
+    Raises:
+        CodecError: bad params or count, or a payload that is not exactly the coding of ``count``
+            levels within ``max_abs`` (a bad start, an Exp-Golomb prefix or level out of range,
+            bytes left over, a trailing zero byte the encoder would have stripped).
+    """
+    row_length, max_abs, num_gt = validate_params(params)
+    count = check_count(count)
+    data = np.frombuffer(as_payload(payload), dtype=np.uint8)
+    if data.size and data[-1] == 0:
+        raise CodecError("cabac payload ends with a zero byte (the encoder strips them)")
+    if count == 0 or max_abs == 0:
+        if data.size:
+            raise CodecError(f"cabac payload holds {data.size} bytes but codes no bins (count {count}, max_abs {max_abs})")
+        return np.zeros(count, dtype=np.int32)
+    out = np.empty(count, dtype=np.int32)
+    status, read = _decode(data, count, row_length, max_abs, num_gt, SHIFTS[0], SHIFTS[1], INIT_PROB, out)
+    if status == _BAD_START:
+        raise CodecError("cabac payload starts with a value outside the coder's range")
+    if status == _BAD_LEVEL:
+        raise CodecError(f"cabac payload codes a level beyond max_abs={max_abs} (at byte {read})")
+    if read < data.size:
+        raise CodecError(f"cabac payload has {data.size - read} trailing bytes after {count} levels")
+    return out

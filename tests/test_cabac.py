@@ -1,0 +1,333 @@
+import json
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepshrink.coding import cabac
+from deepshrink.errors import CodecError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """Compile the numba kernels once so per-example deadlines time the coder, not the compiler."""
+    payload, params = cabac.encode(np.array([0, 2, -40, 1]), 2, num_gt=2)
+    cabac.decode(payload, params, 4)
+
+
+def round_trip(levels, row_length, num_gt=cabac.DEFAULT_NUM_GT):
+    levels = np.asarray(levels)
+    payload, params = cabac.encode(levels, row_length, num_gt)
+    params = json.loads(json.dumps(params))  # what a file header gives back
+    decoded = cabac.decode(payload, params, levels.size)
+    assert decoded.dtype == np.int32
+    assert np.array_equal(decoded, levels)
+    return payload, params
+
+
+def sparse_levels(rng, n, max_abs, density):
+    levels = rng.integers(-max_abs, max_abs + 1, n) if max_abs else np.zeros(n, dtype=np.int64)
+    return np.where(rng.random(n) < density, levels, 0)
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+def test_empty_and_all_zero_streams_are_empty_payloads():
+    assert round_trip(np.zeros(0, dtype=np.int8), 1)[0] == b""
+    payload, params = round_trip(np.zeros(50_000, dtype=np.int32), 100)
+    assert payload == b"" and params["max_abs"] == 0
+
+
+@pytest.mark.parametrize("row_length", [1, 7, 300, 10_000])
+@pytest.mark.parametrize("density", [0.02, 0.3, 1.0])
+def test_sparse_and_dense_streams_in_any_geometry(row_length, density):
+    rng = np.random.default_rng(row_length)
+    round_trip(sparse_levels(rng, 10_000, 31, density), row_length)
+
+
+def test_every_level_count_up_to_256():
+    # K levels on one side (all-positive codebook) or split around zero: max_abs from 0 to 256
+    rng = np.random.default_rng(1)
+    for max_abs in range(257):
+        levels = sparse_levels(rng, 400, max_abs, 0.5)
+        levels[rng.integers(0, 400)] = max_abs  # the extreme level is always present
+        round_trip(levels, 20, num_gt=cabac.DEFAULT_NUM_GT)
+        round_trip(-levels, 400, num_gt=max_abs % 5)  # few flags: the Exp-Golomb remainder does the work
+
+
+@pytest.mark.parametrize("num_gt", [0, 1, 2, 16, cabac.MAX_NUM_GT])
+def test_flag_counts_and_extreme_levels(num_gt):
+    rng = np.random.default_rng(num_gt)
+    levels = rng.integers(-cabac.MAX_ABS, cabac.MAX_ABS + 1, 3000)
+    levels[:4] = [cabac.MAX_ABS, -cabac.MAX_ABS, 1, -1]
+    round_trip(levels, 50, num_gt)
+
+
+def test_long_runs_of_zeros_cost_a_small_fraction_of_a_bit_each():
+    levels = np.zeros(1_000_000, dtype=np.int16)
+    levels[[0, 500_000, 999_999]] = [3, -2, 1]
+    payload, _ = round_trip(levels, 1000)
+    assert 8 * len(payload) < 0.005 * levels.size
+
+
+def test_input_dtypes_and_levels_outside_the_limit():
+    round_trip(np.array([0, 1, -1, 127, -128], dtype=np.int8), 2)
+    round_trip(np.array([0, 1, 65535], dtype=np.uint16), 2)
+    with pytest.raises(CodecError, match="1-D"):
+        cabac.encode(np.zeros((2, 2), dtype=np.int32), 2)
+    with pytest.raises(CodecError, match="integer dtype"):
+        cabac.encode(np.array([0.0, 1.0]), 2)
+    with pytest.raises(CodecError, match=r"\[-65536, 65536\]"):
+        cabac.encode(np.array([0, cabac.MAX_ABS + 1]), 2)
+    for row_length in (0, -1, 2.0, True):
+        with pytest.raises(CodecError, match="row_length"):
+            cabac.encode(np.array([0, 1]), row_length)
+    with pytest.raises(CodecError, match="num_gt"):
+        cabac.encode(np.array([0, 1]), 2, num_gt=cabac.MAX_NUM_GT + 1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    row_length=st.one_of(st.integers(1, 40), st.integers(1, 5000)),
+    max_abs=st.sampled_from([0, 1, 2, 3, 7, 31, 127, 256, 4000]),
+    density=st.floats(0.0, 1.0),
+    num_gt=st.integers(0, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_round_trip_property(n, row_length, max_abs, density, num_gt, seed):
+    round_trip(sparse_levels(np.random.default_rng(seed), n, max_abs, density), row_length, num_gt)
+
+
+def test_bitstream_is_pinned():
+    # golden bytes: a change here changes the format (docs/format.md, cabac)
+    payload, params = cabac.encode(np.array([0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5]), 4, num_gt=2)
+    assert payload.hex() == GOLDEN
+    assert params == {"row_length": 4, "max_abs": 5, "num_gt": 2, "prob_bits": 15, "shifts": [4, 7],
+                      "init_prob": 32768, "context_model": "sig12-sign9-gt6k-eg0-warmup"}
+
+
+GOLDEN = "aa620f40"
+
+
+def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
+    """docs/format.md's cabac decoder written out in plain Python, independent of the numba kernels."""
+    row, max_abs, num_gt = params["row_length"], params["max_abs"], params["num_gt"]
+    data = list(payload)
+    byte = lambda i: data[i] if i < len(data) else 0  # noqa: E731
+    rng, code, pos = 0xFFFFFFFF, int.from_bytes(bytes(byte(i) for i in range(4)), "big"), 4
+    est = [[32768, 32768, 0] for _ in range(21 + 6 * num_gt)]
+
+    def bin_(p):
+        nonlocal rng, code, pos
+        bound = (rng >> 15) * p
+        bit = int(code < bound)
+        rng, code = (bound, code) if bit else (rng - bound, code - bound)
+        while rng < 1 << 24:
+            rng, code, pos = rng << 8, (code << 8) | byte(pos), pos + 1
+        return bit
+
+    def ctx_bin(c):
+        bit = bin_((est[c][0] + est[c][1]) >> 2)
+        rate = 1 + int(math.log2(est[c][2] + 1))
+        for j, cap in enumerate((4, 7)):
+            shift = min(rate, cap)
+            est[c][j] += (65536 - est[c][j]) >> shift if bit else -(est[c][j] >> shift)
+        est[c][2] = min(est[c][2] + 1, 255)
+        return bit
+
+    out = []
+    last = min(num_gt, max_abs - 1)
+    col_last, col_seen = {}, {}  # column -> its last non-zero level, its non-zeros so far
+    cls = lambda v: 0 if v == 0 else 1 if v < 0 else 2  # noqa: E731
+    for i in range(count):
+        col = i % row
+        row_levels = out[i - col : i]
+        row_last = next((v for v in reversed(row_levels) if v), 0)
+        window = sum(v != 0 for v in row_levels[-8:])
+        column, seen = col_last.get(col, 0), col_seen.get(col, 0)
+        if max_abs == 0 or not ctx_bin(4 * (0 if seen == 0 else 1 if 8 * seen < i // row else 2) + min(window, 3)):
+            out.append(0)
+            continue
+        neg = ctx_bin(12 + 3 * cls(column) + cls(row_last))
+        mag = 1
+        for k in range(1, last + 1):
+            if not ctx_bin(21 + 6 * (k - 1) + 3 * neg + (abs(row_last) > k) + (abs(column) > k)):
+                break
+            mag += 1
+        if mag > last and last < max_abs - 1:
+            width = 0
+            while bin_(1 << 14):
+                width += 1
+            value = 1
+            for _ in range(width):
+                value = value << 1 | bin_(1 << 14)
+            mag = last + value
+        col_last[col] = -mag if neg else mag
+        col_seen[col] = seen + 1
+        out.append(-mag if neg else mag)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numba_coder_agrees_with_the_plain_python_reference(seed):
+    rng = np.random.default_rng(seed)
+    levels = sparse_levels(rng, 2000, [1, 5, 40, 300, 3, 64][seed], [0.05, 0.5, 1.0, 0.3, 0.9, 0.2][seed])
+    payload, params = cabac.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed])
+    assert reference_decode(payload, params, levels.size) == levels.tolist()
+
+
+# --- coded size ---------------------------------------------------------------------------------
+
+
+def test_contexts_beat_the_memoryless_entropy_on_structured_weights():
+    # rows with their own scale and dead input columns: what pruned fc layers look like
+    rng = np.random.default_rng(5)
+    rows, cols = 300, 784
+    alive_cols = rng.random(cols) < 0.6
+    scale = rng.uniform(0.3, 3.0, (rows, 1))
+    weights = rng.laplace(size=(rows, cols)) * scale * alive_cols
+    levels = np.where(np.abs(weights) > 2.0, np.clip(np.round(weights), -31, 31), 0).astype(np.int32).reshape(-1)
+    payload, _ = round_trip(levels, cols)
+    _, counts = np.unique(levels, return_counts=True)
+    memoryless = -(counts * np.log2(counts / levels.size)).sum()
+    assert 8 * len(payload) < 0.9 * memoryless
+    # the same levels without their geometry (one long row) lose the column contexts
+    assert len(payload) < 0.95 * len(cabac.encode(levels, levels.size)[0])
+
+
+# --- hostile input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stream():
+    levels = sparse_levels(np.random.default_rng(7), 5000, 40, 0.2)
+    payload, params = cabac.encode(levels, 50)
+    return payload, params, levels
+
+
+def test_damaged_payloads_are_detected(stream):
+    payload, params, levels = stream
+    # bytes past what decoding reads are rejected (a byte within the zeros the encoder stripped
+    # changes the levels instead: the file's CRC catches that)
+    with pytest.raises(CodecError, match="trailing"):
+        cabac.decode(payload + b"\x01" * 64, params, levels.size)
+    with pytest.raises(CodecError, match="zero byte"):
+        cabac.decode(payload + b"\x00", params, levels.size)
+    with pytest.raises(CodecError, match="codes no bins"):
+        cabac.decode(payload, params, 0)
+    with pytest.raises(CodecError, match="codes no bins"):
+        cabac.decode(payload, {**params, "max_abs": 0}, levels.size)
+    with pytest.raises(CodecError, match="range"):
+        cabac.decode(b"\xff\xff\xff\xff\x01", params, levels.size)
+    with pytest.raises(CodecError, match="bytes-like"):
+        cabac.decode("abc", params, levels.size)
+    for count in (-1, 2.0, True):
+        with pytest.raises(CodecError, match="count"):
+            cabac.decode(payload, params, count)
+
+
+def test_levels_beyond_max_abs_are_rejected():
+    payload, params = cabac.encode(np.array([0, 100, -3, 0]), 2, num_gt=1)
+    with pytest.raises(CodecError, match="max_abs"):
+        cabac.decode(payload, {**params, "max_abs": 50}, 4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prob_bits": 16}, "prob_bits"),
+        ({"shifts": [4, 8]}, "shifts"),
+        ({"shifts": [4.0, 7]}, "shifts"),
+        ({"init_prob": 1}, "init_prob"),
+        ({"context_model": "other"}, "context_model"),
+        ({"row_length": 0}, "row_length"),
+        ({"row_length": 2**31 + 1}, "row_length"),
+        ({"max_abs": -1}, "max_abs"),
+        ({"max_abs": 2**16 + 1}, "max_abs"),
+        ({"max_abs": 3.0}, "max_abs"),
+        ({"num_gt": 65}, "num_gt"),
+        ({"num_gt": None}, "num_gt"),
+        ({"extra": 1}, "keys"),
+    ],
+)
+def test_malformed_params_are_codec_errors(stream, change, message):
+    payload, params, levels = stream
+    with pytest.raises(CodecError, match=message):
+        cabac.decode(payload, {**params, **change}, levels.size)
+    with pytest.raises(CodecError, match="dict"):
+        cabac.validate_params([params])
+
+
+def _decode_or_error(payload, params, count):
+    try:
+        decoded = cabac.decode(payload, params, count)
+    except CodecError:
+        return None
+    assert decoded.shape == (count,) and decoded.dtype == np.int32
+    assert decoded.size == 0 or int(np.abs(decoded.astype(np.int64)).max()) <= params["max_abs"]
+    return decoded
+
+
+@settings(max_examples=200, deadline=2000)
+@given(
+    garbage=st.binary(max_size=300),
+    count=st.integers(0, 20_000),
+    row_length=st.integers(1, 100),
+    max_abs=st.integers(0, cabac.MAX_ABS),
+    num_gt=st.integers(0, cabac.MAX_NUM_GT),
+)
+def test_garbage_payloads_decode_to_an_error_or_bounded_levels(garbage, count, row_length, max_abs, num_gt):
+    _decode_or_error(garbage, cabac.make_params(row_length, max_abs, num_gt), count)
+
+
+@settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_and_flipped_payloads_never_crash(stream, data):
+    payload, params, levels = stream
+    cut = data.draw(st.integers(0, len(payload)))
+    _decode_or_error(payload[:cut], params, levels.size)
+    flipped = bytearray(payload)
+    for _ in range(data.draw(st.integers(1, 4))):
+        flipped[data.draw(st.integers(0, len(payload) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    decoded = _decode_or_error(bytes(flipped), params, levels.size)
+    assert decoded is None or not np.array_equal(decoded, levels) or bytes(flipped) == payload
+
+
+def test_hostile_count_costs_only_its_output_array():
+    # a few garbage bytes may claim millions of levels: decoding allocates the int32 output and
+    # the context table, nothing in proportion to the payload's claims beyond that
+    count = 2_000_000
+    params = cabac.make_params(1, cabac.MAX_ABS, cabac.MAX_NUM_GT)
+    tracemalloc.start()
+    try:
+        try:
+            cabac.decode(b"\x12\x34\x56\x78\x9a", params, count)
+        except CodecError:
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * count + (1 << 20)
+
+
+def test_zero_probability_never_occurs():
+    # runs of one bin value drive an estimate furthest; with the warm-up schedule the averaged
+    # probability still stays in [35, 32732] of 2**15, so no bin ever gets an empty interval
+    extremes = []
+    for bit in (0, 1):
+        p, seen = [cabac.INIT_PROB, cabac.INIT_PROB], 0
+        lowest = highest = cabac.INIT_PROB >> 1
+        for _ in range(5000):
+            rate = 1 + int(math.log2(seen + 1))
+            shifts = [min(rate, cap) for cap in cabac.SHIFTS]
+            p = [q + ((65536 - q) >> s) if bit else q - (q >> s) for q, s in zip(p, shifts)]
+            seen = min(seen + 1, 255)
+            prob = (p[0] + p[1]) >> 2
+            lowest, highest = min(lowest, prob), max(highest, prob)
+        extremes.append(lowest if bit == 0 else highest)
+    assert extremes == [35, 32732]

@@ -1,0 +1,185 @@
+"""The file format's ``cabac`` codec (version 2), the ``auto`` choice, and loading version-1 files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepshrink import format as fmt
+from deepshrink.encode import (
+    CabacTensor,
+    CodedTensor,
+    EncodeConfig,
+    RawTensor,
+    decode_cabac,
+    encode_levels,
+    encode_quantized,
+    encode_weight,
+    indices_to_levels,
+    levels_to_values,
+    row_length_of,
+    stored_bytes,
+)
+from deepshrink.errors import ConfigError, UnsupportedVersion
+from deepshrink.format import compress_model, inspect_file, load, read_file, read_header, serialize, write_file
+
+FIXTURE_V1 = Path(__file__).parent / "format_fixtures" / "v1-huffman-ans.dsz"
+
+
+def dense(indices, codebook):
+    return np.where(indices > 0, np.concatenate([[0.0], codebook]).astype(np.float32)[indices], 0.0)
+
+
+def quantized(rng, shape, k, density):
+    indices = np.where(rng.random(shape) < density, rng.integers(1, k + 1, shape), 0)
+    codebook = np.sort(rng.normal(size=k)).astype(np.float32)[rng.permutation(k)]  # any order
+    return indices, codebook
+
+
+def test_levels_follow_the_sorted_codebook():
+    codebook = np.array([0.5, -0.25, -2.0, 0.0, 3.0], np.float32)
+    indices = np.array([[0, 1, 2, 3], [4, 5, 0, 1]])
+    levels, sorted_codebook, num_negative = indices_to_levels(indices, codebook)
+    assert sorted_codebook.tolist() == [-2.0, -0.25, 0.0, 0.5, 3.0] and num_negative == 2
+    assert levels.tolist() == [[0, 2, -1, -2], [1, 3, 0, 2]]  # -2.0 -> -2, -0.25 -> -1, 0.0 -> 1, 0.5 -> 2
+    assert np.array_equal(levels_to_values(levels, sorted_codebook, num_negative), dense(indices, codebook))
+
+
+@pytest.mark.parametrize("shape, rows", [((7,), 7), ((), 1), ((0,), 1), ((4, 9), 9), ((3, 2, 3, 3), 18), ((0, 5), 1)])
+def test_row_length_is_one_output_row(shape, rows):
+    assert row_length_of(shape) == rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from([(0,), (1,), (50,), (6, 40), (4, 3, 3, 3), (300, 1)]),
+    k=st.integers(1, 256),
+    density=st.floats(0.0, 1.0),
+    codebook_dtype=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_cabac_tensor_round_trips_bit_exactly(shape, k, density, codebook_dtype, seed):
+    indices, codebook = quantized(np.random.default_rng(seed), shape, k, density)
+    coded = encode_levels(indices, codebook, 8, codebook_dtype)
+    stored = codebook.astype(codebook_dtype).astype(np.float32)
+    assert np.array_equal(decode_cabac(coded), dense(indices, stored))
+
+
+def test_every_level_count_up_to_256_through_a_file(tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for k in range(1, 257, 5):
+        indices, codebook = quantized(rng, (8, 30), k, 0.5)
+        tensors[f"w{k}"] = (indices, codebook)
+    write_file(tmp_path / "f.dsz", {n: encode_levels(i, c, 8) for n, (i, c) in tensors.items()})
+    header, decoded = read_file(tmp_path / "f.dsz")
+    assert header["version"] == 2
+    for name, (indices, codebook) in tensors.items():
+        assert np.array_equal(decoded[name].numpy(), dense(indices, codebook)), name
+
+
+def test_encoder_checks_its_input():
+    with pytest.raises(ConfigError, match="outside 0..3"):
+        encode_levels(np.array([0, 4]), np.zeros(3, np.float32), 2)
+    with pytest.raises(ConfigError, match="do not fit in 1 bits"):
+        encode_levels(np.array([0, 1]), np.zeros(3, np.float32), 1)
+    with pytest.raises(ConfigError, match="integers"):
+        encode_levels(np.array([0.0, 1.0]), np.zeros(3, np.float32), 2)
+    with pytest.raises(ConfigError, match="unknown coder"):
+        EncodeConfig(coder="zip")
+
+
+# --- auto -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, density", [((300, 784), 0.08), ((10, 100), 0.3), ((16, 8, 3, 3), 0.5), ((64,), 1.0)])
+def test_auto_is_the_smallest_candidate(shape, density):
+    rng = np.random.default_rng(int(np.prod(shape)))
+    indices, codebook = quantized(rng, shape, 32, density)
+    candidates = [encode_quantized(indices, codebook, 5, 5, c) for c in ("huffman", "ans")]
+    candidates.append(encode_levels(indices, codebook, 5))
+    chosen = encode_weight(indices, codebook, 5, 5, "auto")
+    assert stored_bytes(chosen) == min(map(stored_bytes, candidates))
+
+
+def test_auto_picks_cabac_where_contexts_pay():
+    # dead input columns and rows with their own scale, as in a pruned fc layer
+    rng = np.random.default_rng(0)
+    weights = rng.laplace(size=(300, 784)) * rng.uniform(0.3, 3, (300, 1)) * (rng.random(784) < 0.6)
+    indices = np.where(np.abs(weights) > 2, np.clip(np.round(weights), -16, 15).astype(np.int64) + 17, 0)
+    codebook = np.arange(-16, 16, dtype=np.float32)
+    chosen = encode_weight(indices, codebook, 5, 5, "auto")
+    assert isinstance(chosen, CabacTensor)
+    assert stored_bytes(chosen) < 0.9 * stored_bytes(encode_quantized(indices, codebook, 5, 5, "huffman"))
+
+
+def _quantized_model():
+    from deepshrink.quantize import QuantizeConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    with torch.no_grad():
+        model[0].weight[:, ::3] = 0  # dead inputs
+        model[0].weight[model[0].weight.abs() < 0.08] = 0
+    quantize_model(model, QuantizeConfig(bits=4))
+    return model
+
+
+@pytest.mark.parametrize("coder", ["cabac", "auto"])
+def test_models_compress_and_load_with_the_new_coders(coder, tmp_path):
+    model = _quantized_model()
+    reference = compress_model(model, tmp_path / "huffman.dsz", EncodeConfig(coder="huffman"))
+    report = compress_model(model, tmp_path / f"{coder}.dsz", EncodeConfig(coder=coder))
+    expected = read_file(tmp_path / "huffman.dsz")[1]
+    header, tensors = read_file(tmp_path / f"{coder}.dsz")
+    assert all(torch.equal(tensors[name], expected[name]) for name in expected)
+    codecs = {entry["codec"] for entry in header["tensors"].values()}
+    assert header["version"] == (2 if "cabac" in codecs else 1)
+    if coder == "cabac":
+        assert codecs == {"raw", "cabac"}
+        assert {r["codec"] for r in report.rows} == {"raw", "cabac"} and report.totals["coded_nonzero"] > 0
+    else:
+        assert report.file_bytes <= reference.file_bytes
+
+
+def test_writer_stamps_the_lowest_version_that_holds_the_codecs(tmp_path):
+    indices, codebook = quantized(np.random.default_rng(1), (4, 5), 3, 0.5)
+    raw = {"b": RawTensor(np.zeros(2, np.float32))}
+    v1 = b"".join(serialize({**raw, "w": encode_quantized(indices, codebook, 2, 3)}))
+    v2 = b"".join(serialize({**raw, "w": encode_levels(indices, codebook, 2)}))
+    assert v1[8:10] == (1).to_bytes(2, "little") and v2[8:10] == (2).to_bytes(2, "little")
+
+
+# --- version 1 ------------------------------------------------------------------------------------
+
+
+def test_a_version_1_file_written_before_cabac_still_loads():
+    # written by deepshrink at bf2a331 (format version 1), committed as bytes
+    data = FIXTURE_V1.read_bytes()
+    assert data[8:10] == (1).to_bytes(2, "little")
+    header, tensors = read_file(FIXTURE_V1)
+    assert header["version"] == 1 and header["meta"]["written_by"].endswith("(format version 1)")
+    rng = np.random.default_rng(2026)  # the generator's own recipe
+    indices = np.where(rng.random((12, 20)) < 0.25, rng.integers(1, 5, (12, 20)), 0)
+    codebook = np.array([-0.75, -0.25, 0.5, 1.0], np.float32)
+    assert np.array_equal(tensors["fc.weight"].numpy(), dense(indices, codebook))
+    assert np.array_equal(tensors["conv.weight"].numpy(), dense(indices, codebook).reshape(12, 5, 2, 2))
+    assert np.array_equal(tensors["fc.bias"].numpy(), np.arange(12, dtype=np.float32) / 8)
+    assert inspect_file(FIXTURE_V1).file_bytes == len(data)
+    assert isinstance(load(FIXTURE_V1), dict)
+
+
+def test_versions_past_2_are_refused(tmp_path):
+    data = bytearray(FIXTURE_V1.read_bytes())
+    data[8:10] = (3).to_bytes(2, "little")
+    (tmp_path / "v3.dsz").write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersion, match="version 3"):
+        read_header(tmp_path / "v3.dsz")
+    assert fmt.VERSIONS == (1, 2)
+
+
+def test_coded_tensor_classes_are_distinct():
+    assert not issubclass(CabacTensor, CodedTensor)
