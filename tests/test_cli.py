@@ -101,7 +101,9 @@ def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
     assert main(args) == 0
     model, payload = load_checkpoint(ckpt)
     assert payload["model"] == {"arch": "mlp", "kwargs": {"hidden": [16]}}
-    assert payload["meta"]["dataset"] == {"name": "digits"} and payload["meta"]["metrics"]["test_accuracy"] > 0.5
+    dataset = payload["meta"]["dataset"]  # recorded without a path, so eval needs only --data-dir
+    assert dataset["name"] == "digits" and dataset["image_shape"] == [1, 8, 8] and "root" not in dataset
+    assert payload["meta"]["metrics"]["test_accuracy"] > 0.5
     assert main(["sweep", "prune-percentile", str(ckpt), "--out", str(tmp_path / "sweep"), "--epochs", "0"]) == 0
     assert "sweep: prune-percentile" in capsys.readouterr().out
 
