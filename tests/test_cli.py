@@ -101,8 +101,8 @@ def test_train_then_sweep_from_the_command_line(tmp_path, capsys):
     assert main(args) == 0
     model, payload = load_checkpoint(ckpt)
     assert payload["model"] == {"arch": "mlp", "kwargs": {"hidden": [16]}}
-    dataset = payload["meta"]["dataset"]  # recorded without a path, so eval needs only --data-dir
-    assert dataset["name"] == "digits" and dataset["image_shape"] == [1, 8, 8] and "root" not in dataset
+    record = payload["meta"]["dataset"]  # the dataset as trained on, without its path
+    assert record["name"] == "digits" and record["image_shape"] == [1, 8, 8] and "root" not in record
     assert payload["meta"]["metrics"]["test_accuracy"] > 0.5
     assert main(["sweep", "prune-percentile", str(ckpt), "--out", str(tmp_path / "sweep"), "--epochs", "0"]) == 0
     assert "sweep: prune-percentile" in capsys.readouterr().out
