@@ -9,7 +9,6 @@ in a file and reads them back from untrusted bytes.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,11 +19,11 @@ import torch
 from torch import nn
 
 from .coding import CODERS, entropy_bits, get_coder
-from .compression import plain_state_dict
+from .compression import fold_zero_centroids, plain_state_dict
+from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
-MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
 
 #: Stored dtype name -> (little-endian numpy dtype, torch dtype).
 DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -67,23 +66,16 @@ class EncodeConfig:
         object.__setattr__(self, "coder", coder)
         for label in ("codebook_dtype", "raw_dtype"):
             object.__setattr__(self, label, StoredFloat(_stored_float(getattr(self, label), label)))
-        try:
-            patterns = tuple(tuple(p) for p in self.index_bits_by_pattern)  # YAML gives lists
-        except TypeError:
-            patterns = ((),)
-        if not all(len(p) == 2 and isinstance(p[0], str) for p in patterns):
-            raise ConfigError(f"index_bits_by_pattern must be (glob, bits) pairs, got {self.index_bits_by_pattern!r}")
-        object.__setattr__(self, "index_bits_by_pattern", patterns)
-        for label, bits in [("index_bits_conv", self.index_bits_conv), ("index_bits_fc", self.index_bits_fc)] + [
-            (f"index_bits_by_pattern[{p!r}]", b) for p, b in patterns
-        ]:
-            _check_index_bits(bits, label)
+        for label in ("index_bits_conv", "index_bits_fc"):
+            object.__setattr__(self, label, check_bits(getattr(self, label), label))
+        object.__setattr__(self, "index_bits_by_pattern",
+                           pattern_values(self.index_bits_by_pattern, "index_bits_by_pattern", check_bits))
 
     def index_bits_for(self, fqn: str, kind: str) -> int:
         """Index bits for weight ``fqn`` of a layer of ``kind`` ("conv" or anything else = fc)."""
-        for pattern, bits in self.index_bits_by_pattern:
-            if fnmatch.fnmatchcase(fqn, pattern):
-                return int(bits)
+        bits = first_match(fqn, self.index_bits_by_pattern)
+        if bits is not None:
+            return bits
         return self.index_bits_conv if kind == "conv" else self.index_bits_fc
 
 
@@ -92,15 +84,7 @@ def is_int(v: Any) -> bool:
 
 
 def _stored_float(value: Any, label: str) -> str:
-    try:
-        return StoredFloat(value).value
-    except ValueError:
-        raise ConfigError(f"{label} {value!r} is not one of: {', '.join(s.value for s in StoredFloat)}") from None
-
-
-def _check_index_bits(bits: Any, label: str) -> None:
-    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{label} must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    return enum_value(StoredFloat, value, label)
 
 
 # ---------------------------------------------------------------- encoded tensors (the functional core)
@@ -205,9 +189,8 @@ def encode_quantized(
         ConfigError: bad bits/index_bits/coder/dtype, or an index outside 0..K.
     """
     where = where or "tensor"
-    _check_index_bits(index_bits, f"{where}: index_bits")
-    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{where}: bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    check_bits(index_bits, f"{where}: index_bits")
+    check_bits(bits, f"{where}: bits")
     if coder not in CODERS:
         raise ConfigError(f"{where}: unknown coder {coder!r}; valid: {', '.join(sorted(CODERS))}")
     codebook_dtype = _stored_float(codebook_dtype, f"{where}: codebook_dtype")
@@ -334,12 +317,15 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
     """Encode every tensor of the model's plain state dict: SharedWeights ones coded, the rest raw."""
     plain, shared = plain_state_dict(model)
+    check_patterns_match(config.index_bits_by_pattern, list(shared), "index_bits_by_pattern")
     encoded: dict[str, Encoded] = {}
     for name, tensor in plain.items():
         if name in shared:
             sw, kind = shared[name]
+            # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
+            centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
             encoded[name] = encode_quantized(
-                sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
+                indices.numpy(), centroids.numpy(), sw.bits,
                 config.index_bits_for(name, kind), config.coder, config.codebook_dtype, where=name,
             )
         else:

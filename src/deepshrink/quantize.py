@@ -17,7 +17,6 @@ means), not the O(nk) of a general k-means.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import numbers
 import zlib
@@ -30,14 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import GradientMode, Masked, SharedWeights, index_dtype, shared_weights_of
-from .config import enum_value
+from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
+from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
 from .errors import ConfigError
 from .layers import WeightRef, as_patterns, resolve, select_weights
 
 logger = logging.getLogger(__name__)
 
-MAX_BITS = 16  # 65,536 centroids: beyond that, sharing no longer saves anything over float16
 
 
 class CentroidInit(str, Enum):
@@ -54,12 +52,6 @@ class CentroidInit(str, Enum):
     DENSITY = "density"
     LINEAR = "linear"
     KMEANS_PP = "kmeans++"
-
-
-def _check_bits(bits, what: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    return int(bits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,8 +309,9 @@ def kmeans_1d(
     Stops when no assignment changes, when the centroids move less than ``tol`` (sum of squared
     shifts relative to the variance of ``values``, as scikit-learn counts it) or after ``max_iter``
     iterations. A last assignment step follows, and the returned centroids are the means of their
-    clusters. A cluster left empty is re-seeded by splitting the cluster with the largest squared
-    error at its mean (deterministic).
+    clusters. A cluster left empty is re-seeded with the values farthest from their centroids, as
+    scikit-learn does (deterministic), falling back to splitting the run with the largest squared
+    error at its mean when that cannot produce k clusters.
 
     Args:
         values: 1-D array of finite numbers.
@@ -401,21 +394,11 @@ class QuantizeConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
-        set_(self, "bits", _check_bits(self.bits))
+        set_(self, "bits", check_bits(self.bits))
         for name in ("bits_conv", "bits_fc"):
             value = getattr(self, name)
-            set_(self, name, None if value is None else _check_bits(value, name))
-        try:
-            pairs = tuple((p, b) for p, b in self.bits_by_pattern)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"bits_by_pattern must be a sequence of (glob, bits) pairs, got {self.bits_by_pattern!r}"
-            ) from None
-        for pattern, b in pairs:
-            if not isinstance(pattern, str):
-                raise ConfigError(f"bits_by_pattern: pattern must be a string, got {pattern!r}")
-            _check_bits(b, f"bits_by_pattern entry {pattern!r}")
-        set_(self, "bits_by_pattern", tuple((p, int(b)) for p, b in pairs))
+            set_(self, name, None if value is None else check_bits(value, name))
+        set_(self, "bits_by_pattern", pattern_values(self.bits_by_pattern, "bits_by_pattern", check_bits))
         set_(self, "init", enum_value(CentroidInit, self.init, "centroid init"))
         set_(self, "gradient", enum_value(GradientMode, self.gradient, "gradient mode"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
@@ -430,9 +413,9 @@ class QuantizeConfig:
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
     """Bits for one weight: first matching ``bits_by_pattern`` glob, else ``bits_conv``/``bits_fc`` by
     layer kind when set, else ``bits``."""
-    for pattern, bits in config.bits_by_pattern:
-        if fnmatch.fnmatchcase(ref.fqn, pattern):
-            return bits
+    bits = first_match(ref.fqn, config.bits_by_pattern)
+    if bits is not None:
+        return bits
     by_kind = {"conv": config.bits_conv, "fc": config.bits_fc}.get(ref.kind)
     return config.bits if by_kind is None else by_kind
 
@@ -445,12 +428,14 @@ def quantize_weight(
     Returns:
         (centroids, indices): float32 centroids of shape (K,), K <= 2**bits (fewer when there are fewer
         distinct non-zero values; 0 for an all-zero weight), and integer indices shaped like
-        ``weight``: 0 where ``weight == 0``, 1..K elsewhere. Both on ``weight``'s device.
+        ``weight``: 0 where ``weight == 0``, 1..K elsewhere. Both on ``weight``'s device. A centroid
+        that lands exactly on 0 is dropped and its weights get index 0: they are pruned
+        (``compression.fold_zero_centroids``).
 
     Raises:
         ConfigError: bits outside 1..16, NaN/inf entries, unknown init.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     flat = weight.detach().reshape(-1).to("cpu", torch.float32)
     keep = flat != 0
     values = flat[keep].numpy()
@@ -462,6 +447,7 @@ def quantize_weight(
         centroids, labels = torch.from_numpy(c).float(), torch.from_numpy(lab)
     indices = torch.zeros(flat.numel(), dtype=index_dtype(centroids.numel()))
     indices[keep] = labels.to(indices.dtype) + 1
+    centroids, indices = fold_zero_centroids(centroids, indices)
     return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
 
 
@@ -488,11 +474,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig = QuantizeConfig()) 
     """
     refs = select_weights(model, config.include, config.exclude, config.kinds)
     fqns = [r.fqn for r in refs]
-    for pattern, _ in config.bits_by_pattern:
-        if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
-            raise ConfigError(
-                f"bits_by_pattern pattern {pattern!r} matches no selected weight; selected: {', '.join(fqns)}"
-            )
+    check_patterns_match(config.bits_by_pattern, fqns, "bits_by_pattern")
     if not refs:
         logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds))
         return {}
