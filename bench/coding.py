@@ -8,7 +8,8 @@ Data:
       each conv/linear weight pruned 50% by |w| percentile, its non-zeros clustered into 16
       centroids (4 bits) by ``deepshrink.quantize.kmeans_1d`` (uniform bins if that is missing),
       giving two streams concatenated over layers: the cluster indices (alphabet 16) and the
-      relative-position entries (8-bit for conv, 5-bit for fc, filler = all ones; as in format.py).
+      relative-position entries (8-bit for conv, 5-bit for fc, filler = all ones;
+      ``deepshrink.encode.positions_to_entries``, as the file format stores them).
       Per-layer coding, which is what the file format does, is reported separately with its table
       overhead.
   (b) a synthetic 5,000,000-non-zero layer at 5 bits: Laplace weights, the 50% smallest pruned, the
@@ -44,6 +45,7 @@ import numpy as np
 import deepshrink
 from deepshrink.coding import entropy_bits, get_coder, histogram
 from deepshrink.coding.huffman import canonical_codes, lengths_from_text
+from deepshrink.encode import positions_to_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "pretrained" / "resnet20-12fca82f.th"
@@ -53,17 +55,6 @@ ZSTD_LEVEL = 19
 
 
 # --- data ----------------------------------------------------------------------------------------
-
-
-def position_entries(flat_mask: np.ndarray, index_bits: int) -> np.ndarray:
-    """Relative-index entries of the non-zeros: r < F = 2**bits - 1 skips r zeros; F is a filler (skip F)."""
-    filler = (1 << index_bits) - 1
-    runs = np.diff(np.flatnonzero(flat_mask).astype(np.int64), prepend=-1) - 1
-    fillers = runs // filler
-    ends = np.cumsum(fillers + 1) - 1
-    entries = np.full(int(ends[-1]) + 1 if ends.size else 0, filler, dtype=np.uint32)
-    entries[ends] = runs % filler
-    return entries
 
 
 def cluster(values: np.ndarray, k: int) -> tuple[np.ndarray, str]:
@@ -96,7 +87,7 @@ def resnet20_streams() -> dict:
         labels, method = cluster(weight[keep], 16)
         index_bits = 8 if tensor.dim() == 4 else 5
         layers.append(
-            {"name": name, "indices": labels, "positions": position_entries(keep, index_bits), "index_bits": index_bits}
+            {"name": name, "indices": labels, "positions": positions_to_entries(np.flatnonzero(keep), index_bits), "index_bits": index_bits}
         )
     return {"layers": layers, "clustering": method}
 

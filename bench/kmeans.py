@@ -22,7 +22,8 @@ computed the same way, mean((w - centroid[label])**2) in float64. "ok" = our MSE
 Measured on the 2-core development VM (shared with other jobs; AMD EPYC, numpy 2.4.6, scikit-learn
 1.9.1, torch 2.13.0+cpu): 151 s in full, ~20 s with --quick. On the 5M layer ours took 0.14-0.22 s
 and scikit-learn 8-19 s (44-111x); our MSE was never higher (0.0001-0.2% lower: both stop at max_iter, then
-we add one assignment + update step). ResNet-20: all 160 fits ok, 1-60x (small layers: overhead).
+we add one assignment + update step). ResNet-20: all 160 fits ok, 0.55-31.8x per layer (small layers: our fixed overhead
+dominates; see bench/results/kmeans.json).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from deepshrink.errors import CodecError, ConfigError
 
 HUFFMAN = get_coder("huffman")
 ANS = get_coder("ans")
-BOTH = pytest.mark.parametrize("coder", [HUFFMAN, ANS], ids=["huffman", "ans"])
+BOTH = pytest.mark.parametrize("coder", list(CODERS.values()), ids=list(CODERS))  # every registered coder
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink import format as fmt
-from deepshrink.coding import entropy_bits, get_coder
+from deepshrink.coding import CODERS, entropy_bits, get_coder
 from deepshrink.errors import (
     CodecError,
     ConfigError,
@@ -45,7 +45,7 @@ from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
 
-CODER_NAMES = ["huffman", "ans"]
+CODER_NAMES = list(CODERS)  # every registered coder
 MODEL_CODERS = [*CODER_NAMES, "cabac"]  # EncodeConfig coders whose files the fuzz tests attack
 STREAMS = {"deep_compression": ("weights_stream", "positions_stream"), "cabac": ("levels_stream",)}
 
@@ -435,6 +435,13 @@ def test_report_accounts_for_every_byte(coder, tmp_path):
     assert report.lab_estimate_ratio == pytest.approx(1 / fraction)
     assert json.loads(json.dumps(report.to_dict()))["file_bytes"] == size
     assert inspect_file(tmp_path / "m.dsz") == report
+
+
+def test_an_index_bits_glob_that_matches_no_coded_weight_is_an_error(tmp_path):
+    config = EncodeConfig(index_bits_by_pattern=(("4.*", 2), ("fc9.*", 3)))
+    with pytest.raises(ConfigError, match="index_bits_by_pattern pattern 'fc9.*' matches no selected weight"):
+        compress_model(quantized_tiny(), tmp_path / "m.dsz", config)
+    assert not (tmp_path / "m.dsz").exists()
 
 
 @pytest.mark.parametrize("coder", CODER_NAMES)

@@ -15,9 +15,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.checkpoint import read_checkpoint, save_checkpoint
-from deepshrink.compression import Masked, SharedWeights, compression_state, restore_compression
+from deepshrink.compress import compress_model, load
+from deepshrink.compression import Masked, SharedWeights, compression_state, masks, restore_compression
 from deepshrink.errors import ConfigError
 from deepshrink.layers import WeightRef
+from deepshrink.prune import sparsity
 from deepshrink.quantize import (
     CentroidInit,
     QuantizeConfig,
@@ -738,3 +740,37 @@ def test_rate_config_round_trips_through_json():
     config = QuantizeConfig(bits=5, method=QuantizeMethod.UNIFORM, lam=0.02)
     assert config.method == "uniform" and config.lam == 0.02
     assert QuantizeConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+# ---------------------------------------------------------------------------------------------------
+# a centroid exactly at zero
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_centroid_exactly_at_zero_is_folded_into_index_0():
+    # linear init -6, -2, 2, 6; Lloyd moves -0.5 next to 0.5, whose cluster then has mean exactly 0.0
+    weight = torch.tensor([[-6.0, -5.5, -3.0, -2.5], [-0.5, 0.5, 5.5, 6.0]])
+    centroids, indices = quantize_weight(weight, bits=2)
+    assert centroids.tolist() == [-5.75, -2.75, 5.75]  # three centroids: the zero one is gone
+    assert indices.tolist() == [[1, 1, 2, 2], [0, 0, 3, 3]]  # its weights are pruned (index 0)
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    quantize_model(model, QuantizeConfig(bits=2))
+    assert masks(model)["0.weight"].tolist() == [[True] * 4, [False, False, True, True]]
+    assert sparsity(model) == 0.25  # masks and sparsity agree
+
+
+def test_a_centroid_trained_onto_zero_is_pruned_in_masks_and_in_the_file(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]))
+    quantize_model(model, QuantizeConfig(bits=2))
+    shared = model[0].parametrizations.weight[0]
+    with torch.no_grad():
+        shared.centroids[0] = 0.0  # as if centroid training had driven it there
+    assert masks(model)["0.weight"].tolist() == [[False, True, True, True]] * 2
+    report = compress_model(model, tmp_path / "m.dsz")
+    row = next(r for r in report.rows if r["name"] == "0.weight")
+    assert row["nonzero"] == 6 and row["bits"] == 2
+    assert torch.equal(load(tmp_path / "m.dsz")["0.weight"], model[0].weight.detach())

@@ -35,19 +35,26 @@ def _one_line(error: BaseException) -> str:
 # --- shared argument groups -------------------------------------------------------------------
 
 
+def _values(enum) -> list[str]:
+    return [m.value for m in enum]
+
+
 def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    from .train import OptimizerName, Schedule, TrainConfig
+
+    d = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--optimizer", choices=_values(OptimizerName), default=d.optimizer)
     g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=_values(Schedule), default=d.schedule)
     g.add_argument("--step-epochs", type=int, nargs="*", default=[], help="epochs where a step schedule drops the lr")
     g.add_argument("--no-augment", action="store_true", help="disable the dataset's default augmentation")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
@@ -195,7 +202,8 @@ def _run(recipe, out, args) -> None:
         console.print(
             f"[bold]{final['file']}[/]: {final['file_bytes']:,} bytes, {final['ratio']:.1f}x smaller than the dense "
             f"float32 state dict ({final['dense_bytes']:,} bytes); decoded model accuracy "
-            f"{100 * final['decoded_accuracy']:.2f}%. The lab's estimate would say {final['lab_estimate_ratio']:.1f}x."
+            f"{100 * final['decoded_accuracy']:.2f}%. The lab's estimate would say {final['lab_estimate_ratio']:.1f}x "
+            "(an estimate, not a file size)."
         )
     console.print(f"report: {out / 'report.md'}")
 
@@ -389,10 +397,7 @@ def _print_file_report(file_report) -> None:
         f"entropy bound {file_report.entropy_bound_ratio:.1f}x"
     )
     if file_report.lab_estimate_ratio:
-        console.print(
-            f"lab estimate (non-zero fraction x average code length / 32; leaves out positions, codebooks "
-            f"and raw tensors): {file_report.lab_estimate_ratio:.1f}x -- an estimate, not a file size"
-        )
+        console.print(f"lab estimate {file_report.lab_estimate_ratio:.1f}x ({report.LAB_ESTIMATE_NOTE})")
 
 
 def cmd_inspect(args) -> None:
@@ -467,8 +472,12 @@ def cmd_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encode import EncodeConfig, tensor_coders  # the encode command's choices and default
+    from .encode import EncodeConfig, StoredFloat, tensor_coders
+    from .prune import PRUNERS, PruneConfig
+    from .quantize import CentroidInit, QuantizeConfig, QuantizeMethod
+    from .sweep import sweep_kinds
 
+    prune_defaults, quantize_defaults, encode_defaults = PruneConfig(), QuantizeConfig(), EncodeConfig()
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no per-epoch lines)")
@@ -514,9 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="magnitude pruning")
     p.add_argument("checkpoint")
-    p.add_argument("--method", choices=["std", "percentile", "global"], default="percentile")
-    p.add_argument("--s", type=float, default=0.5, help="std method: prune |w| < s * std(w)")
-    p.add_argument("--q", type=float, default=50.0, help="percentile/global: prune the q%% smallest |w|")
+    p.add_argument("--method", choices=list(PRUNERS), default=prune_defaults.method)
+    p.add_argument("--s", type=float, default=prune_defaults.s, help="std method: prune |w| < s * std(w)")
+    p.add_argument("--q", type=float, default=prune_defaults.q, help="percentile/global: prune the q%% smallest |w|")
     p.add_argument("--q-layer", action="append", default=[], metavar="GLOB=Q", help="per-layer q (repeatable)")
     p.add_argument("--s-layer", action="append", default=[], metavar="GLOB=S", help="per-layer s (repeatable)")
     p.add_argument("--q-kind", action="append", default=[], metavar="KIND=Q",
@@ -537,13 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="weight sharing: k-means, entropy-constrained or uniform (optionally train the centroids)")
     p.add_argument("checkpoint")
-    p.add_argument("--method", choices=["kmeans", "ecsq", "uniform"], default="kmeans",
+    p.add_argument("--method", choices=_values(QuantizeMethod), default=quantize_defaults.method,
                    help="kmeans: the paper's; ecsq/uniform: levels chosen for error + lambda x code length")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.0,
+    p.add_argument("--lambda", dest="lam", type=float, default=quantize_defaults.lam,
                    help="ecsq/uniform: bits traded per unit of relative squared error (0 = distortion only)")
     p.add_argument("--hessian", action="store_true",
                    help="ecsq/uniform: weight the error by a diagonal Fisher estimate from training batches")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bits", type=int, default=quantize_defaults.bits)
     p.add_argument("--bits-conv", type=int)
     p.add_argument("--bits-fc", type=int)
     p.add_argument("--bits-layer", action="append", default=[], metavar="GLOB=BITS",
@@ -551,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-kind", action="append", default=[], metavar="KIND=BITS",
                    help="bits for one weight kind, e.g. attention=6 (repeatable; wins over --bits-conv/--bits-fc)")
     _add_selection_args(p, "quantize")
-    p.add_argument("--init", choices=["linear", "random", "density", "kmeans++"], default="linear")
+    p.add_argument("--init", choices=_values(CentroidInit), default=quantize_defaults.init)
     p.add_argument("--train-centroids", action="store_true")
     p.add_argument("--out", required=True)
     _add_data_args(p)
@@ -568,12 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="write the compressed file")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--coder", choices=tensor_coders(), default=EncodeConfig.coder,
+    p.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder,
                    help="huffman/ans: the paper's layout; cabac: one context-coded stream of levels; "
                         "auto: the smallest per layer")
-    p.add_argument("--index-bits-conv", type=int, default=8)
-    p.add_argument("--index-bits-fc", type=int, default=5)
-    p.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--index-bits-conv", type=int, default=encode_defaults.index_bits_conv)
+    p.add_argument("--index-bits-fc", type=int, default=encode_defaults.index_bits_fc)
+    p.add_argument("--codebook-dtype", choices=_values(StoredFloat), default=encode_defaults.codebook_dtype.value)
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
     _add_trust_arg(p)
@@ -602,8 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench_infer)
 
-    p = sub.add_parser("sweep", help="the lab's experiments: prune-std, prune-percentile, bits, init, sensitivity, rate")
-    p.add_argument("kind", choices=["prune-std", "prune-percentile", "bits", "init", "sensitivity", "rate"])
+    p = sub.add_parser("sweep", help=f"the lab's experiments: {', '.join(sweep_kinds())}")
+    p.add_argument("kind", choices=sweep_kinds())
     p.add_argument("checkpoint", help="a trained (dense) checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir")

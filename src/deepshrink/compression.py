@@ -126,6 +126,25 @@ class SharedWeights(nn.Module):
         return cls(torch.zeros_like(tensors["centroids"]), torch.zeros_like(tensors["indices"]), bits, gradient)
 
 
+def fold_zero_centroids(centroids: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the centroids that are exactly 0 and give their weights index 0 (pruned).
+
+    A centroid can land on 0 (k-means on a symmetric cluster, or centroid training). Its weights are
+    zeros all the same, but as non-zeros they would cost coded bits and ``masks()`` would disagree
+    with ``sparsity()``: folding them into index 0 prunes them, with no change to any weight's value.
+
+    Returns:
+        (centroids without exact zeros, indices renumbered in the smallest index dtype).
+    """
+    zero = centroids.detach() == 0
+    if not bool(zero.any()):
+        return centroids, indices
+    kept = ~zero
+    renumber = torch.cat([kept.new_zeros(1, dtype=torch.long), torch.cumsum(kept.long(), 0) * kept.long()])
+    folded = renumber.to(indices.device)[indices.long()]
+    return centroids[kept], folded.to(index_dtype(int(kept.sum())))
+
+
 #: Parametrization kinds deepshrink attaches, by the ``kind`` recorded in checkpoints.
 PARAMETRIZATIONS: dict[str, type[nn.Module]] = {Masked.kind: Masked, SharedWeights.kind: SharedWeights}
 
@@ -157,14 +176,14 @@ def parametrized_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Current keep-masks by FQN (copies). Quantized weights report ``indices != 0``."""
+    """Current keep-masks by FQN (copies). Quantized weights report their non-zero entries."""
     out: dict[str, torch.Tensor] = {}
     for fqn, _, _, plist in parametrized_tensors(model):
         for p in plist:
             if isinstance(p, Masked):
                 m = p.mask.clone()
-            elif isinstance(p, SharedWeights):
-                m = p.indices != 0
+            elif isinstance(p, SharedWeights):  # a centroid trained onto 0 leaves its weights zero
+                m = p.codebook().detach()[p.indices.long()] != 0
             else:
                 continue
             out[fqn] = m if fqn not in out else out[fqn] & m

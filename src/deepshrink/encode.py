@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from .coding import CODERS, cabac, entropy_bits, get_coder
-from .compression import plain_state_dict
+from .compression import fold_zero_centroids, plain_state_dict
+from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
 from .errors import CodecError, ConfigError, DeepShrinkError, TensorInfoMismatch
 from .layers import as_patterns, tied_weights
 
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
-MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65536 symbols
 CABAC = "cabac"  # the one-stream layout's coder name (not a symbol coder of deepshrink.coding.CODERS)
 AUTO = "auto"  # per tensor, the smallest of every layout and coder
 
@@ -83,25 +83,18 @@ class EncodeConfig:
         object.__setattr__(self, "coder", coder)
         for label in ("codebook_dtype", "raw_dtype"):
             object.__setattr__(self, label, StoredFloat(_stored_float(getattr(self, label), label)))
-        try:
-            patterns = tuple(tuple(p) for p in self.index_bits_by_pattern)  # YAML gives lists
-        except TypeError:
-            patterns = ((),)
-        if not all(len(p) == 2 and isinstance(p[0], str) for p in patterns):
-            raise ConfigError(f"index_bits_by_pattern must be (glob, bits) pairs, got {self.index_bits_by_pattern!r}")
-        object.__setattr__(self, "index_bits_by_pattern", patterns)
+        for label in ("index_bits_conv", "index_bits_fc"):
+            object.__setattr__(self, label, check_bits(getattr(self, label), label))
+        object.__setattr__(self, "index_bits_by_pattern",
+                           pattern_values(self.index_bits_by_pattern, "index_bits_by_pattern", check_bits))
         object.__setattr__(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
-        for label, bits in [("index_bits_conv", self.index_bits_conv), ("index_bits_fc", self.index_bits_fc)] + [
-            (f"index_bits_by_pattern[{p!r}]", b) for p, b in patterns
-        ]:
-            _check_index_bits(bits, label)
 
     def index_bits_for(self, fqn: str, kind: str) -> int:
         """Index bits for weight ``fqn`` of a layer of ``kind`` ("conv" or anything else = fc)."""
-        for pattern, bits in self.index_bits_by_pattern:
-            if fnmatch.fnmatchcase(fqn, pattern):
-                return int(bits)
+        bits = first_match(fqn, self.index_bits_by_pattern)
+        if bits is not None:
+            return bits
         return self.index_bits_conv if kind == "conv" else self.index_bits_fc
 
 
@@ -115,15 +108,7 @@ def is_int(v: Any) -> bool:
 
 
 def _stored_float(value: Any, label: str) -> str:
-    try:
-        return StoredFloat(value).value
-    except ValueError:
-        raise ConfigError(f"{label} {value!r} is not one of: {', '.join(s.value for s in StoredFloat)}") from None
-
-
-def _check_index_bits(bits: Any, label: str) -> None:
-    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{label} must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    return enum_value(StoredFloat, value, label)
 
 
 # ---------------------------------------------------------------- encoded tensors (the functional core)
@@ -277,7 +262,7 @@ def encode_quantized(
         ConfigError: bad bits/index_bits/coder/dtype, or an index outside 0..K.
     """
     where = where or "tensor"
-    _check_index_bits(index_bits, f"{where}: index_bits")
+    check_bits(index_bits, f"{where}: index_bits")
     if coder not in CODERS:
         raise ConfigError(f"{where}: unknown coder {coder!r}; valid: {', '.join(sorted(CODERS))}")
     indices, codebook, codebook_dtype = _check_quantized(indices, codebook, bits, codebook_dtype, where)
@@ -305,8 +290,7 @@ def _check_quantized(indices, codebook, bits, codebook_dtype, where: str) -> tup
     Raises:
         ConfigError: bad bits or dtype, too many centroids or elements, or an index outside 0..K.
     """
-    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{where}: bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    check_bits(bits, f"{where}: bits")
     codebook_dtype = _stored_float(codebook_dtype, f"{where}: codebook_dtype")
     codebook = np.asarray(codebook).reshape(-1)
     if len(codebook) > 1 << bits:
@@ -506,14 +490,17 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
     plain, shared = plain_state_dict(model)
     tied = tied_weights(model)
     coded = _select_coded(list(shared), config)
+    check_patterns_match(config.index_bits_by_pattern, list(shared), "index_bits_by_pattern")
     encoded: dict[str, Encoded] = {}
     for name, tensor in plain.items():
         if name in tied:
             continue
         if name in coded:
             sw, kind = shared[name]
+            # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
+            centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
             encoded[name] = encode_weight(
-                sw.indices.detach().cpu().numpy(), sw.centroids.detach().cpu().float().numpy(), sw.bits,
+                indices.numpy(), centroids.numpy(), sw.bits,
                 config.index_bits_for(name, kind), config.coder, config.codebook_dtype, where=name,
             )
         else:
@@ -522,11 +509,9 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
 
 
 def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:
-    for patterns, label in ((config.include or (), "include"), (config.exclude, "exclude")):
-        for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise ConfigError(f"encode {label} pattern {p!r} matches no quantized weight; "
-                                  f"quantized: {', '.join(names) or '(none)'}")
+    """The quantized weights to entropy code: ``include`` (None = all) minus ``exclude``."""
+    check_patterns_match(tuple((p, None) for p in config.include or ()), names, "encode include")
+    check_patterns_match(tuple((p, None) for p in config.exclude), names, "encode exclude")
     return {n for n in names if (config.include is None or any(fnmatch.fnmatchcase(n, p) for p in config.include))
             and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)}
 

@@ -30,9 +30,9 @@ import torch
 
 from .accounting import FileReport, account
 from .coding import CODERS, cabac, get_coder
+from .config import MAX_BITS
 from .encode import (
     DTYPES,
-    MAX_BITS,
     MAX_TENSOR_ELEMENTS,
     CabacTensor,
     CodedTensor,
@@ -417,7 +417,7 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
                     f"params, got {length} bytes", TensorInfoMismatch)
             continue
         untrusted_call(coder.validate_params, f"{at}: {label} coder params", params[label], alphabet)
-        bound = _max_symbols(entry["coder"], length)
+        bound = _max_symbols(coder, length)
         _expect(bound is None or count <= bound, at, f"{label} stream of {length} bytes cannot hold {count} "
                 f"{entry['coder']} symbols (at most {bound})", TensorInfoMismatch)
     return numel
@@ -460,11 +460,11 @@ def _check_cabac(entry: dict, name: str, at: str, sections: list[_Section]) -> i
     return numel
 
 
-def _max_symbols(coder: str, stream_bytes: int) -> int | None:
+def _max_symbols(coder, stream_bytes: int) -> int | None:
     """Most symbols a stream of ``stream_bytes`` can decode to, where the coder bounds it (None: no bound)."""
-    if coder == "huffman":
-        return 8 * stream_bytes  # every Huffman codeword is at least one bit
-    return None  # ANS: a near-certain symbol costs almost nothing; numel bounds the count instead
+    if coder.min_bits_per_symbol <= 0:
+        return None
+    return math.floor(8 * stream_bytes / coder.min_bits_per_symbol)
 
 
 def _check_tiling(sections: list[_Section], payload: memoryview, where: str) -> None:

@@ -465,6 +465,8 @@ def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult, *, trust_
         "",
         report.table_markdown(result.stages, report.STAGE_COLUMNS),
         "",
+        f"Ratios are measured on the file on disk; {report.LAB_ESTIMATE_NOTE}.",
+        "",
         "## Layers (final model)",
         "",
         report.table_markdown(result.layers, report.LAYER_COLUMNS),

@@ -15,7 +15,6 @@ Masks compose: pruning an already-pruned weight can only remove more entries (``
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import numbers
@@ -28,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .compression import Masked, SharedWeights, parametrizations_of, parametrized_tensors
+from .config import check_patterns_match, enum_value, first_match, pattern_values
 from .errors import ConfigError
 from .layers import MIN_DIMS, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights, tie_parametrizations
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class PruneMethod(str, Enum):
-    """How each layer's mask is chosen.
+    """The built-in pruning rules (``PRUNERS`` holds these and any rule registered later).
 
     STD: keep ``|w| >= s * std(w)`` per layer (the lab's rule; s is a quality parameter).
     PERCENTILE: prune the q% smallest magnitudes of each layer (exact count).
@@ -45,6 +45,56 @@ class PruneMethod(str, Enum):
     STD = "std"
     PERCENTILE = "percentile"
     GLOBAL = "global"
+
+
+class Scope(str, Enum):
+    """How a pruning rule ranks weights (``torch.nn.utils.prune``'s PRUNING_TYPE).
+
+    LAYER: each weight on its own: ``mask(weight, amount, prev_mask, *, scores) -> bool mask``.
+    GLOBAL: all selected weights together: ``mask(weights, amount, prev_masks, *, scores) -> {name: mask}``.
+    """
+
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class PruningRule:
+    """A registered pruning rule: a mask function, its scope, and the config field it reads."""
+
+    name: str
+    mask: Callable  # see Scope for the signature; True = keep
+    scope: str = Scope.LAYER.value
+    amount: str = "q"  # "q" (percent pruned, q_by_pattern overrides) or "s" (std multiple, s_by_pattern)
+    per_layer: str | None = None  # GLOBAL rules: the LAYER rule for weights with a per-layer override
+
+
+#: Pruning rules by name; ``PruneConfig.method`` picks one. Add one with ``@register_pruner``.
+PRUNERS: dict[str, PruningRule] = {}
+
+
+def register_pruner(
+    name: str, *, scope: str = "layer", amount: str = "q", per_layer: str | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: register a mask function as pruning rule ``name`` (see ``Scope`` for its signature).
+
+    Raises:
+        ConfigError: a bad scope or amount, a name already taken, or a GLOBAL rule's per-layer rule
+            that is not a registered LAYER rule.
+    """
+    scope = enum_value(Scope, scope, "pruning scope")
+    if amount not in ("q", "s"):
+        raise ConfigError(f"pruning rule {name!r}: amount must be 'q' or 's', got {amount!r}")
+    if per_layer is not None and (per_layer not in PRUNERS or PRUNERS[per_layer].scope != Scope.LAYER.value):
+        raise ConfigError(f"pruning rule {name!r}: per_layer {per_layer!r} is not a registered per-layer rule")
+
+    def add(mask: Callable) -> Callable:
+        if name in PRUNERS:
+            raise ConfigError(f"pruning rule {name!r} is already registered")
+        PRUNERS[name] = PruningRule(name, mask, scope, amount, per_layer)
+        return mask
+
+    return add
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,6 +142,7 @@ def _check_like(t: torch.Tensor | None, weight: torch.Tensor, what: str, dtype: 
         raise ConfigError(f"{what} must have dtype {dtype}, got {t.dtype}")
 
 
+@register_pruner(PruneMethod.STD.value, amount="s")
 def std_mask(
     weight: torch.Tensor,
     s: float,
@@ -132,6 +183,7 @@ def std_mask(
     return keep if prev_mask is None else keep & prev_mask
 
 
+@register_pruner(PruneMethod.PERCENTILE.value)
 def percentile_mask(
     weight: torch.Tensor,
     q: float,
@@ -166,6 +218,7 @@ def percentile_mask(
     )["weight"]
 
 
+@register_pruner(PruneMethod.GLOBAL.value, scope="global", per_layer=PruneMethod.PERCENTILE.value)
 def global_masks(
     weights: dict[str, torch.Tensor],
     q: float,
@@ -288,24 +341,11 @@ def _kth_smallest_key(keys_of: Callable[[int], torch.Tensor], n_chunks: int, k: 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _pairs(value, what: str, check: Callable[[float], float]) -> tuple[tuple[str, float], ...]:
-    try:
-        pairs = tuple((str(p), v) for p, v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a sequence of (glob, value) pairs, got {value!r}") from None
-    for pattern, v in pairs:
-        try:
-            check(v)
-        except ConfigError as e:
-            raise ConfigError(f"{what} entry {pattern!r}: {e}") from None
-    return tuple((p, float(v)) for p, v in pairs)
-
-
 @dataclass(frozen=True)
 class PruneConfig:
     """Settings of one pruning step (``dataclasses.asdict`` goes into checkpoint meta)."""
 
-    method: str = "percentile"  # a PruneMethod value; exact per-layer sparsity is easiest to reason about
+    method: str = "percentile"  # a name in PRUNERS; exact per-layer sparsity is easiest to reason about
     s: float = 0.5  # std method: quality parameter; 0.5 prunes ~38% of a Gaussian layer
     q: float = 50.0  # percentile/global methods: % of weights pruned; a gentle first step
     include: tuple[str, ...] | None = None  # FQN globs; None = every weight of the selected kinds
@@ -319,11 +359,10 @@ class PruneConfig:
     min_numel: int = 1  # ... and at least this many elements
 
     def __post_init__(self):
-        try:
-            method = PruneMethod(self.method).value  # stored as plain str so asdict() is JSON/YAML-safe
-        except ValueError:
-            valid = ", ".join(m.value for m in PruneMethod)
-            raise ConfigError(f"unknown prune method {self.method!r}; valid: {valid}") from None
+        method = self.method.value if isinstance(self.method, Enum) else self.method  # plain str: JSON/YAML-safe
+        if not isinstance(method, str) or method not in PRUNERS:
+            raise ConfigError(f"unknown prune method {self.method!r}; valid: {', '.join(PRUNERS)}")
+        rule = PRUNERS[method]
         _check_s(self.s)
         _check_q(self.q, warn=False)
         set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
@@ -333,20 +372,32 @@ class PruneConfig:
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
         set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
-        set_(self, "q_by_pattern", _pairs(self.q_by_pattern, "q_by_pattern", lambda q: _check_q(q, warn=False)))
-        set_(self, "s_by_pattern", _pairs(self.s_by_pattern, "s_by_pattern", _check_s))
-        q_by_kind = kind_pairs(self.q_by_kind, "q_by_kind", lambda q: _check_q(q, warn=False))
+        set_(self, "q_by_pattern", pattern_values(self.q_by_pattern, "q_by_pattern", _checked(_check_q, warn=False)))
+        set_(self, "s_by_pattern", pattern_values(self.s_by_pattern, "s_by_pattern", _checked(_check_s)))
+        q_by_kind = kind_pairs(self.q_by_kind, "q_by_kind", _checked(_check_q, warn=False))
         set_(self, "q_by_kind", tuple((k, float(v)) for k, v in q_by_kind))
         set_(self, "s_by_kind", tuple((k, float(v)) for k, v in kind_pairs(self.s_by_kind, "s_by_kind", _check_s)))
+        wrong = "s" if rule.amount == "q" else "q"
         for by in ("pattern", "kind"):
-            if method == PruneMethod.STD and getattr(self, f"q_by_{by}"):
-                raise ConfigError(f"q_by_{by} applies to methods 'percentile'/'global'; method 'std' uses s_by_{by}")
-            if method != PruneMethod.STD and getattr(self, f"s_by_{by}"):
-                raise ConfigError(f"s_by_{by} applies to method 'std' only; method {method!r} uses q_by_{by}")
+            if getattr(self, f"{wrong}_by_{by}"):
+                users = ", ".join(repr(r.name) for r in PRUNERS.values() if r.amount == wrong)
+                raise ConfigError(f"{wrong}_by_{by} applies to method {users}; method {method!r} uses "
+                                  f"{rule.amount}_by_{by}")
+        overrides = self.q_by_pattern + self.s_by_pattern + self.q_by_kind + self.s_by_kind
+        if rule.scope == Scope.GLOBAL.value and rule.per_layer is None and overrides:
+            raise ConfigError(f"method {method!r} ranks all weights together and takes no per-layer overrides")
 
 
-def _override(fqn: str, pairs: tuple[tuple[str, float], ...]) -> float | None:
-    return next((v for pattern, v in pairs if fnmatch.fnmatchcase(fqn, pattern)), None)
+def _checked(check: Callable, **kwargs) -> Callable:
+    """A ``pattern_values`` check from a value check, naming the entry in its message."""
+
+    def run(value, label: str) -> float:
+        try:
+            return check(value, **kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
+
+    return run
 
 
 def _refuse_quantized(fqn: str, plist: list[nn.Module]) -> None:
@@ -393,10 +444,8 @@ def prune_model(
     fqns = [r.fqn for r in refs]
     kind_of = {r.fqn: r.kind for r in refs}
     selected = ", ".join(fqns)
-    for label, pairs in (("q_by_pattern", config.q_by_pattern), ("s_by_pattern", config.s_by_pattern)):
-        for pattern, _ in pairs:
-            if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
-                raise ConfigError(f"{label} pattern {pattern!r} matches no selected weight; selected: {selected}")
+    for label in ("q_by_pattern", "s_by_pattern"):
+        check_patterns_match(getattr(config, label), fqns, label)
     scores = scores or {}
     unknown = set(scores) - set(fqns)
     if unknown:
@@ -416,25 +465,25 @@ def prune_model(
             raise ConfigError(f"{fqn}: {bad} of {weight.numel()} weights are NaN/inf; they cannot be ranked")
         views[fqn] = (weight, mask)
 
+    rule = PRUNERS[config.method]
+    amount = getattr(config, rule.amount)
+    overrides = getattr(config, f"{rule.amount}_by_pattern")
+    by_kinds = getattr(config, f"{rule.amount}_by_kind")
     new: dict[str, torch.Tensor] = {}
-    method = PruneMethod(config.method)
-    if method == PruneMethod.STD:
-        for fqn, (w, m) in views.items():
-            s = _override(fqn, config.s_by_pattern)
-            s = by_kind(kind_of[fqn], config.s_by_kind) if s is None else s
-            new[fqn] = std_mask(w, config.s if s is None else s, m, scores=scores.get(fqn))
-    else:
-        shared = {}
-        for fqn, (w, m) in views.items():
-            q = _override(fqn, config.q_by_pattern)
-            q = by_kind(kind_of[fqn], config.q_by_kind) if q is None else q
-            if method == PruneMethod.PERCENTILE or q is not None:  # overridden layers are pruned on their own
-                new[fqn] = percentile_mask(w, config.q if q is None else q, m, scores=scores.get(fqn))
-            else:
-                shared[fqn] = w
-        if shared:
-            prev = {f: views[f][1] for f in shared if views[f][1] is not None}
-            new.update(global_masks(shared, config.q, prev, scores={f: scores[f] for f in shared if f in scores}))
+    ranked_together: dict[str, torch.Tensor] = {}
+    for fqn, (w, m) in views.items():
+        own = first_match(fqn, overrides)
+        own = by_kind(kind_of[fqn], by_kinds) if own is None else own
+        if rule.scope == Scope.LAYER.value:
+            new[fqn] = rule.mask(w, amount if own is None else own, m, scores=scores.get(fqn))
+        elif own is not None:  # a global rule prunes overridden layers on their own
+            new[fqn] = PRUNERS[rule.per_layer].mask(w, own, m, scores=scores.get(fqn))
+        else:
+            ranked_together[fqn] = w
+    if ranked_together:
+        prev = {f: views[f][1] for f in ranked_together if views[f][1] is not None}
+        new.update(rule.mask(ranked_together, amount, prev,
+                             scores={f: scores[f] for f in ranked_together if f in scores}))
     new = {fqn: new[fqn] for fqn in fqns}
 
     undo: list[Callable[[], None]] = []
@@ -450,7 +499,7 @@ def prune_model(
         logger.debug("pruned %s: sparsity %.4f", fqn, 1 - mask.float().mean().item())
     total = sum(m.numel() for m in new.values())
     kept = sum(int(m.sum()) for m in new.values())
-    logger.info("pruned %d weights (%s): sparsity %.4f", len(new), method.value, 1 - kept / max(total, 1))
+    logger.info("pruned %d weights (%s): sparsity %.4f", len(new), rule.name, 1 - kept / max(total, 1))
     return new
 
 

@@ -22,7 +22,6 @@ there become pruned (index 0) and stay zero through training, like pruned ones.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import numbers
 import zlib
@@ -35,15 +34,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import GradientMode, Masked, SharedWeights, index_dtype, shared_weights_of
-from .config import enum_value
+from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
+from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
 from .errors import ConfigError
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
                      tie_parametrizations)
 
 logger = logging.getLogger(__name__)
 
-MAX_BITS = 16  # 65,536 centroids: beyond that, sharing no longer saves anything over float16
 
 
 class CentroidInit(str, Enum):
@@ -75,12 +73,6 @@ class QuantizeMethod(str, Enum):
     KMEANS = "kmeans"
     ECSQ = "ecsq"
     UNIFORM = "uniform"
-
-
-def _check_bits(bits, what: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    return int(bits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,8 +330,9 @@ def kmeans_1d(
     Stops when no assignment changes, when the centroids move less than ``tol`` (sum of squared
     shifts relative to the variance of ``values``, as scikit-learn counts it) or after ``max_iter``
     iterations. A last assignment step follows, and the returned centroids are the means of their
-    clusters. A cluster left empty is re-seeded by splitting the cluster with the largest squared
-    error at its mean (deterministic).
+    clusters. A cluster left empty is re-seeded with the values farthest from their centroids, as
+    scikit-learn does (deterministic), falling back to splitting the run with the largest squared
+    error at its mean when that cannot produce k clusters.
 
     Args:
         values: 1-D array of finite numbers.
@@ -680,21 +673,11 @@ class QuantizeConfig:
         if self.method == QuantizeMethod.KMEANS.value and (self.lam > 0 or self.hessian):
             raise ConfigError(f"method 'kmeans' has no rate term: lam={self.lam} and hessian={self.hessian} "
                               "apply to method 'ecsq' or 'uniform'")
-        set_(self, "bits", _check_bits(self.bits))
+        set_(self, "bits", check_bits(self.bits))
         for name in ("bits_conv", "bits_fc"):
             value = getattr(self, name)
-            set_(self, name, None if value is None else _check_bits(value, name))
-        try:
-            pairs = tuple((p, b) for p, b in self.bits_by_pattern)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"bits_by_pattern must be a sequence of (glob, bits) pairs, got {self.bits_by_pattern!r}"
-            ) from None
-        for pattern, b in pairs:
-            if not isinstance(pattern, str):
-                raise ConfigError(f"bits_by_pattern: pattern must be a string, got {pattern!r}")
-            _check_bits(b, f"bits_by_pattern entry {pattern!r}")
-        set_(self, "bits_by_pattern", tuple((p, int(b)) for p, b in pairs))
+            set_(self, name, None if value is None else check_bits(value, name))
+        set_(self, "bits_by_pattern", pattern_values(self.bits_by_pattern, "bits_by_pattern", check_bits))
         set_(self, "init", enum_value(CentroidInit, self.init, "centroid init"))
         set_(self, "gradient", enum_value(GradientMode, self.gradient, "gradient mode"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
@@ -704,16 +687,16 @@ class QuantizeConfig:
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
         set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
-        set_(self, "bits_by_kind", tuple((k, _check_bits(b, f"bits_by_kind entry {k!r}"))
-                                         for k, b in kind_pairs(self.bits_by_kind, "bits_by_kind", _check_bits)))
+        set_(self, "bits_by_kind", tuple((k, check_bits(b, f"bits_by_kind entry {k!r}"))
+                                         for k, b in kind_pairs(self.bits_by_kind, "bits_by_kind", check_bits)))
 
 
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
     """Bits for one weight: first matching ``bits_by_pattern`` glob, else ``bits_by_kind``, else
     ``bits_conv``/``bits_fc`` by kind when set, else ``bits``."""
-    for pattern, bits in config.bits_by_pattern:
-        if fnmatch.fnmatchcase(ref.fqn, pattern):
-            return bits
+    bits = first_match(ref.fqn, config.bits_by_pattern)
+    if bits is not None:
+        return bits
     kind_bits = by_kind(ref.kind, config.bits_by_kind)
     if kind_bits is None:
         kind_bits = {"conv": config.bits_conv, "fc": config.bits_fc}.get(ref.kind)
@@ -744,12 +727,14 @@ def quantize_weight(
     Returns:
         (centroids, indices): float32 centroids of shape (K,), K <= 2**bits (fewer when there are fewer
         distinct non-zero values or levels dropped out; 0 for an all-zero weight), and integer indices
-        shaped like ``weight``: 0 = zero (pruned), 1..K elsewhere. Both on ``weight``'s device.
+        shaped like ``weight``: 0 = zero (pruned), 1..K elsewhere. Both on ``weight``'s device. A
+        centroid that lands exactly on 0 is dropped and its weights get index 0: they are pruned
+        (``compression.fold_zero_centroids``).
 
     Raises:
         ConfigError: bits outside 1..16, NaN/inf entries, unknown init or method, bad lam or importance.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     method = QuantizeMethod(enum_value(QuantizeMethod, method, "quantization method"))
     flat = weight.detach().reshape(-1).to("cpu", torch.float32)
     keep = flat != 0
@@ -777,6 +762,7 @@ def quantize_weight(
     centroids = torch.from_numpy(levels[nonzero_level]).float()
     indices = torch.zeros(flat.numel(), dtype=index_dtype(centroids.numel()))
     indices[keep] = torch.from_numpy(renumber[np.asarray(labels, dtype=np.intp)]).to(indices.dtype)
+    centroids, indices = fold_zero_centroids(centroids, indices)
     return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
 
 
@@ -886,11 +872,7 @@ def quantize_model(
     refs = select_weights(model, config.include, config.exclude, config.kinds,
                           min_dims=config.min_dims, min_numel=config.min_numel)
     fqns = [r.fqn for r in refs]
-    for pattern, _ in config.bits_by_pattern:
-        if not any(fnmatch.fnmatchcase(f, pattern) for f in fqns):
-            raise ConfigError(
-                f"bits_by_pattern pattern {pattern!r} matches no selected weight; selected: {', '.join(fqns)}"
-            )
+    check_patterns_match(config.bits_by_pattern, fqns, "bits_by_pattern")
     if not refs:
         logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds or ("any",)))
         return {}

@@ -128,6 +128,10 @@ def _fmt_bits(value: float) -> str:
     return f"{value:,.0f}"
 
 
+#: The caveat printed wherever the lab's estimate is (CLI, demo, report.md).
+LAB_ESTIMATE_NOTE = ("the lab estimate is non-zero fraction x average weight code length / 32 over the coded "
+                     "layers: it leaves out positions, codebooks and raw tensors, so it is an estimate, not a file size")
+
 #: Columns for a pipeline run's per-stage metrics (``pipeline.run_recipe``).
 STAGE_COLUMNS: list[Column] = [
     ("stage", "#", None),

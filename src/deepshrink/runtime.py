@@ -75,7 +75,7 @@ class CsrCodebook:
     shape: tuple[int, ...]
     crow: np.ndarray  # (rows + 1,) uint64
     col: np.ndarray  # (nnz,) uint16 when cols <= 65536, else uint32
-    codes: np.ndarray  # (nnz,) uint8 when <= 256 centroids, else uint16 (at most 2**16, see encode.MAX_BITS)
+    codes: np.ndarray  # (nnz,) uint8 when <= 256 centroids, else uint16 (at most 2**16, see config.MAX_BITS)
     codebook: np.ndarray  # (K,) float32
 
     @property

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .files import atomic_write
 from .layers import select_weights
 from .pipeline import load_splits, resolve_device
-from .prune import PruneConfig, prune_model, zero_pruned_
+from .prune import PRUNERS, PruneConfig, PruningRule, prune_model, zero_pruned_
 from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from .train import TrainConfig, evaluate, train
 
@@ -73,8 +73,9 @@ def run_sweep(
         trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
         lambdas, method, hessian: the ``rate`` sweep's points and quantizer (see ``QuantizeConfig``).
     """
-    if kind not in SWEEPS:
-        raise ConfigError(f"unknown sweep {kind!r}; valid: {sorted(SWEEPS)}")
+    spec = _sweeps().get(kind)
+    if spec is None:
+        raise ConfigError(f"unknown sweep {kind!r}; valid: {sweep_kinds()}")
     if kind == "rate":  # every setting checked before any work
         if not lambdas:
             raise ConfigError("the rate sweep needs at least one lambda")
@@ -107,7 +108,7 @@ def run_sweep(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    points = SWEEPS[kind].points
+    points = spec.points
     if kind == "rate":
         fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
         points = functools.partial(points, configs=rate_configs, fisher=fisher, files=out_dir,
@@ -117,7 +118,6 @@ def run_sweep(
         rows.append(row)
         if on_point:
             on_point(row)
-    spec = SWEEPS[kind]
     path = write_sweep(out_dir, kind, rows, spec)
     return SweepResult(rows, spec.columns, path)
 
@@ -135,11 +135,14 @@ def _sparsity(model: nn.Module) -> float:
     return report.summary_totals(report.layer_summary(model))["sparsity"]
 
 
-def _prune_points(param: str, values):
+def _prune_points(rule: PruningRule):
+    param = rule.amount
+    values = STD_VALUES if param == "s" else PERCENTILES
+
     def points(fresh, accuracy, retrained, _bits):
         for v in values:
             model = fresh()
-            prune_model(model, PruneConfig(method="std" if param == "s" else "percentile", **{param: v}))
+            prune_model(model, PruneConfig(method=rule.name, **{param: v}))
             row = {param: v, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
             row["retrained_accuracy"] = retrained(model)
             yield row
@@ -172,8 +175,8 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
 
 
 def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict):
-    # imported here: format imports encode, which imports quantize; the sweep module stays light
-    from .format import compress_model
+    # imported here: compress imports encode, which imports quantize; the sweep module stays light
+    from .compress import compress_model
 
     for config in configs:
         model = fresh()
@@ -192,11 +195,26 @@ def _fmt_bytes(value) -> str:
 
 
 _ACC = [("accuracy", "accuracy", report.fmt_percent), ("retrained_accuracy", "after retraining", report.fmt_percent)]
+_AMOUNT_LABELS = {"s": "s (threshold = s x std)", "q": "q (percent pruned)"}
+
+
+def _prune_sweep(rule: PruningRule) -> Sweep:
+    p = rule.amount
+    return Sweep(_prune_points(rule), [(p, p, None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
+                 p, ("accuracy", "retrained_accuracy"), f"{_AMOUNT_LABELS[p]}, {rule.name} ({rule.scope})")
+
+
+def _sweeps() -> dict[str, Sweep]:
+    """Every sweep by kind: one ``prune-<rule>`` per registered pruning rule, then the fixed ones."""
+    return {**{f"prune-{name}": _prune_sweep(rule) for name, rule in PRUNERS.items()}, **SWEEPS}
+
+
+def sweep_kinds() -> list[str]:
+    """The kinds ``run_sweep`` accepts."""
+    return list(_sweeps())
+
+
 SWEEPS: dict[str, Sweep] = {
-    "prune-std": Sweep(_prune_points("s", STD_VALUES), [("s", "s", None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
-                       "s", ("accuracy", "retrained_accuracy"), "s (threshold = s x std)"),
-    "prune-percentile": Sweep(_prune_points("q", PERCENTILES), [("q", "q", None), ("sparsity", "sparsity", report.fmt_percent), *_ACC],
-                              "q", ("accuracy", "retrained_accuracy"), "q (percent pruned per layer)"),
     "bits": Sweep(_quantize_points("bits"), [("bits", "bits", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],
                   "bits", ("accuracy", "retrained_accuracy"), "bits per weight"),
     "init": Sweep(_quantize_points("init"), [("init", "init", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import enum_value
 from .data import Batches, ImageData
 from .errors import ConfigError, DataError, DeepShrinkError
 
@@ -84,8 +85,8 @@ class TrainConfig:
 
         for name, enum in (("optimizer", OptimizerName), ("schedule", Schedule)):
             try:  # store the plain string so asdict() round-trips through JSON/YAML
-                object.__setattr__(self, name, enum(getattr(self, name)).value)
-            except ValueError:
+                object.__setattr__(self, name, enum_value(enum, getattr(self, name), name))
+            except ConfigError:
                 fail(name, "one of " + ", ".join(m.value for m in enum))
         try:
             object.__setattr__(self, "step_epochs", tuple(int(s) for s in self.step_epochs))

@@ -5,8 +5,10 @@ params)`` and ``decode(payload, params, count, alphabet_size) -> uint32 array``.
 small JSON-able dict holding everything the decoder needs besides ``count`` and ``alphabet_size``,
 with every bitstream-affecting setting written out, so a file never depends on a library default.
 
-Both coders build their model from the same symbol histogram (`histogram`), so switching between
-them is a one-name change:
+Coders are registered by name in `CODERS` (``@register("name")`` on a class in its own module);
+a file names its coder, and the loader, the CLI's ``--coder`` and the tests take the list from the
+registry. Both built-in coders build their model from the same symbol histogram (`histogram`), so
+switching between them is a one-name change:
 
 >>> import numpy as np
 >>> payload, params = get_coder("huffman").encode(np.array([0, 0, 0, 1, 2]), alphabet_size=3)
@@ -41,9 +43,16 @@ class CoderName(str, Enum):
 
 @runtime_checkable
 class Coder(Protocol):
-    """A whole-array entropy coder; see the module docstring for the contract."""
+    """A whole-array entropy coder; see the module docstring for the contract.
+
+    ``min_bits_per_symbol`` is the least any symbol can cost in this coder's streams: the loader
+    rejects a stream of B bytes that claims more than 8 * B / min_bits_per_symbol symbols before
+    decoding it. 0 means no such bound (ANS: a near-certain symbol costs almost nothing), and the
+    tensor's element count bounds the work instead.
+    """
 
     name: str
+    min_bits_per_symbol: float
 
     def encode(self, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]: ...
 
@@ -55,11 +64,22 @@ class Coder(Protocol):
 CODERS: dict[str, Coder] = {}
 
 
-def register(name: CoderName) -> Callable[[type], type]:
-    """Class decorator: instantiate the coder with its defaults and add it to `CODERS` under ``name``."""
+def register(name: str | CoderName) -> Callable[[type], type]:
+    """Class decorator: instantiate the coder with its defaults and add it to `CODERS` under ``name``.
+
+    Raises:
+        ConfigError: ``name`` is taken, or the instance does not follow the `Coder` protocol.
+    """
+    key = name.value if isinstance(name, CoderName) else name
 
     def add(cls: type) -> type:
-        CODERS[CoderName(name).value] = cls()
+        if not isinstance(key, str) or not key or key in CODERS:
+            raise ConfigError(f"coder name {key!r} is empty or already registered")
+        coder = cls()
+        if not isinstance(coder, Coder):
+            raise ConfigError(f"{cls.__name__} does not follow the Coder protocol (name, min_bits_per_symbol, "
+                              "encode, decode, validate_params)")
+        CODERS[key] = coder
         return cls
 
     return add

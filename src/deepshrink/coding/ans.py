@@ -144,6 +144,7 @@ class AnsCoder:
     """ANS coder with a stored integer frequency table; see the module docstring for the exact bitstream."""
 
     name: ClassVar[str] = CoderName.ANS.value
+    min_bits_per_symbol: ClassVar[float] = 0.0  # a near-certain symbol costs almost nothing: no bound
 
     def encode(self, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]:
         """Encode 1-D symbols < alphabet_size; returns (payload, params with the frequency table)."""

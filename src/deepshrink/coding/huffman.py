@@ -286,6 +286,7 @@ class HuffmanCoder:
     """Canonical Huffman coder; see the module docstring for the exact bitstream."""
 
     name: ClassVar[str] = CoderName.HUFFMAN.value
+    min_bits_per_symbol: ClassVar[float] = 1.0  # every codeword is at least one bit
     max_code_length: int = MAX_CODE_LENGTH  # what every decoder accepts; a lower cap can only cost compression
 
     def __post_init__(self):
