@@ -7,7 +7,7 @@ files are infer-Nthreads.json/.md.
 
 Models, each built with the library (``prune_model`` percentile per layer, ``quantize_model``
 linear init, ``compress_model`` with Huffman coding) from random weights, written to a real .dsz
-file and read back by ``deepshrink.runtime.load`` (sparse) and ``deepshrink.format.load`` (dense):
+file and read back by ``deepshrink.runtime.load`` (sparse) and ``deepshrink.compress.load`` (dense):
   - AlexNet's fully connected layers, 9216 -> 4096 -> 4096 -> 1000 (ReLU between), with the
     paper's AlexNet sparsity (9%, 9%, 25% of weights kept) and 5-bit shared weights (Table 4).
   - LeNet-300-100 (784 -> 300 -> 100 -> 10) with the paper's sparsity (8%, 9%, 26% kept), 6 bits.
@@ -45,7 +45,7 @@ from rich.console import Console
 
 import deepshrink
 from deepshrink import runtime
-from deepshrink.format import compress_model
+from deepshrink.compress import compress_model
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model

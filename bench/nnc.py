@@ -56,7 +56,7 @@ import torch
 import deepshrink
 from deepshrink.checkpoint import load_checkpoint
 from deepshrink.encode import EncodeConfig
-from deepshrink.format import compress_model, load
+from deepshrink.compress import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
 from deepshrink.prune import strip
 from deepshrink.quantize import QuantizeConfig, fisher_diagonal, quantize_model

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepshrink.format import compress_model
+from deepshrink.compress import compress_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
 

@@ -24,7 +24,8 @@ from deepshrink.encode import (
     stored_bytes,
 )
 from deepshrink.errors import ConfigError, UnsupportedVersion
-from deepshrink.format import compress_model, inspect_file, load, read_file, read_header, serialize, write_file
+from deepshrink.compress import compress_model, load
+from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 
 FIXTURE_V1 = Path(__file__).parent / "format_fixtures" / "v1-huffman-ans.dsz"
 

@@ -663,7 +663,7 @@ def test_weights_sent_to_the_zero_level_are_pruned_and_stay_zero_through_trainin
     model, masks = masked_net(sparsity=0.3)
     before = {f: (getattr(model, f.split(".")[0]).weight != 0).clone() for f in masks}
     info = quantize_model(model, QuantizeConfig(bits=4, method="ecsq", lam=0.3))
-    from deepshrink.prune import masks as current_masks
+    from deepshrink.compression import masks as current_masks
 
     zeroed = 0
     for fqn, mask in current_masks(model).items():

@@ -8,7 +8,7 @@ from torch import nn
 import deepshrink
 from deepshrink import runtime
 from deepshrink.errors import ConfigError, TensorInfoMismatch
-from deepshrink.format import compress_model
+from deepshrink.compress import compress_model
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
