@@ -1,7 +1,9 @@
 """How far real compressed files expand when decoded: the basis of the loader's memory bound.
 
-Usage: ``python bench/expansion.py [--demo-file PATH] [--quick]``. Prints a table and writes
-bench/results/expansion.json (machine, versions, date, git SHA, every figure).
+Usage: ``python bench/expansion.py [--demo-file PATH] [--quick] [--sparsities 0.99 0.999] [--out JSON]``.
+Prints a table and writes bench/results/expansion.json (machine, versions, date, git SHA, every figure).
+``--sparsities 0 --out bench/results/expansion-dense.json`` measures unpruned layers, the decoder's
+worst case per element (every element is a decoded symbol, a position entry and an int64 position).
 
 Files:
   (a) the demo: the ``demo-digits`` recipe's file (run here into a temporary folder unless
@@ -15,7 +17,9 @@ per file byte (every tensor), and the decoder's peak memory per coded element, m
 growth of the peak resident set size (Linux VmHWM, reset first) of a fresh process across a
 second ``format.read_file`` (numba's allocations are invisible to tracemalloc).
 
-Measured on the 2-core development VM: about 2 minutes with the demo run, 30 s with --demo-file.
+On the 2-core development VM, 2026-11-29, shared with other jobs (load average ~18): --quick took
+23 minutes with the demo run, and --sparsities 0 with --demo-file 3 minutes; an idle machine is
+several times faster.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-file", type=Path, help="an existing demo-digits model.dsz (skips the 15 s run)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.99, 0.999])
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     size = 1000 if args.quick else 2000
     rows = []
@@ -112,7 +118,7 @@ def main() -> None:
         folder = Path(tmp)
         demo = args.demo_file or demo_file(folder)
         rows.append(measure(demo, "demo-digits (90% pruned, 4 bits, huffman)"))
-        for sparsity in (0.99, 0.999):
+        for sparsity in args.sparsities:
             for coder in ("huffman", "ans"):
                 for index_bits in (5, 8):
                     path = synthetic(folder, size, sparsity, coder, index_bits)
@@ -123,15 +129,15 @@ def main() -> None:
         print(f"{r['file']:<55} {r['file_bytes']:>9,} {r['elements_per_byte']:>8.1f} {r['float32_expansion']:>7.1f} "
               f"{r['peak_bytes_per_coded_element']:>9.1f}")
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "git_sha": sha, "size": size, "rows": rows,
         "max_elements_per_byte": max(r["elements_per_byte"] for r in rows),
         "max_peak_bytes_per_coded_element": max(r["peak_bytes_per_coded_element"] for r in rows),
     }, indent=2))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -530,7 +530,7 @@ def test_a_file_at_the_decoding_bounds_loads_and_one_past_them_is_refused_before
     monkeypatch.setattr(fmt, "decode_quantized", lambda *args: decoded.append(args))
     past = [({"max_expansion": at - 1}, f"more than {fmt.EXPANSION_ALLOWANCE + (at - 1) * file_bytes} allowed"),
             ({"max_expansion": at, "max_memory": need - 1}, f"needs about {need:,} bytes .* max_memory={need - 1:,}"),
-            ({}, f"max_expansion={fmt.DEFAULT_MAX_EXPANSION}")]  # the default refuses it too: no real file is this dense
+            ({}, f"max_expansion={fmt.DEFAULT_MAX_EXPANSION}")]  # the default refuses it: no real file is this dense
     for options, words in past:
         for reader in (read_file, load):
             with pytest.raises(TensorInfoMismatch, match=words):

@@ -359,7 +359,7 @@ def run_recipe(
     Raises:
         ConfigError: a bad recipe, or ``out_dir`` holds a different recipe's run.
     """
-    Recipe.from_dict(recipe.to_dict(), recipe.name)  # every stage checked before any runs (a Recipe may be built by hand)
+    Recipe.from_dict(recipe.to_dict(), recipe.name)  # every stage checked before any runs (a Recipe built by hand too)
     missing = [o["checkpoint"] for kind, o in recipe.stages if kind == "load" and not Path(o["checkpoint"]).is_file()]
     if missing:
         raise ConfigError(f"{recipe.name}: 'load' stage checkpoint(s) {missing} do not exist")
@@ -390,7 +390,8 @@ def run_recipe(
             log.info("stage %s already complete, skipped", stage_dir.name)
             continue
         if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
-            model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt", trust_factory=trust_factory)
+            previous = out_dir / result.stages[-1]["dir"] / "checkpoint.pt"
+            model, _ = load_checkpoint(previous, trust_factory=trust_factory)
         start = time.perf_counter()
         ctx = {
             "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
