@@ -367,7 +367,7 @@ def run_recipe(
     dev = resolve_device(device or recipe.device)
     recipe_file = out_dir / "recipe.json"
     if recipe_file.exists():
-        previous = json.loads(recipe_file.read_text())
+        previous = _read_json(recipe_file)
         if previous != recipe.to_dict():
             raise ConfigError(f"{out_dir} holds a run of a different recipe; choose another --out")
         if not resume:
@@ -385,7 +385,7 @@ def run_recipe(
         stage_dir = out_dir / f"{i + 1:02d}-{kind}"
         metrics_file, ckpt_file = stage_dir / "metrics.json", stage_dir / "checkpoint.pt"
         if resume and metrics_file.exists():
-            metrics = json.loads(metrics_file.read_text())
+            metrics = _read_json(metrics_file)
             result.stages.append(metrics)
             log.info("stage %s already complete, skipped", stage_dir.name)
             continue
@@ -467,6 +467,14 @@ def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path, trust_fac
         for fqn, values in report.effective_weights(model).items():
             weights.setdefault(fqn, {})[label] = values
     return report.weight_histograms(weights, plots) if weights else []
+
+
+def _read_json(path: Path):
+    """A run folder's own JSON file; a damaged one is a ConfigError naming it, not a traceback."""
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is damaged ({e}); remove the run folder or choose another --out") from None
 
 
 def _write_json(path: Path, obj) -> None:
