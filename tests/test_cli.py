@@ -118,7 +118,8 @@ def test_every_command_refuses_a_checkpoint_that_names_code(factory_checkpoints,
     out = tmp_path / "out"
     for ckpt in (factory_checkpoints.system, factory_checkpoints.module):
         for args in (["summary", ckpt], ["eval", ckpt], ["prune", ckpt, "--out", out / "p.pt"],
-                     ["finetune", ckpt, "--epochs", "1", "--out", out / "f.pt"], ["quantize", ckpt, "--out", out / "q.pt"],
+                     ["finetune", ckpt, "--epochs", "1", "--out", out / "f.pt"],
+                     ["quantize", ckpt, "--out", out / "q.pt"],
                      ["plot", ckpt, "--out", out], ["encode", ckpt, "--out", out / "m.dsz"],
                      ["sweep", "prune-std", ckpt, "--out", out], ["eval", dsz], ["run", recipe, "--out", out]):
             assert main([str(a) for a in args]) == 2, args
@@ -209,7 +210,8 @@ def test_the_command_line_shows_one_error_line_and_a_traceback_only_with_v(tmp_p
     run = [sys.executable, "-m", "deepshrink.cli"]
     quiet = subprocess.run([*run, "summary", str(garbage)], capture_output=True, text=True, env=env)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
-    assert quiet.stderr.startswith(f"error: {garbage}: not a readable torch checkpoint") and quiet.stderr.count("\n") == 1
+    assert quiet.stderr.startswith(f"error: {garbage}: not a readable torch checkpoint")
+    assert quiet.stderr.count("\n") == 1
     verbose = subprocess.run([*run, "-v", "summary", str(garbage)], capture_output=True, text=True, env=env)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "CheckpointError" in verbose.stderr
 

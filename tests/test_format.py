@@ -551,6 +551,31 @@ def test_expansion_limit_can_be_raised_for_trusted_files(tmp_path):
     assert read_file(tmp_path / "zeros.dsz", max_expansion=10**6)[1]["w"].count_nonzero() == 0
 
 
+def test_a_file_at_the_decoding_bounds_loads_and_one_past_them_is_refused_before_decoding(tmp_path, monkeypatch):
+    numel = 200_000  # dense, one centroid, ANS: the cheapest bytes per element a writer can produce
+    coded = encode_quantized(np.ones(numel, np.uint8), np.ones(1, np.float32), 1, 1, "ans")
+    path = write_file(tmp_path / "w.dsz", {"b": RawTensor(np.zeros(10, np.float32)), "w": coded},
+                      model_spec={"arch": "mlp"})
+    file_bytes = path.stat().st_size
+    at = -(-(numel - fmt.EXPANSION_ALLOWANCE) // file_bytes)  # the smallest max_expansion that admits it
+    need = fmt.decode_memory(numel, 40)
+    assert need == fmt.DECODE_BYTES_PER_ELEMENT * numel + 40
+    header, tensors = read_file(path, max_expansion=at, max_memory=need)
+    assert tensors["w"].numel() == numel and bool((tensors["w"] == 1).all())
+    decoded = []
+    monkeypatch.setattr(fmt, "decode_quantized", lambda *args: decoded.append(args))
+    past = [({"max_expansion": at - 1}, f"more than {fmt.EXPANSION_ALLOWANCE + (at - 1) * file_bytes} allowed"),
+            ({"max_expansion": at, "max_memory": need - 1}, f"needs about {need:,} bytes .* max_memory={need - 1:,}"),
+            ({}, f"max_expansion={fmt.DEFAULT_MAX_EXPANSION}")]  # the default refuses it: no real file is this dense
+    for options, words in past:
+        for reader in (read_file, load):
+            with pytest.raises(TensorInfoMismatch, match=words):
+                reader(path, **options)
+    assert decoded == []  # refused from the header alone
+    with pytest.raises(ConfigError, match="max_memory"):
+        read_file(path, max_memory=-1)
+
+
 # ---------------------------------------------------------------- fuzz: bounded time and memory, own errors only
 
 TIME_LIMIT_S = 2.0

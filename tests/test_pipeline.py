@@ -296,3 +296,10 @@ def test_resume_sweeps_the_temp_files_a_killed_write_left(tmp_path):
     run_recipe(recipe, tmp_path, resume=True)
     assert not any(p.exists() for p in left) and (tmp_path / "02-prune" / "metrics.json").exists()
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_a_damaged_run_folder_is_one_config_error(tmp_path):
+    (tmp_path / "recipe.json").write_bytes(b"\x00{not json")
+    recipe = Recipe.from_dict({"model": "mlp", "dataset": "digits", "stages": [{"prune": {}}]})
+    with pytest.raises(ConfigError, match="recipe.json is damaged"):
+        run_recipe(recipe, tmp_path, resume=True)

@@ -134,6 +134,7 @@ def test_evaluate_restores_training_mode():
         ("epochs", -1), ("batch_size", 0), ("optimizer", "rmsprop"), ("lr", 0.0), ("lr", float("nan")),
         ("momentum", 1.0), ("weight_decay", -1e-4), ("schedule", "linear"), ("step_epochs", (3, 2)),
         ("step_epochs", ("x",)), ("gamma", 0.0), ("warmup_epochs", 20), ("label_smoothing", 1.0), ("log_every", 0),
+        ("seed", -1), ("seed", "0"), ("momentum", None), ("gamma", "x"), ("amp", "no"), ("augment", 1),
     ],
 )
 def test_config_validation_names_the_field_and_value(field, value):

@@ -74,6 +74,7 @@ def load(
     model: nn.Module | None = None,
     trust_factory: bool = False,
     max_expansion: int = DEFAULT_MAX_EXPANSION,
+    max_memory: int | None = None,
 ) -> nn.Module | dict[str, torch.Tensor]:
     """Load a compressed file into a model: ``model`` if given, else one built from the file's spec.
 
@@ -87,12 +88,13 @@ def load(
 
     Args:
         map_location: device of the result; default: CPU, or the given model's own device.
+        max_expansion, max_memory: bound the decoding, as in ``format.read_file``.
 
     Raises:
         every error of ``read_file``; TensorInfoMismatch when the tensors do not fit the model;
         ConfigError for a spec that does not build.
     """
-    header, tensors = read_file(path, max_expansion=max_expansion)
+    header, tensors = read_file(path, max_expansion=max_expansion, max_memory=max_memory)
     tied = tied_aliases(header, tensors, str(path))
     tensors = with_aliases(header, tensors, str(path))
     if model is not None:

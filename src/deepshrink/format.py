@@ -78,11 +78,15 @@ MAX_HEADER_BYTES = 16 << 20  # a header larger than this is an attack, not a mod
 MAX_SPEC_BYTES = 16 << 10  # model spec as JSON: real ones are a name and a few kwargs
 MAX_NDIM = 32
 #: Decoded elements of coded tensors allowed per byte of file, plus a fixed allowance: a tiny file
-#: must not make the loader allocate gigabytes of zeros (raise it for files you trust). Decoding
-#: peaks near 24 bytes per element, so a file of B bytes costs at most ~24 * (2**16 + 1024 * B).
-#: Real Deep Compression files need ~10-200 elements per byte.
-DEFAULT_MAX_EXPANSION = 1024
+#: must not make the loader allocate gigabytes of zeros (raise it for files you trust). Measured by
+#: bench/expansion.py: the demo file needs 6.6 elements per byte, a layer pruned 99% 62-65 (either
+#: coder, 5- or 8-bit index); 256 leaves 4x room and caps decoding near 24 * (2**16 + 256 * B) bytes.
+DEFAULT_MAX_EXPANSION = 256
 EXPANSION_ALLOWANCE = 1 << 16
+#: Peak bytes ``read_file`` may hold per coded element (the dense float32 output, decoded symbols,
+#: position entries and int64 positions of the tensor being decoded): bench/expansion.py measured
+#: 12.8-16.9 on unpruned layers and 4.0 on 99%-pruned ones, so 24 is an upper bound.
+DECODE_BYTES_PER_ELEMENT = 24
 
 CODED_DTYPES = ("float32",)  # dtype of a decoded deep_compression tensor
 CODEBOOK_DTYPES = ("float32", "float16")
@@ -231,11 +235,13 @@ class _Parsed:
     sections: list[_Section]
 
 
-def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
+def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None = None) -> _Parsed:
     """Run every check that needs no decoding, in the documented order; return the parsed file."""
     path = Path(path)
     if not is_int(max_expansion) or max_expansion < 0:
         raise ConfigError(f"max_expansion must be an integer >= 0, got {max_expansion!r}")
+    if max_memory is not None and (not is_int(max_memory) or max_memory < 0):
+        raise ConfigError(f"max_memory must be a number of bytes >= 0 or None, got {max_memory!r}")
     try:
         data = path.read_bytes()
     except OSError as e:  # not a check on the contents: the base class
@@ -275,7 +281,7 @@ def _parse(path: str | os.PathLike, max_expansion: int) -> _Parsed:
     except (ValueError, RecursionError) as e:
         raise InvalidHeader(f"{where}: header is not valid JSON ({e})") from None
     payload = memoryview(data)[PREFIX_SIZE + header_len :]
-    sections = _check_schema(header, where, len(data), max_expansion, version)
+    sections = _check_schema(header, where, len(data), max_expansion, version, max_memory)
     # 4. sections tile the payload: sorted, from 0, 8-aligned, zero padding, no overlap, no trailing bytes
     _check_tiling(sections, payload, where)
     # 5. checksums
@@ -352,7 +358,8 @@ def _shape(entry: dict, where: str) -> int:
     return numel
 
 
-def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, version: int) -> list[_Section]:
+def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, version: int,
+                  max_memory: int | None = None) -> list[_Section]:
     """Known keys, types, allowlists and bounds; returns every section the entries claim."""
     _check_keys(header, TOP_KEYS, f"{where}: header")
     _expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
@@ -365,7 +372,7 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
     _expect(isinstance(header["meta"], dict), where, "'meta' must be an object")
     _expect(isinstance(header["tensors"], dict), where, "'tensors' must be an object")
     sections: list[_Section] = []
-    coded_elements = 0
+    coded_elements = raw_bytes = 0
     for name, entry in header["tensors"].items():
         at = f"{where}: tensor {name!r}"
         _expect(bool(name), where, "empty tensor name")
@@ -380,6 +387,7 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
             expected = numel * DTYPES[entry["dtype"]][0].itemsize
             _expect(length == expected, at, f"section holds {length} bytes, shape {entry['shape']} of "
                     f"{entry['dtype']} needs {expected}", TensorInfoMismatch)
+            raw_bytes += expected
         elif entry["codec"] == "cabac":
             coded_elements += _check_cabac(entry, name, at, sections)
         else:
@@ -388,7 +396,17 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
     _expect(coded_elements <= limit, where, f"coded tensors decode to {coded_elements} elements, more than "
             f"{limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
             "files you trust)", TensorInfoMismatch)
+    need = decode_memory(coded_elements, raw_bytes)
+    if max_memory is not None and need > max_memory:
+        raise TensorInfoMismatch(f"{where}: decoding needs about {need:,} bytes ({coded_elements:,} coded elements x "
+                                 f"{DECODE_BYTES_PER_ELEMENT} + {raw_bytes:,} raw bytes), more than "
+                                 f"max_memory={max_memory:,}")
     return sections
+
+
+def decode_memory(coded_elements: int, raw_bytes: int) -> int:
+    """Bytes ``read_file`` may hold at its peak beyond the file itself: what ``max_memory`` is compared with."""
+    return DECODE_BYTES_PER_ELEMENT * coded_elements + raw_bytes
 
 
 def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> int:
@@ -486,7 +504,9 @@ def _check_tiling(sections: list[_Section], payload: memoryview, where: str) -> 
         raise TrailingBytes(f"{where}: {len(payload) - cursor} bytes after the last section (payload ends at {cursor})")
 
 
-def read_header(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION) -> dict:
+def read_header(
+    path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION, max_memory: int | None = None
+) -> dict:
     """Validate a file without decoding and return its JSON header.
 
     Order: size >= prefix -> magic -> version/flags -> header length (cap, inside the file, aligned)
@@ -498,7 +518,7 @@ def read_header(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXP
         InvalidOffset, TrailingBytes, ChecksumMismatch (all ``FormatError``), or CodecError for coder
         params the coder rejects.
     """
-    return _parse(path, max_expansion).header
+    return _parse(path, max_expansion, max_memory).header
 
 
 def _coded_view(entry: dict, payload: memoryview) -> CodedTensor:
@@ -539,9 +559,15 @@ def _raw_array(entry: dict, payload: memoryview, at: str) -> np.ndarray:
 
 
 def read_file(
-    path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION
+    path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION, max_memory: int | None = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Validate (see ``read_header``), then decode every tensor.
+
+    Args:
+        max_expansion: coded elements allowed per file byte (plus ``EXPANSION_ALLOWANCE``); the
+            default covers every real file measured (see docs/format.md). Raise it only for files you trust.
+        max_memory: if given, the most bytes decoding may take (``decode_memory``: 24 per coded element
+            plus the raw tensors); checked with the header, before anything is decoded.
 
     Returns:
         (header, tensors): tensors in the stored dtype (quantized weights float32), CPU, in name order.
@@ -550,7 +576,7 @@ def read_file(
         every error of ``read_header``; CodecError for a malformed stream; TensorInfoMismatch when
         decoded symbols are out of range or positions fall outside the tensor.
     """
-    parsed = _parse(path, max_expansion)
+    parsed = _parse(path, max_expansion, max_memory)
     tensors: dict[str, torch.Tensor] = {}
     for name, encoded in _encoded(parsed).items():
         array = decode_tensor(encoded, f"{parsed.path}: tensor {name!r}")

@@ -392,7 +392,7 @@ def run_recipe(
     Raises:
         ConfigError: a bad recipe, or ``out_dir`` holds a different recipe's run.
     """
-    Recipe.from_dict(recipe.to_dict(), recipe.name)  # every stage checked before any runs (a Recipe may be built by hand)
+    Recipe.from_dict(recipe.to_dict(), recipe.name)  # every stage checked before any runs (a Recipe built by hand too)
     missing = [o["checkpoint"] for kind, o in recipe.stages if kind == "load" and not Path(o["checkpoint"]).is_file()]
     if missing:
         raise ConfigError(f"{recipe.name}: 'load' stage checkpoint(s) {missing} do not exist")
@@ -400,7 +400,7 @@ def run_recipe(
     dev = resolve_device(device or recipe.device)
     recipe_file = out_dir / "recipe.json"
     if recipe_file.exists():
-        previous = json.loads(recipe_file.read_text())
+        previous = _read_json(recipe_file)
         if previous != recipe.to_dict():
             raise ConfigError(f"{out_dir} holds a run of a different recipe; choose another --out")
         if not resume:
@@ -419,12 +419,13 @@ def run_recipe(
         stage_dir = out_dir / f"{i + 1:02d}-{kind}"
         metrics_file, ckpt_file = stage_dir / "metrics.json", stage_dir / "checkpoint.pt"
         if resume and metrics_file.exists():
-            metrics = json.loads(metrics_file.read_text())
+            metrics = _read_json(metrics_file)
             result.stages.append(metrics)
             log.info("stage %s already complete, skipped", stage_dir.name)
             continue
         if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
-            model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt", trust_factory=trust_factory)
+            previous = out_dir / result.stages[-1]["dir"] / "checkpoint.pt"
+            model, _ = load_checkpoint(previous, trust_factory=trust_factory)
         start = time.perf_counter()
         ctx = {
             "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
@@ -502,6 +503,14 @@ def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path, trust_fac
         for fqn, values in report.effective_weights(model).items():
             weights.setdefault(fqn, {})[label] = values
     return report.weight_histograms(weights, plots) if weights else []
+
+
+def _read_json(path: Path):
+    """A run folder's own JSON file; a damaged one is a ConfigError naming it, not a traceback."""
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is damaged ({e}); remove the run folder or choose another --out") from None
 
 
 def _write_json(path: Path, obj) -> None:
