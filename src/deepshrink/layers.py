@@ -207,20 +207,19 @@ def select_weights(
 
 
 def kind_pairs(value, what: str, check) -> tuple[tuple[str, object], ...]:
-    """Normalise ``{kind: value}`` or ``[(kind, value), ...]`` (YAML gives either) to checked pairs."""
+    """Normalise ``{kind: value}`` or ``[(kind, value), ...]`` (YAML gives either) to checked pairs.
+
+    ``check(value, label)`` validates and converts each value, as for ``config.pattern_values``.
+    """
     items = value.items() if isinstance(value, dict) else value
     try:
         pairs = tuple((k, v) for k, v in items)
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must map weight kinds to values, got {value!r}") from None
-    for kind, v in pairs:
+    for kind, _ in pairs:
         if kind not in KINDS:
             raise ConfigError(f"{what}: unknown weight kind {kind!r}; valid: {', '.join(KINDS)}")
-        try:
-            check(v)
-        except ConfigError as e:
-            raise ConfigError(f"{what} entry {kind!r}: {e}") from None
-    return pairs
+    return tuple((kind, check(v, f"{what} entry {kind!r}")) for kind, v in pairs)
 
 
 def by_kind(kind: str, pairs: Sequence[tuple[str, object]]):

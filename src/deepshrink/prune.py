@@ -374,9 +374,8 @@ class PruneConfig:
         set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
         set_(self, "q_by_pattern", pattern_values(self.q_by_pattern, "q_by_pattern", _checked(_check_q, warn=False)))
         set_(self, "s_by_pattern", pattern_values(self.s_by_pattern, "s_by_pattern", _checked(_check_s)))
-        q_by_kind = kind_pairs(self.q_by_kind, "q_by_kind", _checked(_check_q, warn=False))
-        set_(self, "q_by_kind", tuple((k, float(v)) for k, v in q_by_kind))
-        set_(self, "s_by_kind", tuple((k, float(v)) for k, v in kind_pairs(self.s_by_kind, "s_by_kind", _check_s)))
+        set_(self, "q_by_kind", kind_pairs(self.q_by_kind, "q_by_kind", _checked(_check_q, warn=False)))
+        set_(self, "s_by_kind", kind_pairs(self.s_by_kind, "s_by_kind", _checked(_check_s)))
         wrong = "s" if rule.amount == "q" else "q"
         for by in ("pattern", "kind"):
             if getattr(self, f"{wrong}_by_{by}"):

@@ -687,8 +687,7 @@ class QuantizeConfig:
         set_(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         set_(self, "exclude", as_patterns(self.exclude, "exclude"))
         set_(self, "kinds", None if self.kinds is None else as_kinds(self.kinds))
-        set_(self, "bits_by_kind", tuple((k, check_bits(b, f"bits_by_kind entry {k!r}"))
-                                         for k, b in kind_pairs(self.bits_by_kind, "bits_by_kind", check_bits)))
+        set_(self, "bits_by_kind", kind_pairs(self.bits_by_kind, "bits_by_kind", check_bits))
 
 
 def bits_for(ref: WeightRef, config: QuantizeConfig) -> int:
