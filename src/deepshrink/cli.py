@@ -35,6 +35,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine")
     g.add_argument("--step-epochs", type=int, nargs="*", default=[], help="epochs where a step schedule drops the lr")
     g.add_argument("--no-augment", action="store_true", help="disable the dataset's default augmentation")
+    g.add_argument("--validation", type=int, metavar="N",
+                   help="hold out N training images (fixed seeded choice) as a validation split, evaluated every epoch")
+    g.add_argument("--keep-best", action="store_true", help="end with the epoch of best validation accuracy (needs --validation)")
+    g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better validation accuracy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -46,7 +50,7 @@ def _train_config(args):
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, step_epochs=tuple(args.step_epochs), seed=args.seed,
-        augment=not args.no_augment, progress=sys.stderr.isatty(),
+        augment=not args.no_augment, progress=sys.stderr.isatty(), keep_best=args.keep_best, patience=args.patience,
     )
 
 
@@ -64,6 +68,8 @@ def _dataset_entry(args, meta: dict | None = None) -> dict:
         entry["root"] = args.data_dir
     if "name" not in entry:
         raise ConfigError("no dataset known for this checkpoint: pass --dataset (and --data-dir)")
+    if getattr(args, "validation", None) is not None:
+        entry["validation"] = args.validation
     return entry
 
 
@@ -148,11 +154,12 @@ def cmd_train(args) -> None:
     if args.init_from:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
-    train_data, test_data = _load(dataset)
+    train_data, validation_data, test_data = _load(dataset)
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, device = init_distributed() if args.distributed or under_torchrun else (0, 1, resolve_device(args.device))
     config = _train_config(args)
-    result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
+    result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
+                   device=device)
     if is_main_process():
         save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
                                                       "metrics": result.final})
@@ -162,7 +169,7 @@ def cmd_train(args) -> None:
 def _load(dataset: dict):
     from .pipeline import load_splits
 
-    return load_splits(dataset)  # (train, test)
+    return load_splits(dataset)  # (train, validation or None, test)
 
 
 def cmd_eval(args) -> None:
@@ -181,7 +188,7 @@ def cmd_eval(args) -> None:
     else:
         model, payload = load_checkpoint(path)
         meta = payload["meta"]
-    _, test_data = _load(_dataset_entry(args, meta))
+    test_data = _load(_dataset_entry(args, meta)).test
     result = evaluate(model, test_data, device=resolve_device(args.device))
     console.print(f"{path}: accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
 
@@ -235,10 +242,11 @@ def _retrain(model, args, meta: dict, label: str) -> dict:
     from .train import train
 
     dataset = _dataset_entry(args, meta)
-    train_data, test_data = _load(dataset)
+    train_data, validation_data, test_data = _load(dataset)
     device = resolve_device(args.device)
     config = _train_config(args)
-    result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
+    result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
+                   device=device)
     model.cpu()
     return {"dataset": dataset, label: dataclasses.asdict(config), "metrics": result.final}
 

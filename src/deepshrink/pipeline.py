@@ -152,42 +152,71 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
+DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "validation", "mean", "std")
+VALIDATION_SEED = 0  # fixed: every run and sweep of a dataset entry holds out the same images
 
 
-def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
-    """(train, test) for a recipe's dataset entry.
+class Splits(typing.NamedTuple):
+    """A dataset entry's splits. ``validation`` (None unless the entry asks for one) is carved from the
+    training split and never overlaps ``train``; anything that chooses reads it, ``test`` only reports."""
 
-    Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
-    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics).
+    train: ImageData
+    validation: ImageData | None
+    test: ImageData
+
+
+def load_splits(dataset: dict, data_dir: str | Path | None = None) -> Splits:
+    """(train, validation, test) for a recipe's dataset entry.
+
+    Keys: ``name``; optional ``root``, ``validation`` (N: the last N images of a fixed seeded
+    permutation of the training split are held out for validation and removed from training),
+    ``train_subset``/``test_subset`` (sizes, for quick runs; ``train_subset`` draws from what the
+    validation split leaves) and ``mean``/``std`` (normalisation a pretrained model expects, e.g.
+    ImageNet statistics).
     """
     unknown = sorted(set(dataset) - set(DATASET_KEYS))
     if unknown or "name" not in dataset:
         raise ConfigError(f"dataset: needs 'name'; unknown option(s) {unknown}; valid: {DATASET_KEYS}")
     root = data_dir if data_dir is not None else dataset.get("root")
-    splits = []
-    for split, size in (("train", dataset.get("train_subset")), ("test", dataset.get("test_subset"))):
-        data = load_dataset(dataset["name"], root, split)
-        if size:
-            data = data.subset(int(size))
+
+    def normalised(data: ImageData) -> ImageData:
         if "mean" in dataset or "std" in dataset:
             data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
-        splits.append(data)
-    return splits[0], splits[1]
+        return data
+
+    train_data = load_dataset(dataset["name"], root, "train")
+    validation = None
+    n_validation = dataset.get("validation")
+    if n_validation:
+        if not isinstance(n_validation, int) or isinstance(n_validation, bool):
+            raise ConfigError(f"dataset: 'validation' must be a number of images, got {n_validation!r}")
+        train_data, validation = train_data.hold_out(n_validation, seed=VALIDATION_SEED)
+        validation = normalised(validation)
+    if dataset.get("train_subset"):
+        train_data = train_data.subset(int(dataset["train_subset"]))
+    test_data = load_dataset(dataset["name"], root, "test")
+    if dataset.get("test_subset"):
+        test_data = test_data.subset(int(dataset["test_subset"]))
+    return Splits(normalised(train_data), validation, normalised(test_data))
 
 
-def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device) -> dict[str, Any]:
-    """Accuracy and sparsity of the compressible weights: what every stage reports."""
+def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device,
+                  validation_data: ImageData | None = None) -> dict[str, Any]:
+    """Accuracy (test, and validation when there is one) and sparsity of the compressible weights:
+    what every stage reports."""
     rows = report.layer_summary(model)
     totals = report.summary_totals(rows)
     result = evaluate(model, test_data, device=device)
-    return {
+    metrics = {
         "accuracy": result["accuracy"],
         "loss": result["loss"],
         "params": totals["params"],
         "nonzero": totals["nonzero"],
         "sparsity": totals["sparsity"],
     }
+    if validation_data is not None:
+        metrics["validation_accuracy"] = evaluate(model, validation_data, device=device)["accuracy"]
+    return metrics
 
 
 @dataclass
@@ -204,9 +233,14 @@ StageFn = Callable[..., dict]
 def _stage_train(model, options, ctx) -> dict:
     config = make_config(TrainConfig, {"seed": ctx["seed"], **options}, f"stage {ctx['label']}")
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
-    result = train(model, ctx["train"], config, device=ctx["device"])
+    # validation after every epoch (when the dataset has one) feeds keep_best/patience; the test split
+    # is never passed to the loop, so nothing it holds can steer training
+    result = train(model, ctx["train"], config, validation_data=ctx["validation"], device=ctx["device"])
     zero_pruned_(model)
-    return {"history": result.history, "config": dataclasses.asdict(config)}
+    details = {"history": result.history, "config": dataclasses.asdict(config)}
+    if result.best_epoch is not None:
+        details["best_epoch"] = result.best_epoch
+    return details
 
 
 def _stage_load(model, options, ctx) -> dict:
@@ -235,7 +269,7 @@ def _stage_encode(model, options, ctx) -> dict:
     compress_model(model, path, config, model_spec=ctx["spec"], meta={"recipe": ctx["recipe"]})
     file_report = inspect_file(path)
     decoded = load(path)
-    decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
+    decoded_eval = model_metrics(decoded, ctx["test"], ctx["device"], ctx["validation"])
     return {
         "config": dataclasses.asdict(config),
         "file": str(path),
@@ -245,6 +279,7 @@ def _stage_encode(model, options, ctx) -> dict:
         "lab_estimate_ratio": file_report.lab_estimate_ratio,
         "entropy_bound_ratio": file_report.entropy_bound_ratio,
         "decoded_accuracy": decoded_eval["accuracy"],
+        **({"decoded_validation_accuracy": decoded_eval["validation_accuracy"]} if ctx["validation"] is not None else {}),
     }
 
 
@@ -289,7 +324,7 @@ def run_recipe(
     atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe.to_dict(), indent=2).encode()))
 
     torch.manual_seed(recipe.seed)
-    train_data, test_data = load_splits(recipe.dataset, data_dir)
+    train_data, validation_data, test_data = load_splits(recipe.dataset, data_dir)
     spec = recipe.model
     model = build_model(spec)
     result = RunResult(out_dir)
@@ -305,14 +340,14 @@ def run_recipe(
             model, _ = load_checkpoint(out_dir / result.stages[-1]["dir"] / "checkpoint.pt")
         start = time.perf_counter()
         ctx = {
-            "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
+            "train": train_data, "validation": validation_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
             "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name,
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(dev)
         details = STAGES[kind](model, options, ctx)
         model.cpu()
-        metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev)}
+        metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev, validation_data)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": recipe.dataset, "stage": metrics})

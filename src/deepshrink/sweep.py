@@ -70,7 +70,7 @@ def run_sweep(
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
     if data_dir:
         dataset["root"] = data_dir
-    train_data, test_data = load_splits(dataset)
+    train_data, _, test_data = load_splits(dataset)  # a 'validation' entry is held out of retraining
     dev = resolve_device(device)
     retrain = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4 if kind.startswith("prune") else 0.0,
                           schedule="cosine", progress=False)

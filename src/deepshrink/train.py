@@ -70,6 +70,8 @@ class TrainConfig:
     augment: bool = True  # the dataset's default augmentation (ImageData.augment)
     log_every: int = 50  # steps between host syncs (.item()) for the progress bar
     progress: bool = True  # rich progress bar (only on rank 0 and a terminal)
+    keep_best: bool = False  # end with the weights of the epoch of best validation accuracy (needs validation data)
+    patience: int = 0  # stop after this many epochs without a new best validation accuracy; 0 = never stop early
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -84,7 +86,7 @@ class TrainConfig:
             object.__setattr__(self, "step_epochs", tuple(int(s) for s in self.step_epochs))
         except (TypeError, ValueError):
             fail("step_epochs", "a list of epoch numbers")
-        ints = {"epochs": 0, "batch_size": 1, "log_every": 1}
+        ints = {"epochs": 0, "batch_size": 1, "log_every": 1, "patience": 0}
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -111,8 +113,9 @@ class TrainConfig:
 class TrainResult:
     """Per-epoch records and the final metrics."""
 
-    history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, test_*, seconds
+    history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, validation_*, test_*, seconds
     final: dict = field(default_factory=dict)
+    best_epoch: int | None = None  # the epoch of best validation accuracy (None without validation data)
 
 
 def learning_rate(config: TrainConfig, epoch: float, steps_per_epoch: int = 1) -> float:
@@ -236,10 +239,14 @@ def train(
     config: TrainConfig,
     *,
     eval_data: ImageData | None = None,
+    validation_data: ImageData | None = None,
     device: str | torch.device = "cpu",
     callback: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data``; evaluate on ``eval_data`` after every epoch.
+    """Train ``model`` in place on ``data``; evaluate on ``validation_data`` and ``eval_data`` after every epoch.
+
+    Only ``validation_data`` steers training (``keep_best``, ``patience``); ``eval_data`` (the test
+    split) is reported and never read by any decision.
 
     Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only).
     Under an initialised ``torch.distributed`` process group every rank must call this with the same
@@ -254,7 +261,7 @@ def train(
         of the untrained model when ``epochs == 0``).
 
     Raises:
-        ConfigError: the model has no trainable tensor.
+        ConfigError: the model has no trainable tensor, or keep_best/patience without validation_data.
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
@@ -266,6 +273,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=False everywhere)")
+    if (config.keep_best or config.patience) and validation_data is None:
+        raise ConfigError("TrainConfig.keep_best/patience choose by validation accuracy: pass validation_data "
+                          "(in a recipe, give the dataset a 'validation' size)")
     optimizer = _make_optimizer(params, config)
     net: nn.Module = model
     if dist.is_initialized():
@@ -282,6 +292,7 @@ def train(
     if steps == 0 and config.epochs > 0:
         raise DataError(f"{data.name}: no training samples")
     result = TrainResult()
+    best_accuracy, best_state = -1.0, None
     show = config.progress and rank == 0 and sys.stderr.isatty()
     with _progress_bar(show) as bar:
         for epoch in range(config.epochs):
@@ -314,6 +325,9 @@ def train(
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1)}
             if not math.isfinite(record["loss"]):
                 raise DeepShrinkError(f"epoch {epoch + 1}: training loss is {record['loss']}; lower the lr ({config.lr})")
+            val = _evaluate(model, validation_data, device, 1024, sharded=True) if validation_data is not None else None
+            if val is not None:
+                record["validation_accuracy"], record["validation_loss"] = val["accuracy"], val["loss"]
             test = _evaluate(model, eval_data, device, 1024, sharded=True) if eval_data is not None else None
             record["test_accuracy"] = test["accuracy"] if test else None
             record["test_loss"] = test["loss"] if test else None
@@ -321,15 +335,30 @@ def train(
             bar.update(task, loss=record["loss"], acc=record["train_accuracy"])
             result.history.append(record)
             if rank == 0:
+                val_text = f", validation acc {record['validation_accuracy']:.4f}" if val else ""
                 test_text = f", test acc {record['test_accuracy']:.4f}" if test else ""
                 logger.info(
-                    "epoch %d/%d: lr %.4g, loss %.4f, train acc %.4f%s (%.1f s)", epoch + 1, config.epochs,
-                    lr, record["loss"], record["train_accuracy"], test_text, record["seconds"],
+                    "epoch %d/%d: lr %.4g, loss %.4f, train acc %.4f%s%s (%.1f s)", epoch + 1, config.epochs,
+                    lr, record["loss"], record["train_accuracy"], val_text, test_text, record["seconds"],
                 )
             if callback is not None:
                 callback(record)
+            if val is not None:
+                if val["accuracy"] > best_accuracy:
+                    best_accuracy, result.best_epoch = val["accuracy"], epoch + 1
+                    if config.keep_best:  # a copy on the host: the model keeps training in place
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                elif config.patience and epoch + 1 - result.best_epoch >= config.patience:
+                    if rank == 0:
+                        logger.info("no better validation accuracy for %d epochs: stopping after epoch %d",
+                                    config.patience, epoch + 1)
+                    break
+    if best_state is not None and result.best_epoch != len(result.history):
+        model.load_state_dict(best_state)
+        if rank == 0:
+            logger.info("keep_best: restored epoch %d (validation acc %.4f)", result.best_epoch, best_accuracy)
     if result.history:
-        result.final = dict(result.history[-1])
+        result.final = dict(result.history[(result.best_epoch if best_state is not None else len(result.history)) - 1])
     elif eval_data is not None:
         test = _evaluate(model, eval_data, device, 1024, sharded=True)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
