@@ -338,7 +338,7 @@ def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
-                       epochs=args.epochs, lr=args.lr)
+                       epochs=args.epochs, lr=args.lr, split=args.split)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
     console.print(f"report: {result.report}")
 
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=1, help="retraining epochs per point (0 = no retraining)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="where accuracy is measured: validation (the checkpoint's, to choose) or test (to report)")
     p.set_defaults(func=cmd_sweep)
     return parser
 
