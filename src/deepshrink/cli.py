@@ -287,7 +287,7 @@ def cmd_encode(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
-                          codebook_dtype=args.codebook_dtype)
+                          codebook_dtype=args.codebook_dtype, raw_dtype=args.raw_dtype)
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
     _print_file_report(file_report)
 
@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-bits-conv", type=int, default=8)
     p.add_argument("--index-bits-fc", type=int, default=5)
     p.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
+                   help="how biases and BatchNorm statistics are stored")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("inspect", help="per-layer accounting of a compressed file")
