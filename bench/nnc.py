@@ -173,8 +173,9 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
     finetune = next((s["finetune"] for s in recipe["stages"][q + 1:] if "finetune" in s), {})
     encode_options = next((s["encode"] for s in recipe["stages"][q + 1:] if "encode" in s), {})
     recipe_file = run_dir / f"{kinds.index('encode') + 1:02d}-encode" / "model.dsz" if "encode" in kinds else None
-    train_data, test = load_splits(recipe["dataset"], args.data_dir if recipe["dataset"]["name"] != "digits" else None)
-    fit, val = split_validation(train_data)
+    splits = load_splits(recipe["dataset"], args.data_dir if recipe["dataset"]["name"] != "digits" else None)
+    test = splits.test  # the recipe's own validation split when it has one, else one carved here
+    fit, val = (splits.train, splits.validation) if splits.validation is not None else split_validation(splits.train)
     print(f"\n== {recipe['name']}: {pruned_ckpt} (fit {len(fit):,}, validation {len(val):,}, test {len(test):,})", flush=True)
 
     dense, arrays = plain_weights(pruned_ckpt)

@@ -232,3 +232,18 @@ def test_quantize_with_a_rate_term_prunes_more_and_reports_bad_settings(dense, t
     assert "lam" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
     with pytest.raises(SystemExit):
         main(["quantize", str(pruned), "--method", "lloyd", "--out", str(tmp_path / "x.pt")])
+
+
+def test_encode_raw_dtype_and_finetune_validation_flags(dense, tmp_path):
+    pruned, tuned = tmp_path / "p.pt", tmp_path / "f.pt"
+    assert main(["prune", str(dense), "--q", "50", "--out", str(pruned)]) == 0
+    assert main(["finetune", str(pruned), "--epochs", "2", "--validation", "300", "--keep-best", "--out", str(tuned)]) == 0
+    _, payload = load_checkpoint(tuned)
+    assert payload["meta"]["dataset"]["validation"] == 300 and payload["meta"]["finetune"]["keep_best"] is True
+    assert 0 < payload["meta"]["metrics"]["validation_accuracy"] <= 1
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        path = tmp_path / f"{dtype}.dsz"
+        assert main(["encode", str(tuned), "--out", str(path), "--raw-dtype", dtype]) == 0
+        sizes[dtype] = path.stat().st_size
+    assert sizes["float16"] < sizes["float32"]  # the biases are stored in half the bytes

@@ -515,3 +515,18 @@ def test_shared_cifar10_jpeg_test_split_loads(tmp_path):
     assert d.images.shape == (10000, 3, 32, 32) and d.classes == data.CIFAR10_CLASSES
     assert d.labels.bincount().tolist() == [1000] * 10 and d.augment == Augment.CROP_FLIP
     assert np.allclose(d.mean, (0.4914, 0.4822, 0.4465), atol=0.01)
+
+
+def test_hold_out_is_a_fixed_disjoint_carve_out_in_original_order():
+    d = ImageData(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 2, 2).contiguous(),
+                  torch.arange(20) % 3, ("a", "b", "c"), (0.5,), (0.25,), "toy")
+    rest, held = d.hold_out(5, seed=0)
+    ids = lambda x: x.images[:, 0, 0, 0].tolist()  # noqa: E731 - each image's pixel is its index
+    assert len(rest) == 15 and len(held) == 5
+    assert sorted(ids(rest) + ids(held)) == list(range(20))  # disjoint and complete
+    assert ids(rest) == sorted(ids(rest)) and ids(held) == sorted(ids(held))
+    assert ids(d.hold_out(5, seed=0)[1]) == ids(held) and ids(d.hold_out(5, seed=1)[1]) != ids(held)
+    assert set(ids(rest.subset(10))) <= set(ids(rest))  # a subset of the rest never reaches validation
+    for bad in (-1, 20):
+        with pytest.raises(ConfigError, match="cannot hold out"):
+            d.hold_out(bad)

@@ -1,5 +1,6 @@
 """Recipes end to end on tiny data, the real demo, and a resume after a killed run."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -57,6 +59,9 @@ def tiny_variant(recipe: Recipe, tmp_path: Path) -> Recipe:
         dataset["root"] = str(write_image_folder(tmp_path / "images"))
     else:
         dataset.update(train_subset=300, test_subset=100)
+    if dataset.get("validation"):
+        dataset["validation"] = 6
+        dataset.pop("train_subset", None)
     stages = []
     for kind, options in recipe.stages:
         if kind == "load":  # the pretrained checkpoint is a fixture of ../shared; covered in test_models
@@ -303,3 +308,61 @@ def test_a_damaged_run_folder_is_one_config_error(tmp_path):
     recipe = Recipe.from_dict({"model": "mlp", "dataset": "digits", "stages": [{"prune": {}}]})
     with pytest.raises(ConfigError, match="recipe.json is damaged"):
         run_recipe(recipe, tmp_path, resume=True)
+
+
+def test_load_splits_carves_a_fixed_validation_split_out_of_training():
+    from deepshrink.data import load_dataset
+    from deepshrink.pipeline import load_splits
+
+    full = load_dataset("digits", split="train")
+    train, validation, test = load_splits({"name": "digits", "validation": 200, "train_subset": 500})
+    again = load_splits({"name": "digits", "validation": 200})
+    assert len(validation) == 200 and len(train) == 500 and len(test) == len(load_dataset("digits", split="test"))
+    rows = lambda d: {bytes(x.numpy().tobytes()) + bytes([int(y)]) for x, y in zip(d.images, d.labels)}  # noqa: E731
+    assert rows(validation).isdisjoint(rows(train)) and rows(validation).isdisjoint(rows(again.train))
+    assert rows(validation) == rows(again.validation) and len(again.train) == len(full) - 200
+    assert load_splits({"name": "digits"}).validation is None
+    with pytest.raises(ConfigError, match="'validation' must be a number"):
+        load_splits({"name": "digits", "validation": "10%"})
+
+
+def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
+    """keep_best and patience choose on validation: a test split whose labels are all wrong chooses the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny MLP: one thread avoids OpenMP hand-offs on a shared machine
+    raw = {"model": "mlp", "dataset": {"name": "digits", "validation": 300, "train_subset": 400}, "device": "cpu",
+           "stages": [{"train": {"epochs": 5, "lr": 0.5, "schedule": "constant", "keep_best": True, "patience": 2,
+                                 "batch_size": 32, "progress": False}},
+                      {"prune": {"q": 80}},
+                      {"finetune": {"epochs": 2, "lr": 0.2, "keep_best": True, "batch_size": 32, "progress": False}}]}
+    try:
+        _compare_honest_and_corrupt_runs(raw, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_honest_and_corrupt_runs(raw, tmp_path, monkeypatch):
+    from deepshrink import pipeline
+    from deepshrink.checkpoint import load_checkpoint
+
+    honest = run_recipe(Recipe.from_dict(raw), tmp_path / "honest")
+
+    real_load = pipeline.load_dataset
+
+    def wrong_test_labels(name, root, split):
+        data = real_load(name, root, split)
+        if split == "test":  # every test label moved to another class: test accuracy collapses
+            data = dataclasses.replace(data, labels=(data.labels + 1) % data.num_classes)
+        return data
+
+    monkeypatch.setattr(pipeline, "load_dataset", wrong_test_labels)
+    corrupt = run_recipe(Recipe.from_dict(raw), tmp_path / "corrupt")
+
+    for a, b in zip(honest.stages, corrupt.stages):
+        assert a.get("best_epoch") == b.get("best_epoch") and a["validation_accuracy"] == b["validation_accuracy"]
+        assert b["accuracy"] < min(0.2, a["accuracy"])  # the corrupt test split really was the one evaluated
+    assert honest.stages[0]["best_epoch"] is not None and honest.stages[2]["best_epoch"] is not None
+    for stage in ("01-train", "03-finetune"):
+        w1 = load_checkpoint(tmp_path / "honest" / stage / "checkpoint.pt")[0].state_dict()
+        w2 = load_checkpoint(tmp_path / "corrupt" / stage / "checkpoint.pt")[0].state_dict()
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -99,3 +99,35 @@ def test_rate_sweep_rejects_bad_settings_before_any_work(trained, tmp_path, kwar
     with pytest.raises(ConfigError, match=match):
         run_sweep("rate", trained, tmp_path / "bad", **kwargs)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sweep_on_the_validation_split_reads_no_test_label(tmp_path, monkeypatch):
+    from deepshrink import pipeline
+
+    trained_with_validation = _dense_with_validation(tmp_path)
+    real_load = pipeline.load_dataset
+    scores = {}
+    for name, corrupt in (("honest", False), ("corrupt", True)):
+        def load(dataset, root, split, corrupt=corrupt):
+            data = real_load(dataset, root, split)
+            if corrupt and split == "test":
+                data = type(data)(data.images, (data.labels + 1) % 10, data.classes, data.mean, data.std, data.name)
+            return data
+
+        monkeypatch.setattr(pipeline, "load_dataset", load)
+        result = run_sweep("sensitivity", trained_with_validation, tmp_path / name, split="validation")
+        scores[name] = [r["accuracy"] for r in result.rows]
+        assert json.loads((tmp_path / name / "sweep.json").read_text())["split"] == "validation"
+    assert scores["honest"] == scores["corrupt"] and max(scores["honest"]) > 0.5
+
+
+def test_a_validation_sweep_needs_a_validation_split(trained, tmp_path):
+    with pytest.raises(ConfigError, match="no validation split"):
+        run_sweep("sensitivity", trained, tmp_path, split="validation")
+
+
+def _dense_with_validation(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    train(model, load_dataset("digits").subset(400), TrainConfig(epochs=15, lr=0.1, progress=False))
+    return save_checkpoint(tmp_path / "dense.pt", model, SPEC, {"dataset": {**DATASET, "validation": 150}})

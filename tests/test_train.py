@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -247,3 +248,33 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(tmp_path):
     for got, want in zip(ddp["history"], single["history"]):  # metrics averaged over both ranks
         for name in ("loss", "train_accuracy", "test_accuracy", "test_loss", "lr"):
             assert got[name] == pytest.approx(want[name], abs=1e-5), name
+
+
+def test_keep_best_restores_the_epoch_of_best_validation_accuracy():
+    validation = quadrant_data(128, seed=2)
+    # a learning rate this high makes later epochs worse on validation, so the best epoch is not the last
+    config = TrainConfig(epochs=6, batch_size=16, lr=3.0, momentum=0.9, weight_decay=0, schedule="constant", **FAST)
+    plain = train(tiny_mlp(), quadrant_data(), config, validation_data=validation)
+    accs = [r["validation_accuracy"] for r in plain.history]
+    best = accs.index(max(accs)) + 1
+    assert plain.best_epoch == best and best < 6, accs  # the setting must exercise a restore
+
+    model = tiny_mlp()
+    kept = train(model, quadrant_data(), dataclasses.replace(config, keep_best=True), validation_data=validation)
+    assert kept.best_epoch == best and kept.final == kept.history[best - 1]
+    assert evaluate(model, validation)["accuracy"] == pytest.approx(max(accs))
+
+
+def test_patience_stops_after_epochs_without_a_better_validation_accuracy():
+    config = TrainConfig(epochs=8, batch_size=16, lr=3.0, weight_decay=0, schedule="constant", patience=1, **FAST)
+    result = train(tiny_mlp(), quadrant_data(), config, validation_data=quadrant_data(128, seed=2))
+    accs = [r["validation_accuracy"] for r in result.history]
+    # stopped at the first epoch that did not improve on every epoch before it
+    assert len(accs) < 8 and accs[-1] <= max(accs[:-1])
+    assert all(a < b for a, b in zip(accs[:-2], accs[1:-1]))
+
+
+def test_selection_without_validation_data_is_refused():
+    for option in ({"keep_best": True}, {"patience": 2}):
+        with pytest.raises(ConfigError, match="validation_data"):
+            train(tiny_mlp(), quadrant_data(32), TrainConfig(epochs=1, **option, **FAST), eval_data=quadrant_data(16))

@@ -54,6 +54,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--schedule", choices=_values(Schedule), default=d.schedule)
     g.add_argument("--step-epochs", type=int, nargs="*", default=[], help="epochs where a step schedule drops the lr")
     g.add_argument("--no-augment", action="store_true", help="disable the dataset's default augmentation")
+    g.add_argument("--validation", type=int, metavar="N",
+                   help="hold out N training images (fixed seeded choice) as a validation split, evaluated every epoch")
+    g.add_argument("--keep-best", action="store_true", help="end with the epoch of best validation accuracy (needs --validation)")
+    g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better validation accuracy")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -65,7 +69,7 @@ def _train_config(args):
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, step_epochs=tuple(args.step_epochs), seed=args.seed,
-        augment=not args.no_augment, progress=sys.stderr.isatty(),
+        augment=not args.no_augment, progress=sys.stderr.isatty(), keep_best=args.keep_best, patience=args.patience,
     )
 
 
@@ -89,6 +93,8 @@ def _dataset_entry(args, meta: dict | None = None) -> dict:
         entry["root"] = args.data_dir
     if "name" not in entry:
         raise ConfigError("no dataset known for this checkpoint: pass --dataset (and --data-dir)")
+    if getattr(args, "validation", None) is not None:
+        entry["validation"] = args.validation
     return entry
 
 
@@ -223,12 +229,13 @@ def cmd_train(args) -> None:
     if args.init_from:
         load_foreign_weights(model, args.init_from)
     dataset = _dataset_entry(args)
-    train_data, test_data = _load(dataset)
+    train_data, validation_data, test_data = _load(dataset)
     dataset = dataset_record(dataset, train_data)
     config = _train_config(args)
 
     def run(device, group=None, rank: int = 0) -> None:
-        result = train(model.to(device), train_data, config, eval_data=test_data, device=device, group=group)
+        result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
+                       device=device, group=group)
         if rank == 0:
             save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
                                                           "metrics": result.final})
@@ -249,7 +256,7 @@ def _distributed(args) -> bool:
 def _load(dataset: dict):
     from .pipeline import load_splits
 
-    return load_splits(dataset)  # (train, test)
+    return load_splits(dataset)  # (train, validation or None, test)
 
 
 def cmd_eval(args) -> None:
@@ -266,7 +273,7 @@ def cmd_eval(args) -> None:
     else:
         model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         meta = payload["meta"]
-    _, test_data = _load(_dataset_entry(args, meta))
+    test_data = _load(_dataset_entry(args, meta)).test
     result = evaluate(model, test_data, device=resolve_device(args.device))
     console.print(f"{path}: accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
 
@@ -324,11 +331,12 @@ def _retrain(model, args, meta: dict, label: str) -> dict:
     from .train import train
 
     dataset = _dataset_entry(args, meta)
-    train_data, test_data = _load(dataset)
+    train_data, validation_data, test_data = _load(dataset)
     dataset = dataset_record(dataset, train_data)
     device = resolve_device(args.device)
     config = _train_config(args)
-    result = train(model.to(device), train_data, config, eval_data=test_data, device=device)
+    result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
+                   device=device)
     model.cpu()
     return {"dataset": dataset, label: dataclasses.asdict(config), "metrics": result.final}
 
@@ -347,7 +355,7 @@ def cmd_quantize(args) -> None:
         from .pipeline import resolve_device
         from .quantize import fisher_diagonal
 
-        train_data, _ = _load(_dataset_entry(args, payload["meta"]))
+        train_data = _load(_dataset_entry(args, payload["meta"])).train
         importance = fisher_diagonal(model, train_data, device=resolve_device(args.device), seed=args.seed,
                                      include=config.include, exclude=config.exclude, kinds=config.kinds)
     layers = quantize_model(model, config, importance)
@@ -382,7 +390,7 @@ def cmd_encode(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
-                          codebook_dtype=args.codebook_dtype,
+                          codebook_dtype=args.codebook_dtype, raw_dtype=args.raw_dtype,
                           include=tuple(args.include) if args.include else None,
                           exclude=tuple(args.exclude))
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
@@ -463,7 +471,7 @@ def cmd_sweep(args) -> None:
     rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian} \
         if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
-                       epochs=args.epochs, lr=args.lr, trust_factory=args.trust_factory, **rate)
+                       epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory, **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
     console.print(f"report: {result.report}")
 
@@ -583,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-bits-conv", type=int, default=encode_defaults.index_bits_conv)
     p.add_argument("--index-bits-fc", type=int, default=encode_defaults.index_bits_fc)
     p.add_argument("--codebook-dtype", choices=_values(StoredFloat), default=encode_defaults.codebook_dtype.value)
+    p.add_argument("--raw-dtype", choices=_values(StoredFloat), default=encode_defaults.raw_dtype.value,
+                   help="how biases and BatchNorm statistics are stored")
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
     _add_trust_arg(p)
@@ -619,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=1, help="retraining epochs per point (0 = no retraining)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="where accuracy is measured: validation (the checkpoint's, to choose) or test (to report)")
     _add_trust_arg(p)
     g = p.add_argument_group("rate sweep (file size vs accuracy)")
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1])

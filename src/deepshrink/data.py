@@ -120,7 +120,25 @@ class ImageData:
         if n < 0:
             raise ConfigError(f"subset size must be >= 0, got {n}")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return ImageData(self.images[order], self.labels[order], self.classes, self.mean, self.std, self.name,
+        return self._take(order)
+
+    def hold_out(self, n: int, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """(rest, held_out): the last ``n`` samples of a permutation seeded by ``seed`` are held out.
+
+        A fixed, disjoint carve-out (e.g. a validation split from the training split); both parts keep
+        the original sample order. ``subset`` of the rest never reaches into the held-out part.
+
+        Raises:
+            ConfigError: ``n`` is negative or leaves no sample in the rest.
+        """
+        if not 0 <= n < len(self):
+            raise ConfigError(f"{self.name}: cannot hold out {n} of {len(self)} samples (need 0 <= n < {len(self)})")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        cut = len(self) - n
+        return self._take(order[:cut].sort().values), self._take(order[cut:].sort().values)
+
+    def _take(self, index: torch.Tensor) -> "ImageData":
+        return ImageData(self.images[index], self.labels[index], self.classes, self.mean, self.std, self.name,
                          self.augment)
 
 

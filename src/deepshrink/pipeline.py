@@ -230,7 +230,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "mean", "std")
+DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "validation", "mean", "std")
 RECORD_KEYS = ("image_shape", "num_classes")  # recorded by dataset_record; checked against the loaded data
 
 
@@ -239,30 +239,54 @@ def _check_dataset(dataset: dict, where: str) -> None:
     if unknown or not isinstance(dataset.get("name"), str):
         raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; "
                           f"valid: {DATASET_KEYS + RECORD_KEYS}")
+VALIDATION_SEED = 0  # fixed: every run and sweep of a dataset entry holds out the same images
 
 
-def load_splits(dataset: dict, data_dir: str | Path | None = None) -> tuple[ImageData, ImageData]:
-    """(train, test) for a recipe's dataset entry.
+class Splits(typing.NamedTuple):
+    """A dataset entry's splits. ``validation`` (None unless the entry asks for one) is carved from the
+    training split and never overlaps ``train``; anything that chooses reads it, ``test`` only reports."""
 
-    Keys: ``name``; optional ``root``, ``train_subset``/``test_subset`` (sizes, for quick runs) and
-    ``mean``/``std`` (normalisation a pretrained model expects, e.g. ImageNet statistics), and the
-    ``image_shape``/``num_classes`` of a ``dataset_record``, which the loaded data must match.
+    train: ImageData
+    validation: ImageData | None
+    test: ImageData
+
+
+def load_splits(dataset: dict, data_dir: str | Path | None = None) -> Splits:
+    """(train, validation, test) for a recipe's dataset entry.
+
+    Keys: ``name``; optional ``root``, ``validation`` (N: the last N images of a fixed seeded
+    permutation of the training split are held out for validation and removed from training),
+    ``train_subset``/``test_subset`` (sizes, for quick runs; ``train_subset`` draws from what the
+    validation split leaves) and ``mean``/``std`` (normalisation a pretrained model expects, e.g.
+    ImageNet statistics), and the ``image_shape``/``num_classes`` of a ``dataset_record``, which the
+    loaded data must match.
 
     Raises:
         ConfigError: unknown keys; DataError: the data does not match the recorded shape or classes.
     """
     _check_dataset(dataset, "dataset")
     root = data_dir if data_dir is not None else dataset.get("root")
-    splits = []
-    for split, size in (("train", dataset.get("train_subset")), ("test", dataset.get("test_subset"))):
-        data = load_dataset(dataset["name"], root, split)
-        if size:
-            data = data.subset(int(size))
+
+    def normalised(data: ImageData) -> ImageData:
         if "mean" in dataset or "std" in dataset:
             data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
-        splits.append(data)
-    _check_record(dataset, splits[0], root)
-    return splits[0], splits[1]
+        return data
+
+    train_data = load_dataset(dataset["name"], root, "train")
+    validation = None
+    n_validation = dataset.get("validation")
+    if n_validation:
+        if not isinstance(n_validation, int) or isinstance(n_validation, bool):
+            raise ConfigError(f"dataset: 'validation' must be a number of images, got {n_validation!r}")
+        train_data, validation = train_data.hold_out(n_validation, seed=VALIDATION_SEED)
+        validation = normalised(validation)
+    if dataset.get("train_subset"):
+        train_data = train_data.subset(int(dataset["train_subset"]))
+    test_data = load_dataset(dataset["name"], root, "test")
+    if dataset.get("test_subset"):
+        test_data = test_data.subset(int(dataset["test_subset"]))
+    _check_record(dataset, train_data, root)
+    return Splits(normalised(train_data), validation, normalised(test_data))
 
 
 def dataset_record(dataset: dict, data: ImageData) -> dict:
@@ -286,18 +310,23 @@ def _check_record(dataset: dict, data: ImageData, root) -> None:
         raise DataError(f"{where}: {data.num_classes} classes; the model was trained on {classes}")
 
 
-def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device) -> dict[str, Any]:
-    """Accuracy and sparsity of the compressible weights: what every stage reports."""
+def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device,
+                  validation_data: ImageData | None = None) -> dict[str, Any]:
+    """Accuracy (test, and validation when there is one) and sparsity of the compressible weights:
+    what every stage reports."""
     rows = report.layer_summary(model)
     totals = report.summary_totals(rows)
     result = evaluate(model, test_data, device=device)
-    return {
+    metrics = {
         "accuracy": result["accuracy"],
         "loss": result["loss"],
         "params": totals["params"],
         "nonzero": totals["nonzero"],
         "sparsity": totals["sparsity"],
     }
+    if validation_data is not None:
+        metrics["validation_accuracy"] = evaluate(model, validation_data, device=device)["accuracy"]
+    return metrics
 
 
 @dataclass
@@ -314,9 +343,14 @@ StageFn = Callable[..., dict]
 def _stage_train(model, options, ctx) -> dict:
     config = stage_config("train", options, f"stage {ctx['label']}", ctx["seed"])
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
-    result = train(model, ctx["train"], config, device=ctx["device"])
+    # validation after every epoch (when the dataset has one) feeds keep_best/patience; the test split
+    # is never passed to the loop, so nothing it holds can steer training
+    result = train(model, ctx["train"], config, validation_data=ctx["validation"], device=ctx["device"])
     zero_pruned_(model)
-    return {"history": result.history, "config": dataclasses.asdict(config)}
+    details = {"history": result.history, "config": dataclasses.asdict(config)}
+    if result.best_epoch is not None:
+        details["best_epoch"] = result.best_epoch
+    return details
 
 
 def _stage_load(model, options, ctx) -> dict:
@@ -348,7 +382,7 @@ def _stage_encode(model, options, ctx) -> dict:
     meta = {"recipe": ctx["recipe"], "dataset": ctx["dataset"]}
     file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta=meta)
     decoded = load(path, trust_factory=ctx["trust_factory"])  # the one decode: the model we report is the file's
-    decoded_eval = evaluate(decoded, ctx["test"], device=ctx["device"])
+    decoded_eval = model_metrics(decoded, ctx["test"], ctx["device"], ctx["validation"])
     return {
         "config": dataclasses.asdict(config),
         "file": str(path),
@@ -358,6 +392,7 @@ def _stage_encode(model, options, ctx) -> dict:
         "lab_estimate_ratio": file_report.lab_estimate_ratio,
         "entropy_bound_ratio": file_report.entropy_bound_ratio,
         "decoded_accuracy": decoded_eval["accuracy"],
+        **({"decoded_validation_accuracy": decoded_eval["validation_accuracy"]} if ctx["validation"] is not None else {}),
     }
 
 
@@ -408,7 +443,7 @@ def run_recipe(
         for tmp in sweep_temp_files(out_dir):  # a killed run's half-written files
             log.info("removed %s, left by an interrupted write", tmp)
     torch.manual_seed(recipe.seed)
-    train_data, test_data = load_splits(recipe.dataset, data_dir)
+    train_data, validation_data, test_data = load_splits(recipe.dataset, data_dir)
     record = dataset_record(recipe.dataset, train_data)
     spec = recipe.model
     model = build_model(spec, trust_factory=trust_factory)  # before writing anything: a bad model leaves no folder
@@ -428,15 +463,15 @@ def run_recipe(
             model, _ = load_checkpoint(previous, trust_factory=trust_factory)
         start = time.perf_counter()
         ctx = {
-            "train": train_data, "test": test_data, "device": dev, "seed": recipe.seed, "spec": spec,
-            "label": f"{i + 1} ({kind})", "stage_dir": stage_dir, "recipe": recipe.name, "dataset": record,
-            "trust_factory": trust_factory,
+            "train": train_data, "validation": validation_data, "test": test_data, "device": dev,
+            "seed": recipe.seed, "spec": spec, "label": f"{i + 1} ({kind})", "stage_dir": stage_dir,
+            "recipe": recipe.name, "dataset": record, "trust_factory": trust_factory,
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(dev)
         details = STAGES[kind](model, options, ctx)
         model.cpu()
-        metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev)}
+        metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev, validation_data)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})

@@ -8,7 +8,10 @@
 - ``rate``: rate-aware quantization (ECSQ or uniform) at increasing lambda, centroid training, then the
   compressed file: its size on disk against accuracy (the size-vs-error frontier).
 
-Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder.
+Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder. Accuracies
+are measured on the test split (reporting), or with ``split="validation"`` on the checkpoint's
+validation split: the one to read when a sweep chooses something (e.g. per-layer q from
+``sensitivity``). ``sweep.json`` records which split it was.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def run_sweep(
     lambdas: Sequence[float] = RATE_LAMBDAS,
     method: str = "ecsq",
     hessian: bool = False,
+    split: str = "test",
     on_point: Callable[[dict], None] | None = None,
     trust_factory: bool = False,
 ) -> SweepResult:
@@ -72,6 +76,7 @@ def run_sweep(
         bits: the bit width of the ``init`` and ``rate`` sweeps.
         trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
         lambdas, method, hessian: the ``rate`` sweep's points and quantizer (see ``QuantizeConfig``).
+        split: "test" (report) or "validation" (choose: needs a checkpoint whose dataset has one).
     """
     spec = _sweeps().get(kind)
     if spec is None:
@@ -86,13 +91,18 @@ def run_sweep(
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
     if data_dir:
         dataset["root"] = data_dir
-    train_data, test_data = load_splits(dataset)
+    if split not in ("test", "validation"):
+        raise ConfigError(f"unknown split {split!r}; valid: ['test', 'validation']")
+    train_data, validation_data, test_data = load_splits(dataset)  # validation is held out of retraining
+    eval_data = validation_data if split == "validation" else test_data
+    if eval_data is None:
+        raise ConfigError(f"{checkpoint}: its dataset has no validation split; give it one (dataset 'validation: N')")
     dev = resolve_device(device)
     retrain = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4 if kind.startswith("prune") else 0.0,
                           schedule="cosine", progress=False)
 
     def accuracy(model: nn.Module) -> float:
-        return evaluate(model, test_data, device=dev)["accuracy"]
+        return evaluate(model, eval_data, device=dev)["accuracy"]
 
     def retrained(model: nn.Module) -> float | None:
         if epochs <= 0:
@@ -118,7 +128,7 @@ def run_sweep(
         rows.append(row)
         if on_point:
             on_point(row)
-    path = write_sweep(out_dir, kind, rows, spec)
+    path = write_sweep(out_dir, kind, rows, spec, split)
     return SweepResult(rows, spec.columns, path)
 
 
@@ -228,14 +238,14 @@ SWEEPS: dict[str, Sweep] = {
 }
 
 
-def write_sweep(out_dir: Path, kind: str, rows: list[dict], spec: Sweep) -> Path:
+def write_sweep(out_dir: Path, kind: str, rows: list[dict], spec: Sweep, split: str = "test") -> Path:
     """Write the markdown table, CSV, JSON and plot of a sweep; returns the markdown path."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out_dir / "sweep.csv", lambda f: f.write(buf.getvalue().encode()))
-    atomic_write(out_dir / "sweep.json", lambda f: f.write(json.dumps({"kind": kind, "rows": rows}, indent=2).encode()))
+    atomic_write(out_dir / "sweep.json", lambda f: f.write(json.dumps({"kind": kind, "split": split, "rows": rows}, indent=2).encode()))
     if kind == "sensitivity":  # one line per layer
         series: dict[str, list] = {}
         for r in rows:
@@ -244,8 +254,9 @@ def write_sweep(out_dir: Path, kind: str, rows: list[dict], spec: Sweep) -> Path
     else:
         xs = [r[spec.x] for r in rows]
         series = {y: [r[y] for r in rows] for y in spec.y if all(r[y] is not None for r in rows)}
-    plot = report.line_plot(xs, series, spec.xlabel, "accuracy", f"sweep: {kind}", out_dir / "sweep.png")
-    text = f"# Sweep: {kind}\n\n{report.table_markdown(rows, spec.columns)}\n\n![{kind}]({plot.name})\n"
+    plot = report.line_plot(xs, series, spec.xlabel, f"{split} accuracy", f"sweep: {kind}", out_dir / "sweep.png")
+    text = (f"# Sweep: {kind}\n\nAccuracy on the {split} split.\n\n{report.table_markdown(rows, spec.columns)}\n\n"
+            f"![{kind}]({plot.name})\n")
     path = out_dir / "sweep.md"
     atomic_write(path, lambda f: f.write(text.encode()))
     return path

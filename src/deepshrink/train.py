@@ -78,6 +78,8 @@ class TrainConfig:
     augment: bool = True  # the dataset's default augmentation (ImageData.augment)
     log_every: int = 50  # steps between host syncs (.item()) for the progress bar
     progress: bool = True  # rich progress bar (only on rank 0 and a terminal)
+    keep_best: bool = False  # end with the weights of the epoch of best validation accuracy (needs validation data)
+    patience: int = 0  # stop after this many epochs without a new best validation accuracy; 0 = never stop early
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -92,7 +94,7 @@ class TrainConfig:
             object.__setattr__(self, "step_epochs", tuple(int(s) for s in self.step_epochs))
         except (TypeError, ValueError):
             fail("step_epochs", "a list of epoch numbers")
-        ints = {"epochs": 0, "batch_size": 1, "log_every": 1, "seed": 0}
+        ints = {"epochs": 0, "batch_size": 1, "log_every": 1, "seed": 0, "patience": 0}
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -127,8 +129,9 @@ class TrainConfig:
 class TrainResult:
     """Per-epoch records and the final metrics."""
 
-    history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, test_*, seconds
+    history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, validation_*, test_*, seconds
     final: dict = field(default_factory=dict)
+    best_epoch: int | None = None  # the epoch of best validation accuracy (None without validation data)
 
 
 def learning_rate(config: TrainConfig, epoch: float, steps_per_epoch: int = 1) -> float:
@@ -269,7 +272,13 @@ def _evaluate(
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
 
 
-def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int = 1024) -> dict:
+def eval_batch_size(device: torch.device) -> int:
+    """Evaluation batch: large on a GPU; 128 on a CPU, where 1024-image activations fall out of cache and
+    a ResNet-20 test pass runs 2.5x slower (measured on 2 cores, 2026-11-29)."""
+    return 1024 if device.type == "cuda" else 128
+
+
+def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu", batch_size: int | None = None) -> dict:
     """Mean cross-entropy and top-1 accuracy of ``model`` (moved to ``device``) on all of ``data``.
 
     Runs in this process alone, also in a distributed run (so rank 0 may call it by itself).
@@ -278,7 +287,7 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
         {"loss": float, "accuracy": float in [0, 1], "n": number of samples}
     """
     device = torch.device(device)
-    return _evaluate(model.to(device), data, device, batch_size, group=None)
+    return _evaluate(model.to(device), data, device, batch_size or eval_batch_size(device), group=None)
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -299,11 +308,15 @@ def train(
     config: TrainConfig,
     *,
     eval_data: ImageData | None = None,
+    validation_data: ImageData | None = None,
     device: str | torch.device = "cpu",
     callback: Callable[[dict], None] | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data``; evaluate on ``eval_data`` after every epoch.
+    """Train ``model`` in place on ``data``; evaluate on ``validation_data`` and ``eval_data`` after every epoch.
+
+    Only ``validation_data`` steers training (``keep_best``, ``patience``); ``eval_data`` (the test
+    split) is reported and never read by any decision.
 
     Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only).
 
@@ -319,7 +332,7 @@ def train(
         of the untrained model when ``epochs == 0``).
 
     Raises:
-        ConfigError: the model has no trainable tensor.
+        ConfigError: the model has no trainable tensor, or keep_best/patience without validation_data.
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
@@ -331,6 +344,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=False everywhere)")
+    if (config.keep_best or config.patience) and validation_data is None:
+        raise ConfigError("TrainConfig.keep_best/patience choose by validation accuracy: pass validation_data "
+                          "(in a recipe, give the dataset a 'validation' size)")
     optimizer = _make_optimizer(params, config)
     net: nn.Module = model
     if group is not None:
@@ -349,6 +365,7 @@ def train(
     if steps == 0 and config.epochs > 0:
         raise DataError(f"{data.name}: no training samples")
     result = TrainResult()
+    best_accuracy, best_state = -1.0, None
     show = config.progress and rank == 0 and sys.stderr.isatty()
     with _progress_bar(show) as bar:
         for epoch in range(config.epochs):
@@ -381,23 +398,42 @@ def train(
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1)}
             if not math.isfinite(record["loss"]):
                 raise DeepShrinkError(f"epoch {epoch + 1}: training loss is {record['loss']}; lower the lr ({config.lr})")
-            test = _evaluate(model, eval_data, device, 1024, group) if eval_data is not None else None
+            val = None
+            if validation_data is not None:
+                val = _evaluate(model, validation_data, device, eval_batch_size(device), group)
+                record["validation_accuracy"], record["validation_loss"] = val["accuracy"], val["loss"]
+            test = _evaluate(model, eval_data, device, eval_batch_size(device), group) if eval_data is not None else None
             record["test_accuracy"] = test["accuracy"] if test else None
             record["test_loss"] = test["loss"] if test else None
             record["seconds"] = time.perf_counter() - start
             bar.update(task, loss=record["loss"], acc=record["train_accuracy"])
             result.history.append(record)
             if rank == 0:
+                val_text = f", validation acc {record['validation_accuracy']:.4f}" if val else ""
                 test_text = f", test acc {record['test_accuracy']:.4f}" if test else ""
                 logger.info(
-                    "epoch %d/%d: lr %.4g, loss %.4f, train acc %.4f%s (%.1f s)", epoch + 1, config.epochs,
-                    lr, record["loss"], record["train_accuracy"], test_text, record["seconds"],
+                    "epoch %d/%d: lr %.4g, loss %.4f, train acc %.4f%s%s (%.1f s)", epoch + 1, config.epochs,
+                    lr, record["loss"], record["train_accuracy"], val_text, test_text, record["seconds"],
                 )
             if callback is not None:
                 callback(record)
+            if val is not None:
+                if val["accuracy"] > best_accuracy:
+                    best_accuracy, result.best_epoch = val["accuracy"], epoch + 1
+                    if config.keep_best:  # a copy on the host: the model keeps training in place
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                elif config.patience and epoch + 1 - result.best_epoch >= config.patience:
+                    if rank == 0:
+                        logger.info("no better validation accuracy for %d epochs: stopping after epoch %d",
+                                    config.patience, epoch + 1)
+                    break
+    if best_state is not None and result.best_epoch != len(result.history):
+        model.load_state_dict(best_state)
+        if rank == 0:
+            logger.info("keep_best: restored epoch %d (validation acc %.4f)", result.best_epoch, best_accuracy)
     if result.history:
-        result.final = dict(result.history[-1])
+        result.final = dict(result.history[(result.best_epoch if best_state is not None else len(result.history)) - 1])
     elif eval_data is not None:
-        test = _evaluate(model, eval_data, device, 1024, group)
+        test = _evaluate(model, eval_data, device, eval_batch_size(device), group)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     return result
