@@ -293,6 +293,6 @@ def test_benchmark_and_bench_infer_command(mlp_file, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert {r["batch"] for r in printed["rows"]} == {1, 2}
     assert main(["-q", "bench-infer", str(mlp_file), "--batch", "1,x"]) == 2
-    assert "--batch" in capsys.readouterr().out
+    assert "--batch" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="batch sizes"):
         runtime.benchmark(mlp_file, (0,))
