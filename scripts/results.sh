@@ -2,8 +2,10 @@
 # Regenerate the runs and sweeps behind docs/results.md. No GPU needed: about 1.5 hours on an idle
 # 2-core CPU for the runs and 1-epoch sweeps below, plus the ResNet-20 validation-split run
 # (resnet20-cifar10-gradual-cpu: 5 epochs of 15,000 JPEG images; 65 minutes on 2026-11-29 with one
-# thread at nice 10 on the 2-core machine shared with six other jobs, about 5 minutes idle) and its sweeps with retraining (each point: one epoch
-# of 15,000 images, ~40 s of 2 idle cores; 16 points with retraining, so ~15-25 minutes idle).
+# thread at nice 10 on the 2-core machine shared with six other jobs; about 11 minutes
+# with one thread when idle) and its
+# sweeps with retraining (one epoch of 15,000 images per point: prune-percentile's 4 points took 12
+# minutes with one thread on the nearly idle machine, so the 16 points below are about 50 minutes).
 # Outputs go to runs/ and sweeps/; each holds report.md / sweep.md with its tables and plots.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
