@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coding import CHECKPOINT, ROOT, best_time, cluster, machine_info  # noqa: E402
+from coding import CHECKPOINT, ROOT, best_time, machine_info  # noqa: E402
+from common import write_json  # noqa: E402
 
 from deepshrink.coding import cabac, entropy_bits  # noqa: E402
 from deepshrink.encode import decode_quantized, encode_quantized, indices_to_levels  # noqa: E402
@@ -203,10 +203,7 @@ def main() -> None:
               f"{s['cabac_decode_MBps']:>10.1f} {s['huffman_encode_MBps']:>10.1f} {s['huffman_decode_MBps']:>10.1f}")
 
     results["runtime_s"] = time.perf_counter() - started
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_json(RESULTS, results)
     print(f"\nruntime {results['runtime_s']:.1f} s; wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -30,24 +30,21 @@ Measured on the 2-core development VM: about 1 minute in full, under 20 s with -
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 import zlib
-from pathlib import Path
+from importlib.metadata import version
 
+import numba
 import numpy as np
+import zstandard
 
-import deepshrink
 from deepshrink.coding import entropy_bits, get_coder, histogram
 from deepshrink.coding.huffman import canonical_codes, lengths_from_text
 from deepshrink.encode import positions_to_entries
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine_info, write_json
+
 CHECKPOINT = ROOT.parent / "shared" / "pretrained" / "resnet20-12fca82f.th"
 RESULTS = ROOT / "bench" / "results" / "coding.json"
 PYTHON_SLICE = 200_000
@@ -238,39 +235,13 @@ def print_table(title: str, count: int, alphabet_size: int, entropy: float, rows
         )
 
 
-def machine_info() -> dict:
-    import numba
-    import torch
-    import zstandard
-    from importlib.metadata import version
-
-    cpu = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-        "numpy": np.__version__, "numba": numba.__version__, "constriction": version("constriction"),
-        "zstandard": zstandard.__version__, "torch": torch.__version__, "deepshrink": deepshrink.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha, "git_dirty": dirty,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500k synthetic symbols and fewer repeats")
     args = parser.parse_args()
     started = time.perf_counter()
-    results: dict = {"machine": machine_info(), "quick": args.quick, "datasets": {}}
+    results: dict = {"machine": machine_info(numba=numba.__version__, constriction=version("constriction"),
+                                             zstandard=zstandard.__version__), "quick": args.quick, "datasets": {}}
     results["method"] = (
         "best-of-N perf_counter after warm-up (numba compile excluded); MB/s = 4 bytes/symbol; bits/H = coded "
         f"bits over empirical entropy; pure-Python coder timed on {PYTHON_SLICE:,} symbols and scaled; "
@@ -312,10 +283,7 @@ def main() -> None:
                   f" + params {sizes['params_bytes']:>6,} B of JSON")
 
     results["runtime_s"] = time.perf_counter() - started
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_json(RESULTS, results)
     print(f"\nruntime {results['runtime_s']:.1f} s; wrote {RESULTS.relative_to(ROOT)}")
 
 

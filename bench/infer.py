@@ -29,21 +29,15 @@ of it), about 1 minute with --quick (batch 1 only, 10 repeats).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import numba
 import torch
 from rich.console import Console
 
-import deepshrink
 from deepshrink import runtime
 from deepshrink.compress import compress_model
 from deepshrink.models import build_model
@@ -51,7 +45,8 @@ from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
 from deepshrink.report import render_table, table_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine_info, write_json, write_text
+
 RESULTS = ROOT / "bench" / "results" / "infer.json"
 TABLES = ROOT / "bench" / "results" / "infer.md"
 
@@ -83,30 +78,6 @@ def build_file(name: str, out_dir: Path) -> tuple[Path, dict]:
                   "dense_bytes": file_report.dense_bytes, "file_ratio": file_report.ratio}
 
 
-def machine_info() -> dict:
-    import numba
-
-    cpu = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-        "numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
-        "deepshrink": deepshrink.__version__, "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_start": os.getloadavg(), "git_sha": sha, "git_dirty": dirty,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes")
@@ -122,7 +93,8 @@ def main() -> None:
         results_json = RESULTS.with_name(f"infer-{args.threads}threads.json")
         tables_md = TABLES.with_name(f"infer-{args.threads}threads.md")
     started = time.perf_counter()
-    results: dict = {"machine": machine_info(), "batches": batches, "repeats": repeats, "models": {}}
+    machine = machine_info(numba=numba.__version__, threads=torch.get_num_threads(), load_average_start=os.getloadavg())
+    results: dict = {"machine": machine, "batches": batches, "repeats": repeats, "models": {}}
     results["method"] = (
         "per layer: the runtime's load-time timing, candidates interleaved, median of repeats after a warm-up; "
         "end to end: dense vs runtime model interleaved, median; memory: bytes of every tensor each model holds"
@@ -139,11 +111,8 @@ def main() -> None:
             results["models"][name] = {**facts, **measured}
     results["machine"]["load_average_end"] = os.getloadavg()
     results["runtime_s"] = time.perf_counter() - started
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((results_json, json.dumps(results, indent=2) + "\n"), (tables_md, "\n".join(markdown))):
-        tmp_file = target.with_suffix(target.suffix + ".tmp")
-        tmp_file.write_text(text)
-        os.replace(tmp_file, target)
+    write_json(results_json, results)
+    write_text(tables_md, "\n".join(markdown))
     print(f"runtime {results['runtime_s']:.1f} s; load average {results['machine']['load_average_start']} -> "
           f"{results['machine']['load_average_end']}; wrote {results_json.relative_to(ROOT)}, "
           f"{tables_md.relative_to(ROOT)}")

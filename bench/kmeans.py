@@ -29,19 +29,13 @@ dominates; see bench/results/kmeans.json).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine_info, write_json
+
 CHECKPOINT = ROOT.parent / "shared" / "pretrained" / "resnet20-12fca82f.th"
 RESULTS = ROOT / "bench" / "results" / "kmeans.json"
 INITS = ("linear", "density", "random", "kmeans++")
@@ -110,28 +104,6 @@ def compare(values: np.ndarray, bits: int, init: str, seed: int = 0) -> dict:
     }
 
 
-def machine_info() -> dict:
-    import sklearn
-    import threadpoolctl
-    import torch
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = None, None
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
-        "sklearn": sklearn.__version__, "torch": torch.__version__,
-        "blas_openmp_threads": {p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha, "git_dirty": dirty,
-    }
-
-
 def print_table(title: str, rows: list[dict], label: str) -> None:
     try:
         from rich.console import Console
@@ -161,7 +133,11 @@ def main() -> None:
     args = parser.parse_args()
     began = time.perf_counter()
     bits_list = (4,) if args.quick else (4, 5)
-    results: dict = {"machine": machine_info(), "quick": args.quick,
+    import sklearn
+    import threadpoolctl
+
+    threads = {p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
+    results: dict = {"machine": machine_info(sklearn=sklearn.__version__, blas_openmp_threads=threads), "quick": args.quick,
                      "settings": {"max_iter": MAX_ITER, "tol": TOL, "our_runs": OUR_RUNS, "mse_slack": MSE_SLACK}}
 
     nonzero = 500_000 if args.quick else 5_000_000
@@ -194,10 +170,7 @@ def main() -> None:
     summary = results["summary"]
     print(f"synthetic: min speed-up {summary['synthetic_min_speedup']:.1f}x, MSE ok: {summary['synthetic_all_ok']}; "
           f"max MSE ratio ours/sklearn {summary['max_mse_ratio']:.12f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, RESULTS)
+    write_json(RESULTS, results, indent=1)
     print(f"runtime {results['runtime_s']:.1f} s; wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -53,17 +51,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import deepshrink
 from deepshrink.checkpoint import load_checkpoint
 from deepshrink.encode import EncodeConfig
 from deepshrink.compress import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
-from deepshrink.prune import strip
+from deepshrink.compression import strip
 from deepshrink.quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from deepshrink.report import layer_summary, summary_totals
 from deepshrink.train import TrainConfig, evaluate, train
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine_info, write_json
+
 WORKER = ROOT / "bench" / "nnc_worker.py"
 RESULTS = ROOT / "bench" / "results" / "nnc.json"
 QPS = (-38, -34, -30, -28, -26, -24, -22, -20, -18)
@@ -259,25 +257,6 @@ def select(case: dict) -> None:
 # --- report ------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "numpy": np.__version__, "torch": torch.__version__, "deepshrink": deepshrink.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha, "git_dirty": dirty}
-
-
 def markdown(case: dict) -> str:
     lines = [f"**{case['recipe']}** (`{case['checkpoint']}`; pruned fp32: test error "
              f"{100 * case['pruned_fp32']['test_error']:.2f}%, sparsity {100 * case['pruned_fp32']['sparsity']:.1f}%; "
@@ -334,9 +313,7 @@ def main() -> int:
     for case in results["cases"]:
         print(markdown(case))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2))
-    os.replace(tmp_out, args.out)
+    write_json(args.out, results)
     print(f"wrote {args.out} ({results['seconds']:.0f} s)")
     return 0
 

@@ -128,16 +128,25 @@ def as_symbols(symbols: Any, alphabet_size: int) -> np.ndarray:
         CodecError: wrong rank or dtype, or a symbol outside the alphabet.
     """
     alphabet_size = check_alphabet_size(alphabet_size)
-    array = np.asarray(symbols)
+    return int_array(symbols, "symbols", 0, alphabet_size - 1, np.uint32)
+
+
+def int_array(values: Any, what: str, low: int, high: int, dtype) -> np.ndarray:
+    """Contiguous ``dtype`` copy/view of ``values`` after checking it is 1-D integers in [low, high].
+
+    Raises:
+        CodecError: wrong rank or dtype, or a value outside the range (the message names ``what``).
+    """
+    array = np.asarray(values)
     if array.ndim != 1:
-        raise CodecError(f"symbols must be a 1-D array, got shape {array.shape}")
+        raise CodecError(f"{what} must be a 1-D array, got shape {array.shape}")
     if array.dtype.kind not in "iu":
-        raise CodecError(f"symbols must have an integer dtype, got {array.dtype}")
+        raise CodecError(f"{what} must have an integer dtype, got {array.dtype}")
     if array.size:
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high >= alphabet_size:
-            raise CodecError(f"symbols must lie in [0, {alphabet_size}), got values in [{low}, {high}]")
-    return np.ascontiguousarray(array, dtype=np.uint32)
+        least, most = int(array.min()), int(array.max())
+        if least < low or most > high:
+            raise CodecError(f"{what} must lie in [{low}, {high}], got values in [{least}, {most}]")
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 @numba.njit(cache=True, nogil=True)

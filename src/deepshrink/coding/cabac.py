@@ -36,7 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from deepshrink.coding import as_payload, check_count
+from deepshrink.coding import as_payload, check_count, int_array
 from deepshrink.errors import CodecError
 
 # --- the bitstream's constants (all written into params and checked on decode) -----------------
@@ -366,16 +366,7 @@ def validate_params(params: dict) -> tuple[int, int, int]:
 
 def as_levels(levels) -> np.ndarray:
     """1-D int32 copy/view of ``levels`` after checking rank, dtype and |level| <= MAX_ABS (CodecError)."""
-    array = np.asarray(levels)
-    if array.ndim != 1:
-        raise CodecError(f"levels must be a 1-D array, got shape {array.shape}")
-    if array.dtype.kind not in "iu":
-        raise CodecError(f"levels must have an integer dtype, got {array.dtype}")
-    if array.size:
-        low, high = int(array.min()), int(array.max())
-        if low < -MAX_ABS or high > MAX_ABS:
-            raise CodecError(f"levels must lie in [-{MAX_ABS}, {MAX_ABS}], got values in [{low}, {high}]")
-    return np.ascontiguousarray(array, dtype=np.int32)
+    return int_array(levels, "levels", -MAX_ABS, MAX_ABS, np.int32)
 
 
 def encode(levels, row_length: int, num_gt: int = DEFAULT_NUM_GT) -> tuple[bytes, dict]:
