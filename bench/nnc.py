@@ -17,8 +17,9 @@ of every contender is that run's checkpoint just before ``quantize`` (the pruned
   the recipe's encode settings. ECSQ also runs Fisher-weighted (``--hessian-lambdas``; the Fisher
   estimate from 32 batches of those training images). Bytes are the ``.dsz`` file on disk; error is the decoded file's.
 
-Honest selection: a validation split is carved from the training split (a seeded permutation, the
-last min(5000, 10%) images; the deepshrink library has no validation split yet). The chosen lambda is
+Honest selection: the recipe's own validation split (dataset ``validation: N``) when it has one, else
+one carved here from the training split (a seeded permutation, the last min(5000, 10%) images). The
+chosen lambda is
 the smallest file whose validation error is at most the k-means point's validation error; only then
 is its test error read. NNCodec's qp is chosen the same way; the table also lists NNCodec's smallest
 bitstream with test error at or below ours (the comparison issue 8 asks for). Caveat: the pruned
@@ -201,7 +202,7 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
              "file": str(recipe_file), "note": "the run's own file (centroids trained on the whole training split)",
              **errors(load(recipe_file), val, test)})
 
-    encode = make_config(EncodeConfig, encode_options, "encode")
+    encode = make_config(EncodeConfig, {**encode_options, **({"coder": args.coder} if args.coder else {})}, "encode")
     settings = ([("kmeans", 0.0, False)] + [("ecsq", lam, False) for lam in args.lambdas]
                 + [("uniform", lam, False) for lam in args.uniform_lambdas]
                 + [("ecsq", lam, True) for lam in args.hessian_lambdas])
@@ -290,6 +291,7 @@ def main() -> int:
     parser.add_argument("--uniform-lambdas", type=float, nargs="*", default=list(UNIFORM_LAMBDAS))
     parser.add_argument("--hessian-lambdas", type=float, nargs="*", default=list(HESSIAN_LAMBDAS),
                         help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
+    parser.add_argument("--coder", help="encode our points with this coder instead of the recipe's (e.g. auto)")
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
