@@ -19,9 +19,8 @@ of every contender is that run's checkpoint just before ``quantize`` (the pruned
 
 Honest selection: the recipe's own validation split (dataset ``validation: N``) when it has one, else
 one carved here from the training split (a seeded permutation, the last min(5000, 10%) images). The
-chosen lambda is
-the smallest file whose validation error is at most the k-means point's validation error; only then
-is its test error read. NNCodec's qp is chosen the same way; the table also lists NNCodec's smallest
+chosen lambda is the smallest file whose validation error is at most the k-means point's validation
+error; only then is its test error read. NNCodec's qp is chosen the same way; the table also lists NNCodec's smallest
 bitstream with test error at or below ours (the comparison issue 8 asks for). Caveat: the pruned
 checkpoint was trained on the whole training split, validation images included, so validation
 errors are optimistic; they only rank the points.
