@@ -133,6 +133,25 @@ def _sign_class(v):
     return 0 if v == 0 else (1 if v < 0 else 2)
 
 
+# The context rules (docs/format.md), one function each so that encoder and decoder cannot drift apart.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sig_context(seen, i, row_length, window):
+    """Significance: how dense this column has been so far (never / sparse / dense) x non-zeros in the row window."""
+    return _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sign_context(column, row_last):
+    """Sign: the signs of the column's and the row's last non-zero levels."""
+    return _SIGN + 3 * _sign_class(column) + _sign_class(row_last)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gt_context(k, negative, near_row, near_col):
+    """Flag "|level| > k": k, the sign, and whether the row's and column's last non-zeros exceed k."""
+    return _GT + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
+
+
 @numba.njit(cache=True, nogil=True)
 def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
     """Code ``levels``; returns the payload bytes as uint8 (leading zero byte dropped, trailing zeros stripped)."""
@@ -159,7 +178,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
                 window -= levels[i - 1 - _WINDOW] != 0
         column = col_last[col]
         seen = col_count[col]
-        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
+        ctx = _sig_context(seen, i, row_length, window)
         v = np.int64(levels[i])
         sig = 1 if v != 0 else 0
         out = _put(state, out, sig, _prob(probs, ctx))
@@ -170,7 +189,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
                 col = 0
             continue
         negative = 1 if v < 0 else 0
-        ctx = _SIGN + 3 * _sign_class(column) + _sign_class(row_last)
+        ctx = _sign_context(column, row_last)
         out = _put(state, out, negative, _prob(probs, ctx))
         _adapt(probs, ctx, negative, fast, slow)
         magnitude = -v if negative else v
@@ -185,7 +204,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
         k = 1
         while k <= last:
             flag = 1 if magnitude > k else 0
-            ctx = _GT + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
+            ctx = _gt_context(k, negative, near_row, near_col)
             out = _put(state, out, flag, _prob(probs, ctx))
             _adapt(probs, ctx, flag, fast, slow)
             if flag == 0:
@@ -276,7 +295,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
                 window -= out[i - 1 - _WINDOW] != 0
         column = col_last[col]
         seen = col_count[col]
-        ctx = _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
+        ctx = _sig_context(seen, i, row_length, window)
         sig = _get(state, data, _prob(probs, ctx))
         _adapt(probs, ctx, sig, fast, slow)
         if sig == 0:
@@ -285,7 +304,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
             if col == row_length:
                 col = 0
             continue
-        ctx = _SIGN + 3 * _sign_class(column) + _sign_class(row_last)
+        ctx = _sign_context(column, row_last)
         negative = _get(state, data, _prob(probs, ctx))
         _adapt(probs, ctx, negative, fast, slow)
         near_row = abs(row_last)
@@ -297,7 +316,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
         magnitude = 1
         k = 1
         while k <= last:
-            ctx = _GT + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
+            ctx = _gt_context(k, negative, near_row, near_col)
             flag = _get(state, data, _prob(probs, ctx))
             _adapt(probs, ctx, flag, fast, slow)
             if flag == 0:
