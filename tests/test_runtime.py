@@ -186,6 +186,32 @@ def test_models_without_spec_with_and_without_bias(tmp_path, bias, batch):
     _assert_close(sparse, _dense_reference(path, arch()), torch.randn(2, batch, 20))  # leading dims kept
 
 
+class TiedMLP(nn.Module):
+    """Two layers sharing one weight (stored once in the file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("kernels", ["codebook", "dense"])
+def test_tied_weights_stored_once_run_under_both_names(tmp_path, kernels):
+    model = TiedMLP()
+    prune_model(model, PruneConfig(q=80))
+    quantize_model(model, QuantizeConfig(bits=4))
+    path = tmp_path / "tied.dsz"
+    compress_model(model, path)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    expected = deepshrink.load(path, model=TiedMLP())(x)
+    fast = runtime.load(path, 3, model=TiedMLP(), kernels=kernels, min_sparse_bytes=0)
+    torch.testing.assert_close(fast(x), expected)
+    assert set(runtime.report(fast).layers) == {"a", "b"}
+
+
 def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
     def arch():
         return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 6))

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DeepShrinkError, TensorInfoMismatch
@@ -645,7 +644,10 @@ def load(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested, but torch sees no CUDA device")
     kernels = _check_kernels(kernels, device)
+    from .format import with_aliases
+
     header, stored = read_compressed(path, max_expansion=max_expansion)
+    stored = with_aliases(header, stored, str(path))  # a tied tensor, stored once, under each of its names
     net = _build_model(header, path, model, trust_factory)
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -683,7 +685,14 @@ def load(
         else:
             net = layer
     # every other tensor: assign the file's (the model may be on the meta device)
-    rest = {k: v.to(device) if isinstance(v, torch.Tensor) else v.dense().to(device) for k, v in stored.items()}
+    decoded: dict[int, torch.Tensor] = {}  # by object: tied names share one dense tensor
+
+    def materialise(v) -> torch.Tensor:
+        if id(v) not in decoded:
+            decoded[id(v)] = (v if isinstance(v, torch.Tensor) else v.dense()).to(device)
+        return decoded[id(v)]
+
+    rest = {k: materialise(v) for k, v in stored.items()}
     try:
         net.load_state_dict(rest, strict=True, assign=True)
     except RuntimeError as e:
