@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import hashlib
 import io
@@ -468,6 +470,19 @@ def test_augmentation_is_a_zero_padded_crop_possibly_mirrored():
     assert torch.equal(again, x)  # augmentation is seeded too
     unaugmented = next(iter(Batches(d, 64, augment=False)))[0]
     assert torch.allclose(unaugmented, (d.images.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_shift_augmentation_translates_by_at_most_two_pixels_without_flipping():
+    d = dataclasses.replace(small_data(64, channels=1, size=8), augment=Augment.SHIFT)
+    x, _ = next(iter(Batches(d, 64, augment=True, seed=3)))
+    pixels = torch.round((x * 0.25 + 0.5) * 255).to(torch.uint8)
+    padded = torch.nn.functional.pad(d.images, (2, 2, 2, 2))
+    shifts = set()
+    for i in range(64):
+        found = {(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(pixels[i], padded[i, :, dy:dy + 8, dx:dx + 8])}
+        assert found, f"sample {i} is not a shift of its source"
+        shifts |= found
+    assert len(shifts) > 10  # many offsets drawn; a flip would match none of them
 
 
 def test_random_crop_keeps_pixels_in_zero_padded_window():

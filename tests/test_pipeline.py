@@ -326,6 +326,17 @@ def test_load_splits_carves_a_fixed_validation_split_out_of_training():
         load_splits({"name": "digits", "validation": "10%"})
 
 
+def test_dataset_augment_option_sets_the_training_augmentation_only():
+    from deepshrink.data import Augment
+    from deepshrink.pipeline import load_splits
+
+    splits = load_splits({"name": "digits", "validation": 100, "augment": "shift"})
+    assert splits.train.augment == Augment.SHIFT
+    assert load_splits({"name": "digits"}).train.augment == Augment.NONE
+    with pytest.raises(ConfigError, match="unknown dataset augment 'mirror'; valid: none, crop_flip, shift"):
+        load_splits({"name": "digits", "augment": "mirror"})
+
+
 def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     """keep_best and patience choose on validation: a test split whose labels are all wrong chooses the same."""
     threads = torch.get_num_threads()

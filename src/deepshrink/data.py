@@ -68,10 +68,12 @@ class DatasetName(str, Enum):
 
 
 class Augment(str, Enum):
-    """Training-time augmentation: NONE, or CROP_FLIP (4-px zero-padded random crop + horizontal flip)."""
+    """Training-time augmentation: NONE; CROP_FLIP (4-px zero-padded random crop + horizontal flip, the
+    CIFAR standard); SHIFT (2-px zero-padded random crop only: digits are not mirror-symmetric)."""
 
     NONE = "none"
     CROP_FLIP = "crop_flip"
+    SHIFT = "shift"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
@@ -698,4 +700,6 @@ class Batches:
             x = self.images[idx]
             if self.augment is Augment.CROP_FLIP:
                 x = random_flip(random_crop(x, 4, generator), generator)
+            elif self.augment is Augment.SHIFT:
+                x = random_crop(x, 2, generator)
             yield x.float().mul_(self._scale).sub_(self._shift), self.labels[idx]

@@ -38,7 +38,8 @@ from torch import nn
 from . import report
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compress import compress_model, load
-from .data import ImageData, load_dataset
+from .config import enum_value
+from .data import Augment, ImageData, load_dataset
 from .encode import EncodeConfig
 from .errors import ConfigError, DataError
 from .files import atomic_write, sweep_temp_files
@@ -230,7 +231,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "validation", "mean", "std")
+DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "validation", "mean", "std", "augment")
 RECORD_KEYS = ("image_shape", "num_classes")  # recorded by dataset_record; checked against the loaded data
 
 
@@ -239,6 +240,10 @@ def _check_dataset(dataset: dict, where: str) -> None:
     if unknown or not isinstance(dataset.get("name"), str):
         raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; "
                           f"valid: {DATASET_KEYS + RECORD_KEYS}")
+    if "augment" in dataset:
+        enum_value(Augment, dataset["augment"], f"{where} augment")
+
+
 VALIDATION_SEED = 0  # fixed: every run and sweep of a dataset entry holds out the same images
 
 
@@ -257,8 +262,9 @@ def load_splits(dataset: dict, data_dir: str | Path | None = None) -> Splits:
     Keys: ``name``; optional ``root``, ``validation`` (N: the last N images of a fixed seeded
     permutation of the training split are held out for validation and removed from training),
     ``train_subset``/``test_subset`` (sizes, for quick runs; ``train_subset`` draws from what the
-    validation split leaves) and ``mean``/``std`` (normalisation a pretrained model expects, e.g.
-    ImageNet statistics), and the ``image_shape``/``num_classes`` of a ``dataset_record``, which the
+    validation split leaves), ``mean``/``std`` (normalisation a pretrained model expects, e.g.
+    ImageNet statistics), ``augment`` (an ``Augment`` value for the training split, replacing the
+    dataset's default) and the ``image_shape``/``num_classes`` of a ``dataset_record``, which the
     loaded data must match.
 
     Raises:
@@ -282,6 +288,8 @@ def load_splits(dataset: dict, data_dir: str | Path | None = None) -> Splits:
         validation = normalised(validation)
     if dataset.get("train_subset"):
         train_data = train_data.subset(int(dataset["train_subset"]))
+    if "augment" in dataset:
+        train_data = dataclasses.replace(train_data, augment=dataset["augment"])
     test_data = load_dataset(dataset["name"], root, "test")
     if dataset.get("test_subset"):
         test_data = test_data.subset(int(dataset["test_subset"]))
