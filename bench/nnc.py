@@ -69,6 +69,12 @@ LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 UNIFORM_LAMBDAS = (0.01, 0.03)
 HESSIAN_LAMBDAS = (0.01, 0.03)
 VAL_MAX, VAL_FRACTION, VAL_SEED = 5000, 0.1, 0
+# Published points drawn on each model's plot: (label, ratio, test error). Han et al. 2016, Tables 2-3.
+PUBLISHED = {"lenet300": [("Han et al. 2016", 40.0, 0.0158)], "lenet5": [("Han et al. 2016", 39.0, 0.0074)]}
+# Choi et al. 2017 report about 51x for their LeNet (another architecture) and about 22x for ResNet-32
+# at no loss: drawn as a ratio line, since their error is on another model.
+PUBLISHED_RATIO = {"lenet300": ("Choi et al. 2017 (their LeNet)", 51.0), "lenet5": ("Choi et al. 2017 (their LeNet)", 51.0),
+                   "resnet20": ("Choi et al. 2017 (ResNet-32)", 22.0)}
 
 
 # --- NNCodec's environment ------------------------------------------------------------------------
@@ -178,7 +184,7 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
 
     dense, arrays = plain_weights(pruned_ckpt)
     dense_bytes = sum(a.size * 4 for a in arrays.values())
-    case = {"recipe": recipe["name"], "checkpoint": str(pruned_ckpt), "dense_float32_bytes": dense_bytes,
+    case = {"recipe": recipe["name"], "arch": recipe["model"].get("arch"), "checkpoint": str(pruned_ckpt), "dense_float32_bytes": dense_bytes,
             "validation_images": len(val), "fit_images": len(fit), "test_images": len(test),
             "pruned_fp32": {**errors(dense, val, test), "sparsity": summary_totals(layer_summary(dense))["sparsity"]},
             "points": []}
@@ -279,6 +285,42 @@ def markdown(case: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(case: dict, path: Path) -> Path:
+    """Ratio vs test error: NNCodec's qp ladder, our points, the recipe's file and published results."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    points = case["points"]
+    nnc = sorted((p for p in points if p["who"] == "NNCodec"), key=lambda p: p["ratio"])
+    if nnc:
+        ax.plot([p["ratio"] for p in nnc], [100 * p["test_error"] for p in nnc], "o-", color="tab:gray",
+                label="NNCodec (qp ladder, no retraining)")
+    for method, marker in (("kmeans", "s"), ("ecsq", "^"), ("uniform", "v")):
+        mine = [p for p in points if p["who"] == "ours" and p.get("method") == method and "lam" in p]
+        if mine:
+            ax.scatter([p["ratio"] for p in mine], [100 * p["test_error"] for p in mine], marker=marker,
+                       label=f"ours: {method}")
+    for p in points:
+        if p["setting"] == "recipe file":
+            ax.scatter([p["ratio"]], [100 * p["test_error"]], marker="*", s=160, color="tab:red", label="ours: recipe file")
+    for label, ratio, error in PUBLISHED.get(case.get("arch"), []):
+        ax.scatter([ratio], [100 * error], marker="D", color="black", label=label)
+    if case.get("arch") in PUBLISHED_RATIO:
+        label, ratio = PUBLISHED_RATIO[case["arch"]]
+        ax.axvline(ratio, linestyle=":", color="black", label=label)
+    ax.axhline(100 * case["pruned_fp32"]["test_error"], linestyle="--", color="tab:green", linewidth=1,
+               label="pruned float32 model")
+    ax.set_xlabel("ratio (dense float32 bytes / file bytes)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{case['recipe']}: size vs error from the same pruned checkpoint", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `deepshrink run` folders")
@@ -315,6 +357,9 @@ def main() -> int:
         print(markdown(case))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)
+    for case in results["cases"]:
+        png = args.out.with_name(f"{args.out.stem}-{case['recipe']}.png")
+        print(f"wrote {plot(case, png)}")
     print(f"wrote {args.out} ({results['seconds']:.0f} s)")
     return 0
 
