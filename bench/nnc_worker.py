@@ -78,6 +78,10 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     with np.load(source) as archive:
         params = {name: archive[name] for name in archive.files}
+    # NNCodec cannot take 0-d arrays (BatchNorm's num_batches_tracked counters, unused at inference):
+    # they are handed back unchanged and not counted in its bytes
+    scalars = {name: a for name, a in params.items() if a.ndim == 0}
+    params = {name: a for name, a in params.items() if a.ndim > 0}
     for qp in qps:
         path = out_dir / f"qp{qp}.nnc"
         start = time.perf_counter()
@@ -85,7 +89,7 @@ def main(argv: list[str]) -> int:
             nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False)
             decoded = nnc.decompress(str(path), verbose=False)
         seconds = time.perf_counter() - start
-        np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()})
+        np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()}, **scalars)
         print(json.dumps({"qp": qp, "bytes": path.stat().st_size, "seconds": round(seconds, 2)}), flush=True)
     return 0
 
