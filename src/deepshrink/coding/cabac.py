@@ -135,6 +135,17 @@ def _sign_class(v):
 
 # The context rules (docs/format.md), one function each so that encoder and decoder cannot drift apart.
 @numba.njit(cache=True, nogil=True, inline="always")
+def _row_window(levels, i, col, window):
+    """The non-zeros among the previous _WINDOW levels of the row, slid forward to position i (column col)."""
+    if col == 0:
+        return 0
+    window += levels[i - 1] != 0
+    if col > _WINDOW:
+        window -= levels[i - 1 - _WINDOW] != 0
+    return window
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _sig_context(seen, i, row_length, window):
     """Significance: how dense this column has been so far (never / sparse / dense) x non-zeros in the row window."""
     return _SIG + 4 * (0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)) + min(window, 3)
@@ -171,11 +182,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob):
     for i in range(n if max_abs > 0 else 0):
         if col == 0:
             row_last = 0
-            window = 0
-        else:
-            window += levels[i - 1] != 0
-            if col > _WINDOW:
-                window -= levels[i - 1 - _WINDOW] != 0
+        window = _row_window(levels, i, col, window)
         column = col_last[col]
         seen = col_count[col]
         ctx = _sig_context(seen, i, row_length, window)
@@ -288,11 +295,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, out
     for i in range(count):
         if col == 0:
             row_last = 0
-            window = 0
-        else:
-            window += out[i - 1] != 0
-            if col > _WINDOW:
-                window -= out[i - 1 - _WINDOW] != 0
+        window = _row_window(out, i, col, window)
         column = col_last[col]
         seen = col_count[col]
         ctx = _sig_context(seen, i, row_length, window)
