@@ -234,6 +234,22 @@ def test_quantize_with_a_rate_term_prunes_more_and_reports_bad_settings(dense, t
         main(["quantize", str(pruned), "--method", "lloyd", "--out", str(tmp_path / "x.pt")])
 
 
+def test_finetune_and_centroid_training_learn_from_a_teacher(dense, tmp_path, capsys):
+    pruned = tmp_path / "p.pt"
+    assert main(["prune", str(dense), "--q", "80", "--out", str(pruned)]) == 0
+    assert main(["finetune", str(pruned), "--epochs", "1", "--teacher", str(dense), "--out", str(tmp_path / "f.pt")]) == 0
+    meta = load_checkpoint(tmp_path / "f.pt")[1]["meta"]["finetune"]
+    assert meta["distill_weight"] == 0.5 and meta["distill_temperature"] == 4.0  # the defaults with --teacher
+    assert main(["quantize", str(pruned), "--bits", "3", "--train-centroids", "--epochs", "1", "--teacher", str(dense),
+                 "--distill-weight", "0.9", "--distill-temperature", "2", "--out", str(tmp_path / "q.pt")]) == 0
+    meta = load_checkpoint(tmp_path / "q.pt")[1]["meta"]["centroid_training"]
+    assert (meta["distill_weight"], meta["distill_temperature"]) == (0.9, 2.0)
+    assert main(["finetune", str(pruned), "--epochs", "1", "--distill-weight", "0.5", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "teacher" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    assert main(["finetune", str(pruned), "--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
 def test_encode_raw_dtype_and_finetune_validation_flags(dense, tmp_path):
     pruned, tuned = tmp_path / "p.pt", tmp_path / "f.pt"
     assert main(["prune", str(dense), "--q", "50", "--out", str(pruned)]) == 0

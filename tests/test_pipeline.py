@@ -183,6 +183,32 @@ def test_a_recipe_quantizes_with_a_rate_term_and_fisher_weights(tmp_path):
         run_recipe(Recipe.from_dict(bad), tmp_path / "bad")
 
 
+def test_a_stage_learns_from_an_earlier_stages_model_also_after_a_resume(tmp_path, monkeypatch):
+    import deepshrink.pipeline as pipeline
+
+    dataset = {"name": "digits", "train_subset": 200, "test_subset": 50}
+    stages = [{"train": {"epochs": 2, "progress": False}}, {"prune": {"q": 80}},
+              {"finetune": {"epochs": 1, "teacher": 1, "distill_weight": 0.5, "progress": False}}]
+    recipe = Recipe.from_dict({"model": "mlp", "dataset": dataset, "stages": stages})
+    teachers = []
+    real_train = pipeline.train
+
+    def spy(model, data, config, **kwargs):
+        teachers.append(kwargs.get("teacher"))
+        return real_train(model, data, config, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", spy)
+    run_recipe(recipe, tmp_path)
+    (tmp_path / "03-finetune" / "metrics.json").unlink()  # as if killed during stage 3
+    run_recipe(recipe, tmp_path, resume=True)
+    assert teachers[0] is None and len(teachers) == 3
+    dense = torch.load(tmp_path / "01-train" / "checkpoint.pt", weights_only=True)["state_dict"]
+    for teacher in teachers[1:]:  # the dense model of stage 1, read from its checkpoint both times
+        assert all(torch.equal(teacher.state_dict()[k], v) for k, v in dense.items())
+    details = json.loads((tmp_path / "03-finetune" / "details.json").read_text())
+    assert details["config"]["distill_weight"] == 0.5
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
@@ -223,6 +249,10 @@ TRAIN_FIRST = [{"train": {"epochs": 1}}]
         (TRAIN_FIRST + [{"finetune": {"momentum": None}}], "momentum=None"),
         (TRAIN_FIRST + [{"finetune": {"amp": "no"}}], "amp='no': expected true or false"),
         (TRAIN_FIRST + [{"load": {"checkpoint": 5}}], "'load' takes exactly one option"),
+        (TRAIN_FIRST + [{"finetune": {"teacher": 2, "distill_weight": 0.5}}], r"'teacher' must be the number of an earlier stage \(1\.\.1\)"),
+        (TRAIN_FIRST + [{"finetune": {"teacher": "dense", "distill_weight": 0.5}}], "got 'dense'"),
+        (TRAIN_FIRST + [{"finetune": {"teacher": 1}}], "distillation needs both 'teacher'"),
+        (TRAIN_FIRST + [{"finetune": {"distill_weight": 0.5}}], "distillation needs both 'teacher'"),
         ([{"train": 5}], r"stage 1 \(train\): options must be a mapping"),
         ("train", "'stages' must be a list"),
     ],

@@ -5,7 +5,9 @@ import torch
 
 from deepshrink.checkpoint import load_checkpoint, save_checkpoint
 from deepshrink.prune import PruneConfig, prune_model
+from deepshrink.encode import EncodeConfig
 from deepshrink.errors import ConfigError
+from deepshrink.format import read_header
 from deepshrink.models import build_model
 from deepshrink.sweep import BITS, INITS, PERCENTILES, STD_VALUES, run_sweep
 from deepshrink.train import TrainConfig, train
@@ -86,10 +88,26 @@ def test_rate_sweep_writes_the_size_vs_accuracy_frontier(trained, tmp_path):
     for row in result.rows:
         assert row["file_bytes"] == (tmp_path / "rate" / f"lambda-{row['lambda']:g}.dsz").stat().st_size
         assert row["retrained_accuracy"] is not None and row["ratio"] > 1
+        assert row["file_accuracy"] == row["retrained_accuracy"]  # float32 storage: the file is the model
     assert result.rows[-1]["sparsity"] > result.rows[0]["sparsity"] >= 0.49  # weights joined the zero level
     assert json.loads((tmp_path / "rate" / "sweep.json").read_text())["kind"] == "rate"
     assert (tmp_path / "rate" / "sweep.png").stat().st_size > 0
     assert "file bytes" in result.report.read_text()
+
+
+def test_rate_sweep_writes_files_as_told(trained, tmp_path):
+    model, payload = load_checkpoint(trained)
+    prune_model(model, PruneConfig(q=50))
+    pruned = save_checkpoint(tmp_path / "pruned.pt", model, SPEC, payload["meta"])
+    sizes = {}
+    for raw in ("float32", "float16"):
+        result = run_sweep("rate", pruned, tmp_path / raw, epochs=0, lambdas=(0.01,),
+                           encode=EncodeConfig(coder="huffman", raw_dtype=raw))
+        sizes[raw] = result.rows[0]["file_bytes"]
+        tensors = read_header(tmp_path / raw / "lambda-0.01.dsz")["tensors"]
+        assert {t["codec"] for t in tensors.values()} == {"deep_compression", "raw"}  # no context coding
+        assert {t["dtype"] for t in tensors.values() if t["codec"] == "raw"} == {raw}
+    assert sizes["float16"] < sizes["float32"]  # the biases take half the bytes
 
 
 @pytest.mark.parametrize("kwargs, match", [({"lambdas": ()}, "at least one lambda"),

@@ -16,13 +16,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.compression import Masked, SharedWeights
-from deepshrink.data import ImageData
+from deepshrink.data import Batches, ImageData
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError
 from deepshrink.models import build_model
 from deepshrink.train import (
     OptimizerName,
     Schedule,
     TrainConfig,
+    distillation_loss,
     evaluate,
     is_main_process,
     learning_rate,
@@ -136,6 +137,7 @@ def test_evaluate_restores_training_mode():
         ("momentum", 1.0), ("weight_decay", -1e-4), ("schedule", "linear"), ("step_epochs", (3, 2)),
         ("step_epochs", ("x",)), ("gamma", 0.0), ("warmup_epochs", 20), ("label_smoothing", 1.0), ("log_every", 0),
         ("seed", -1), ("seed", "0"), ("momentum", None), ("gamma", "x"), ("amp", "no"), ("augment", 1),
+        ("distill_weight", 1.5), ("distill_weight", -0.1), ("distill_temperature", 0.0), ("distill_temperature", "4"),
     ],
 )
 def test_config_validation_names_the_field_and_value(field, value):
@@ -278,3 +280,42 @@ def test_selection_without_validation_data_is_refused():
     for option in ({"keep_best": True}, {"patience": 2}):
         with pytest.raises(ConfigError, match="validation_data"):
             train(tiny_mlp(), quadrant_data(32), TrainConfig(epochs=1, **option, **FAST), eval_data=quadrant_data(16))
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    assert distillation_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert distillation_loss(teacher + torch.tensor([0.0, 1.0, 0.0]), teacher, 4.0).item() > 1e-3
+    # a constant shift of a row's logits leaves its softmax, and so the loss, unchanged
+    assert distillation_loss(teacher + 5.0, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_student_trained_on_the_teacher_alone_learns_the_teachers_outputs():
+    data = quadrant_data()
+    teacher = tiny_mlp(seed=1)  # untrained: its outputs are unrelated to the labels
+    config = TrainConfig(epochs=10, batch_size=32, lr=0.05, weight_decay=0, distill_weight=1.0,
+                         distill_temperature=1.0, **FAST)
+    student = tiny_mlp(seed=2)
+
+    x, _ = next(iter(Batches(data, len(data))))  # every image, normalised as training sees them
+
+    def gap() -> float:
+        with torch.no_grad():
+            return distillation_loss(student(x), teacher(x), 1.0).item()
+
+    before = gap()
+    train(student, data, config, teacher=teacher)
+    assert gap() < 0.2 * before
+    assert not teacher.training  # the teacher ran in eval mode and kept its weights
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), tiny_mlp(seed=1).state_dict().values()))
+
+
+def test_distillation_needs_both_a_teacher_and_a_weight():
+    data = quadrant_data(32)
+    with pytest.raises(ConfigError, match="teacher"):
+        train(tiny_mlp(), data, TrainConfig(epochs=1, distill_weight=0.5, **FAST))
+    with pytest.raises(ConfigError, match="distill_weight"):
+        train(tiny_mlp(), data, TrainConfig(epochs=1, **FAST), teacher=tiny_mlp(seed=1))

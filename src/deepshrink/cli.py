@@ -60,6 +60,12 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better validation accuracy")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="learn from this model's outputs as well as from the labels (knowledge distillation)")
+    g.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the teacher's term in the loss (default 0.5 with --teacher)")
+    g.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help="softens both models' outputs in the teacher's term")
 
 
 def _train_config(args):
@@ -70,7 +76,18 @@ def _train_config(args):
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, step_epochs=tuple(args.step_epochs), seed=args.seed,
         augment=not args.no_augment, progress=sys.stderr.isatty(), keep_best=args.keep_best, patience=args.patience,
+        distill_weight=args.distill_weight if args.distill_weight is not None else (0.5 if args.teacher else 0.0),
+        distill_temperature=args.distill_temperature,
     )
+
+
+def _teacher(args):
+    """The ``--teacher`` checkpoint's model, or None."""
+    if not args.teacher:
+        return None
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(args.teacher, trust_factory=getattr(args, "trust_factory", False))[0]
 
 
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
@@ -231,11 +248,11 @@ def cmd_train(args) -> None:
     dataset = _dataset_entry(args)
     train_data, validation_data, test_data = _load(dataset)
     dataset = dataset_record(dataset, train_data)
-    config = _train_config(args)
+    config, teacher = _train_config(args), _teacher(args)
 
     def run(device, group=None, rank: int = 0) -> None:
         result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
-                       device=device, group=group)
+                       device=device, group=group, teacher=teacher)
         if rank == 0:
             save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
                                                           "metrics": result.final})
@@ -336,7 +353,7 @@ def _retrain(model, args, meta: dict, label: str) -> dict:
     device = resolve_device(args.device)
     config = _train_config(args)
     result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
-                   device=device)
+                   device=device, teacher=_teacher(args))
     model.cpu()
     return {"dataset": dataset, label: dataclasses.asdict(config), "metrics": result.final}
 
@@ -466,10 +483,11 @@ def cmd_bench_infer(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from .encode import EncodeConfig
     from .sweep import run_sweep
 
-    rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian} \
-        if args.kind == "rate" else {}
+    rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian,
+            "encode": EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype)} if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
                        epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory, **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
@@ -637,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=["ecsq", "uniform"], default="ecsq")
     g.add_argument("--bits", type=int, default=6, help="levels per layer at lambda 0: 2^bits")
     g.add_argument("--hessian", action="store_true", help="Fisher-weighted error (from training batches)")
+    g.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder, help="coder of the files")
+    g.add_argument("--raw-dtype", choices=[d.value for d in StoredFloat], default=encode_defaults.raw_dtype.value,
+                   help="how the files store biases and BatchNorm statistics")
     p.set_defaults(func=cmd_sweep)
     return parser
 

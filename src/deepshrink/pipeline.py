@@ -13,6 +13,10 @@ A recipe is a YAML (or dict) like::
       - finetune: {epochs: 10, lr: 0.001, weight_decay: 0}   # trains the centroids
       - encode: {coder: huffman}
 
+A ``train``/``finetune`` stage may learn from an earlier stage's model as well as from the labels:
+``teacher: 1, distill_weight: 0.5`` (knowledge distillation, ``train.distillation_loss``), e.g. the
+dense model teaching its pruned or quantized copy.
+
 Stage ``i`` writes ``DIR/NN-kind/checkpoint.pt`` and then ``DIR/NN-kind/metrics.json``; the metrics
 file is written last, so its presence marks the stage complete and ``resume=True`` restarts after
 the last complete stage.
@@ -99,7 +103,12 @@ def stage_config(kind: str, options: dict, where: str, seed: int = 0):
     cls = STAGE_CONFIGS[kind]
     if "seed" in {f.name for f in dataclasses.fields(cls)}:
         options = {"seed": seed, **options}
-    return make_config(cls, options, where)
+    teacher = options.get("teacher") if cls is TrainConfig else None  # a stage number, checked by Recipe.from_dict
+    config = make_config(cls, {k: v for k, v in options.items() if k != "teacher" or cls is not TrainConfig}, where)
+    if cls is TrainConfig and (teacher is None) != (config.distill_weight == 0):
+        raise ConfigError(f"{where}: distillation needs both 'teacher' (an earlier stage's number) and "
+                          f"'distill_weight' > 0; got teacher={teacher!r}, distill_weight={config.distill_weight}")
+    return config
 
 
 @dataclass
@@ -143,6 +152,11 @@ class Recipe:
                 raise ConfigError(f"{source}: stage {i + 1} has unknown kind {kind!r}; valid: {STAGE_KINDS}")
             options = {} if options is None else options
             stage_config(kind, options, f"{source}: stage {i + 1} ({kind})", seed)
+            teacher = options.get("teacher")
+            if teacher is not None and (isinstance(teacher, bool) or not isinstance(teacher, int)
+                                        or not 1 <= teacher <= i):
+                raise ConfigError(f"{source}: stage {i + 1} ({kind}): 'teacher' must be the number of an earlier "
+                                  f"stage (1..{i}), whose model teaches this one; got {teacher!r}")
             stages.append((kind, dict(options)))
         model = raw["model"] if isinstance(raw["model"], dict) else {"arch": raw["model"]}
         dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
@@ -353,7 +367,11 @@ def _stage_train(model, options, ctx) -> dict:
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
     # validation after every epoch (when the dataset has one) feeds keep_best/patience; the test split
     # is never passed to the loop, so nothing it holds can steer training
-    result = train(model, ctx["train"], config, validation_data=ctx["validation"], device=ctx["device"])
+    teacher = None
+    if "teacher" in options:  # an earlier stage's model, from its checkpoint (so a resumed run finds it too)
+        teacher, _ = load_checkpoint(ctx["stage_checkpoint"](options["teacher"]), trust_factory=ctx["trust_factory"])
+    result = train(model, ctx["train"], config, validation_data=ctx["validation"], device=ctx["device"],
+                   teacher=teacher)
     zero_pruned_(model)
     details = {"history": result.history, "config": dataclasses.asdict(config)}
     if result.best_epoch is not None:
@@ -474,6 +492,7 @@ def run_recipe(
             "train": train_data, "validation": validation_data, "test": test_data, "device": dev,
             "seed": recipe.seed, "spec": spec, "label": f"{i + 1} ({kind})", "stage_dir": stage_dir,
             "recipe": recipe.name, "dataset": record, "trust_factory": trust_factory,
+            "stage_checkpoint": lambda n: out_dir / f"{n:02d}-{recipe.stages[n - 1][0]}" / "checkpoint.pt",
         }
         stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(dev)

@@ -6,7 +6,8 @@
 - ``init``: random, density, linear and kmeans++ centroid initialisation at 4 bits.
 - ``sensitivity``: one layer alone pruned at increasing q, no retraining (the basis for per-layer q).
 - ``rate``: rate-aware quantization (ECSQ or uniform) at increasing lambda, centroid training, then the
-  compressed file: its size on disk against accuracy (the size-vs-error frontier).
+  compressed file: its size on disk against the accuracy of the model decoded from it (the
+  size-vs-error frontier).
 
 Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder. Accuracies
 are measured on the test split (reporting), or with ``split="validation"`` on the checkpoint's
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import report
 from .checkpoint import load_checkpoint
+from .encode import EncodeConfig
 from .errors import ConfigError
 from .files import atomic_write
 from .layers import select_weights
@@ -67,6 +69,7 @@ def run_sweep(
     split: str = "test",
     on_point: Callable[[dict], None] | None = None,
     trust_factory: bool = False,
+    encode: EncodeConfig | None = None,
 ) -> SweepResult:
     """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
 
@@ -76,6 +79,7 @@ def run_sweep(
         bits: the bit width of the ``init`` and ``rate`` sweeps.
         trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
         lambdas, method, hessian: the ``rate`` sweep's points and quantizer (see ``QuantizeConfig``).
+        encode: how the ``rate`` sweep writes its files (coder, stored float precision); default ``EncodeConfig()``.
         split: "test" (report) or "validation" (choose: needs a checkpoint whose dataset has one).
     """
     spec = _sweeps().get(kind)
@@ -122,7 +126,8 @@ def run_sweep(
     if kind == "rate":
         fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
         points = functools.partial(points, configs=rate_configs, fisher=fisher, files=out_dir,
-                                   spec=payload["model"])
+                                   spec=payload["model"], encode=encode or EncodeConfig(),
+                                   trust_factory=trust_factory)
     rows = []
     for row in points(fresh, accuracy, retrained, bits):
         rows.append(row)
@@ -184,9 +189,10 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
-def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict):
+def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict,
+                 encode: EncodeConfig, trust_factory: bool):
     # imported here: compress imports encode, which imports quantize; the sweep module stays light
-    from .compress import compress_model
+    from .compress import compress_model, load
 
     for config in configs:
         model = fresh()
@@ -195,8 +201,11 @@ def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: P
         row = {"lambda": config.lam, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
         row["retrained_accuracy"] = retrained(model)
         path = files / f"lambda-{config.lam:g}.dsz"
-        file_report = compress_model(model.cpu(), path, model_spec=spec, meta={"quantize": {"method": config.method, "lam": config.lam}})
-        row.update(file_bytes=file_report.file_bytes, ratio=file_report.ratio)
+        file_report = compress_model(model.cpu(), path, encode, model_spec=spec,
+                                     meta={"quantize": {"method": config.method, "lam": config.lam}})
+        # the file's model, not the one in memory: float16 storage rounds what it keeps
+        row.update(file_bytes=file_report.file_bytes, ratio=file_report.ratio,
+                   file_accuracy=accuracy(load(path, trust_factory=trust_factory)))
         yield row
 
 
@@ -230,8 +239,9 @@ SWEEPS: dict[str, Sweep] = {
     "init": Sweep(_quantize_points("init"), [("init", "init", None), ("accuracy_before", "before", report.fmt_percent), *_ACC],
                   "init", ("accuracy", "retrained_accuracy"), "centroid initialisation"),
     "rate": Sweep(_rate_points, [("lambda", "lambda", None), ("sparsity", "sparsity", report.fmt_percent),
-                                 ("file_bytes", "file bytes", _fmt_bytes), ("ratio", "ratio", report.fmt_ratio), *_ACC],
-                  "file_bytes", ("accuracy", "retrained_accuracy"), "compressed file (bytes)"),
+                                 ("file_bytes", "file bytes", _fmt_bytes), ("ratio", "ratio", report.fmt_ratio), *_ACC,
+                                 ("file_accuracy", "decoded file", report.fmt_percent)],
+                  "file_bytes", ("accuracy", "retrained_accuracy", "file_accuracy"), "compressed file (bytes)"),
     "sensitivity": Sweep(_sensitivity_points, [("layer", "layer", None), ("q", "q", None),
                                                 ("accuracy", "accuracy", report.fmt_percent), ("drop", "drop", report.fmt_percent)],
                          "q", ("accuracy",), "q (percent of this layer pruned)"),

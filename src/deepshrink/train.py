@@ -80,6 +80,10 @@ class TrainConfig:
     progress: bool = True  # rich progress bar (only on rank 0 and a terminal)
     keep_best: bool = False  # end with the weights of the epoch of best validation accuracy (needs validation data)
     patience: int = 0  # stop after this many epochs without a new best validation accuracy; 0 = never stop early
+    # knowledge distillation (Hinton et al. 2015) from a teacher passed to train(): the loss is
+    # (1 - w) x cross-entropy + w x distillation_loss; w = 0 trains on the labels alone
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0  # softens both models' outputs; Hinton et al. used 2-20
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -100,7 +104,8 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 fail(name, f"an integer >= {low}")
         # types first, so a recipe's "0.1" or null fails naming the field, not inside a comparison
-        for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs", "label_smoothing"):
+        for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs", "label_smoothing",
+                     "distill_weight", "distill_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(name, "a finite number")
@@ -123,6 +128,10 @@ class TrainConfig:
             fail("warmup_epochs", f"a number in [0, epochs={self.epochs}]")
         if not 0 <= self.label_smoothing < 1:
             fail("label_smoothing", "a number in [0, 1)")
+        if not 0 <= self.distill_weight <= 1:
+            fail("distill_weight", "a number in [0, 1]")
+        if not self.distill_temperature > 0:
+            fail("distill_temperature", "a positive number")
 
 
 @dataclass
@@ -146,6 +155,15 @@ def learning_rate(config: TrainConfig, epoch: float, steps_per_epoch: int = 1) -
     if config.warmup_epochs > 0:  # measured at the step's end, so the first step already moves
         lr *= min(1.0, (epoch + 1 / steps_per_epoch) / config.warmup_epochs)
     return lr
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the outputs softened by ``temperature``, averaged over the batch and
+    scaled by temperature**2 so that its gradients keep their size as the temperature changes
+    (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
 
 
 def seed_everything(seed: int) -> None:
@@ -312,6 +330,7 @@ def train(
     device: str | torch.device = "cpu",
     callback: Callable[[dict], None] | None = None,
     group: dist.ProcessGroup | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; evaluate on ``validation_data`` and ``eval_data`` after every epoch.
 
@@ -326,13 +345,17 @@ def train(
         group: a process group (``distributed().group``) to train in with DistributedDataParallel:
             every rank of it must call this with the same arguments; each trains on its shard and
             the reported metrics are averaged over all ranks. None trains in this process alone.
+        teacher: the model whose outputs the student learns from when ``config.distill_weight > 0``
+            (e.g. the dense model while its pruned or quantized copy retrains); run in eval mode,
+            never updated.
 
     Returns:
         TrainResult with one record per epoch and ``final`` (the last record, or the evaluation
         of the untrained model when ``epochs == 0``).
 
     Raises:
-        ConfigError: the model has no trainable tensor, or keep_best/patience without validation_data.
+        ConfigError: the model has no trainable tensor, keep_best/patience without validation_data, or
+            a teacher without ``distill_weight`` (or the reverse).
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
@@ -347,6 +370,11 @@ def train(
     if (config.keep_best or config.patience) and validation_data is None:
         raise ConfigError("TrainConfig.keep_best/patience choose by validation accuracy: pass validation_data "
                           "(in a recipe, give the dataset a 'validation' size)")
+    if (teacher is None) != (config.distill_weight == 0):
+        raise ConfigError("distillation needs both a teacher and TrainConfig.distill_weight > 0; got "
+                          f"{'a' if teacher is not None else 'no'} teacher and distill_weight={config.distill_weight}")
+    if teacher is not None:
+        teacher.to(device).eval()
     optimizer = _make_optimizer(params, config)
     net: nn.Module = model
     if group is not None:
@@ -382,7 +410,13 @@ def train(
                 with parametrize.cached():  # each parametrized weight is computed once per step
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = net(x)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                    if teacher is not None:
+                        w = config.distill_weight
+                        loss = (1 - w) * loss + w * distillation_loss(logits, teacher_logits, config.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
