@@ -263,3 +263,14 @@ def test_encode_raw_dtype_and_finetune_validation_flags(dense, tmp_path):
         assert main(["encode", str(tuned), "--out", str(path), "--raw-dtype", dtype]) == 0
         sizes[dtype] = path.stat().st_size
     assert sizes["float16"] < sizes["float32"]  # the biases are stored in half the bytes
+
+
+def test_eval_reports_the_validation_split_a_file_holds_out(dense, tmp_path, capsys):
+    tuned, dsz = tmp_path / "f.pt", tmp_path / "m.dsz"
+    assert main(["finetune", str(dense), "--epochs", "1", "--validation", "300", "--out", str(tuned)]) == 0
+    assert main(["encode", str(tuned), "--out", str(dsz)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(dsz), "--split", "validation"]) == 0
+    assert "validation accuracy" in (out := capsys.readouterr().out) and "n=300" in out
+    assert main(["eval", str(dense), "--split", "validation"]) == 2  # trained without one
+    assert "no validation split" in capsys.readouterr().err

@@ -290,9 +290,13 @@ def cmd_eval(args) -> None:
     else:
         model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         meta = payload["meta"]
-    test_data = _load(_dataset_entry(args, meta)).test
-    result = evaluate(model, test_data, device=resolve_device(args.device))
-    console.print(f"{path}: accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
+    splits = _load(_dataset_entry(args, meta))
+    data = splits.test if args.split == "test" else splits.validation
+    if data is None:
+        raise ConfigError(f"{path}: its dataset holds out no validation split (a recipe's 'validation: N')")
+    result = evaluate(model, data, device=resolve_device(args.device))
+    console.print(f"{path}: {args.split} accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  "
+                  f"(n={result['n']})")
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -538,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--device", default="auto")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="test (to report) or the validation split the file's dataset holds out (to choose)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("summary", help="per-layer sparsity table of a checkpoint or a compressed file")
