@@ -103,9 +103,12 @@ def stage_config(kind: str, options: dict, where: str, seed: int = 0):
     cls = STAGE_CONFIGS[kind]
     if "seed" in {f.name for f in dataclasses.fields(cls)}:
         options = {"seed": seed, **options}
-    teacher = options.get("teacher") if cls is TrainConfig else None  # a stage number, checked by Recipe.from_dict
-    config = make_config(cls, {k: v for k, v in options.items() if k != "teacher" or cls is not TrainConfig}, where)
-    if cls is TrainConfig and (teacher is None) != (config.distill_weight == 0):
+    if cls is not TrainConfig:
+        return make_config(cls, options, where)
+    options = dict(options)
+    teacher = options.pop("teacher", None)  # a stage number: Recipe.from_dict checks that it is an earlier one
+    config = make_config(cls, options, where)
+    if (teacher is None) != (config.distill_weight == 0):
         raise ConfigError(f"{where}: distillation needs both 'teacher' (an earlier stage's number) and "
                           f"'distill_weight' > 0; got teacher={teacher!r}, distill_weight={config.distill_weight}")
     return config
