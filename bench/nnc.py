@@ -260,6 +260,30 @@ def select(case: dict) -> None:
     case["selection"] = selection
 
 
+def versus_nnc(case: dict) -> list[dict]:
+    """Each point of ours against NNCodec's ladder: ``ladder`` = ours over NNCodec's smallest bitstream whose
+    test error is at or below ours (none when ours is worse than every ladder point); ``interpolated`` = ours over NNCodec's bytes at exactly our test error,
+    read off the straight line between the two consecutive ladder points whose errors enclose ours."""
+    ladder = sorted((p for p in case["points"] if p["who"] == "NNCodec"), key=lambda p: -p["bytes"])
+    rows = []
+    for p in case["points"]:
+        if p["who"] != "ours":
+            continue
+        row, error = {"setting": p["setting"], "bytes": p["bytes"], "test_error": p["test_error"]}, p["test_error"]
+        at_or_below = [q for q in ladder if q["test_error"] <= error]
+        if at_or_below and error <= max(q["test_error"] for q in ladder):  # past the ladder's end nothing compares
+            best = min(at_or_below, key=lambda q: q["bytes"])
+            row.update(nnc_at_or_below=best["setting"], nnc_bytes=best["bytes"], ladder=p["bytes"] / best["bytes"])
+        for a, b in zip(ladder, ladder[1:]):
+            low, high = sorted((a["test_error"], b["test_error"]))
+            if low <= error <= high and high > low:
+                at = a["bytes"] + (error - a["test_error"]) / (b["test_error"] - a["test_error"]) * (b["bytes"] - a["bytes"])
+                row["interpolated"] = p["bytes"] / at
+                break
+        rows.append(row)
+    return rows
+
+
 # --- report ------------------------------------------------------------------------------------------
 
 
@@ -282,6 +306,14 @@ def markdown(case: dict) -> str:
                      f"{s['nnc_at_our_test_error_bytes']:,} bytes; ours / NNCodec = {s['ours_over_nnc']:.2f}.")
     elif any(p["who"] == "NNCodec" for p in case["points"]):
         lines.append("No NNCodec bitstream of the ladder reaches our test error.")
+    if any(p["who"] == "NNCodec" for p in case["points"]):
+        lines += ["", "| ours | bytes | test error | NNCodec at or below | ours / NNCodec | interpolated |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for r in versus_nnc(case):
+            nnc = f"{r['nnc_at_or_below']}, {r['nnc_bytes']:,}" if "ladder" in r else "beyond the ladder"
+            ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
+            lines.append(f"| {r['setting']} | {r['bytes']:,} | {100 * r['test_error']:.2f}% | {nnc} | "
+                         f"{ratio('ladder')} | {ratio('interpolated')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,7 +355,8 @@ def plot(case: dict, path: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished `deepshrink run` folders")
+    parser.add_argument("runs", nargs="*", type=Path, help="finished `deepshrink run` folders")
+    parser.add_argument("--report", type=Path, help="print the tables of a results JSON this bench wrote; run nothing")
     parser.add_argument("--data-dir", help="dataset folder of the runs (e.g. ../shared/datasets/mnist)")
     parser.add_argument("--nnc-venv", type=Path, default=Path(os.environ.get("NNC_VENV", "/tmp/nnc-venv")))
     parser.add_argument("--setup", action="store_true", help="create the NNCodec environment first if missing")
@@ -336,6 +369,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.report:
+        for case in json.loads(args.report.read_text())["cases"]:
+            print(markdown(case))
+        return 0
+    if not args.runs:
+        parser.error("give run folders, or --report RESULTS.json")
     torch.set_num_threads(1)  # on a shared 2-core machine a second thread mostly spins waiting for the first
 
     if args.setup and not (args.nnc_venv / "bin" / "python").exists():
