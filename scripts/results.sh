@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the runs and sweeps behind docs/results.md. No GPU needed: about 2.5 hours on an idle
-# 2-core CPU for the runs (resnet20-cifar10-24x alone: 58 minutes) and the 1-epoch sweeps below, plus
+# 2-core CPU for the runs (resnet20-cifar10-24x alone: 65 minutes) and the 1-epoch sweeps below, plus
 # the ResNet-20 validation-split run (resnet20-cifar10-gradual-cpu: 5 epochs of 15,000 JPEG images;
 # 65 minutes on 2026-11-29 with one thread at nice 10 on the 2-core machine shared with six other
 # jobs; about 11 minutes with one thread when idle) and its sweeps with retraining (one epoch of
@@ -19,7 +19,7 @@ $ds run lenet5-mnist --data-dir $mnist --out runs/lenet5-mnist "$@"
 # past the paper on both axes (validation split, 2-px shifts, coder auto): minutes each with one thread
 $ds run lenet300-mnist-40x --data-dir $mnist --out runs/lenet300-mnist-40x "$@"
 $ds run lenet5-mnist-39x --data-dir $mnist --out runs/lenet5-mnist-39x "$@"
-# ResNet-20 with full 45,000-image epochs (18 of them): 58 minutes on the idle 2-core machine
+# ResNet-20 with full 45,000-image epochs (22 of them): 65 minutes on the idle 2-core machine
 $ds run resnet20-cifar10-24x --out runs/resnet20-cifar10-24x "$@"
 $ds run recipes/resnet20-cifar10-cpu.yaml --out runs/resnet20-cifar10-cpu "$@"
 $ds run recipes/resnet20-cifar10-24x-cpu.yaml --out runs/resnet20-cifar10-24x-cpu "$@"
