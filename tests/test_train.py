@@ -319,3 +319,6 @@ def test_distillation_needs_both_a_teacher_and_a_weight():
         train(tiny_mlp(), data, TrainConfig(epochs=1, distill_weight=0.5, **FAST))
     with pytest.raises(ConfigError, match="distill_weight"):
         train(tiny_mlp(), data, TrainConfig(epochs=1, **FAST), teacher=tiny_mlp(seed=1))
+    other = build_model({"arch": "mlp", "kwargs": {"num_classes": 3, "image_size": 4, "hidden": [8]}})
+    with pytest.raises(ConfigError, match=r"teacher's outputs \(16, 3\) do not match the student's \(16, 4\)"):
+        train(tiny_mlp(), data, TrainConfig(epochs=1, batch_size=16, distill_weight=0.5, **FAST), teacher=other)

@@ -415,6 +415,9 @@ def train(
                                 teacher_logits = teacher(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     if teacher is not None:
+                        if teacher_logits.shape != logits.shape:
+                            raise ConfigError(f"the teacher's outputs {tuple(teacher_logits.shape)} do not match the "
+                                              f"student's {tuple(logits.shape)}: distillation needs the same classes")
                         w = config.distill_weight
                         loss = (1 - w) * loss + w * distillation_loss(logits, teacher_logits, config.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
