@@ -107,6 +107,8 @@ def test_rate_sweep_writes_files_as_told(trained, tmp_path):
         tensors = read_header(tmp_path / raw / "lambda-0.01.dsz")["tensors"]
         assert {t["codec"] for t in tensors.values()} == {"deep_compression", "raw"}  # no context coding
         assert {t["dtype"] for t in tensors.values() if t["codec"] == "raw"} == {raw}
+        # the checkpoint's dataset record travels with the file: `eval FILE` finds and normalises the data
+        assert read_header(tmp_path / raw / "lambda-0.01.dsz")["meta"]["dataset"] == payload["meta"]["dataset"]
     assert sizes["float16"] < sizes["float32"]  # the biases take half the bytes
 
 

@@ -126,8 +126,8 @@ def run_sweep(
     if kind == "rate":
         fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
         points = functools.partial(points, configs=rate_configs, fisher=fisher, files=out_dir,
-                                   spec=payload["model"], encode=encode or EncodeConfig(),
-                                   trust_factory=trust_factory)
+                                   spec=payload["model"], dataset=payload["meta"]["dataset"],
+                                   encode=encode or EncodeConfig(), trust_factory=trust_factory)
     rows = []
     for row in points(fresh, accuracy, retrained, bits):
         rows.append(row)
@@ -189,7 +189,7 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
-def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict,
+def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict, dataset: dict,
                  encode: EncodeConfig, trust_factory: bool):
     # imported here: compress imports encode, which imports quantize; the sweep module stays light
     from .compress import compress_model, load
@@ -201,8 +201,9 @@ def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: P
         row = {"lambda": config.lam, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
         row["retrained_accuracy"] = retrained(model)
         path = files / f"lambda-{config.lam:g}.dsz"
+        # the checkpoint's dataset record, so that `deepshrink eval FILE` loads and normalises the data as training did
         file_report = compress_model(model.cpu(), path, encode, model_spec=spec,
-                                     meta={"quantize": {"method": config.method, "lam": config.lam}})
+                                     meta={"dataset": dataset, "quantize": {"method": config.method, "lam": config.lam}})
         # the file's model, not the one in memory: float16 storage rounds what it keeps
         row.update(file_bytes=file_report.file_bytes, ratio=file_report.ratio,
                    file_accuracy=accuracy(load(path, trust_factory=trust_factory)))
