@@ -248,6 +248,8 @@ def test_finetune_and_centroid_training_learn_from_a_teacher(dense, tmp_path, ca
     assert "teacher" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
     assert main(["finetune", str(pruned), "--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    assert main(["quantize", str(pruned), "--teacher", str(dense), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--train-centroids" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
 
 def test_encode_raw_dtype_and_finetune_validation_flags(dense, tmp_path):

@@ -366,6 +366,8 @@ def cmd_quantize(args) -> None:
     from .checkpoint import load_checkpoint
     from .quantize import QuantizeConfig, quantize_model
 
+    if args.teacher and not args.train_centroids:
+        raise ConfigError("--teacher teaches centroid training: add --train-centroids")
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv, bits_fc=args.bits_fc, init=args.init,
                             seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer),

@@ -191,7 +191,7 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
 
 def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict, dataset: dict,
                  encode: EncodeConfig, trust_factory: bool):
-    # imported here: compress imports encode, which imports quantize; the sweep module stays light
+    # imported here: only the rate sweep writes and reads files
     from .compress import compress_model, load
 
     for config in configs:
