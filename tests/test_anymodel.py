@@ -419,3 +419,143 @@ def test_tied_weights_survive_a_checkpoint(tmp_path):
     quantize_model(loaded, QuantizeConfig(bits=2))
     assert torch.equal(loaded.out.weight, loaded.emb.weight)
     assert torch.equal(masks(loaded)["emb.weight"], masks(model)["emb.weight"])
+
+
+# ---------------------------------------------------------------- BatchNorm folding (EncodeConfig.fold_batchnorm)
+
+
+class ConvBN(nn.Module):
+    """Conv -> BatchNorm2d -> Linear -> BatchNorm1d -> BatchNorm1d(affine=False) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+        self.bn1d = nn.BatchNorm1d(5, eps=0.1)  # large enough that a fold that forgets sqrt(1 + eps) shows
+        self.plain_bn = nn.BatchNorm1d(5, affine=False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.head(self.plain_bn(self.bn1d(self.fc(x))))
+
+
+def conv_bn() -> ConvBN:
+    """A ConvBN in eval mode whose BatchNorms hold statistics and affine parameters far from 0 and 1."""
+    torch.manual_seed(0)
+    model = ConvBN()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn1d, model.plain_bn):
+            bn.running_mean.normal_(0, 2)
+            bn.running_var.uniform_(0.05, 5)
+            bn.num_batches_tracked.fill_(7)
+            if bn.affine:
+                bn.weight.normal_(1, 0.5)
+                bn.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+def encode_options(path) -> dict:
+    return read_header(path)["meta"]["encode"]
+
+
+def test_fold_batchnorm_keeps_eval_outputs_and_resets_statistics(tmp_path):
+    from deepshrink.encode import EncodeConfig
+
+    model = conv_bn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    compress_model(model, tmp_path / "m.dsz", EncodeConfig(fold_batchnorm=True))
+    assert encode_options(tmp_path / "m.dsz")["fold_batchnorm"] is True
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # the caller's model is untouched
+    assert model.bn.running_var.min() < 0.5 and not model.training
+
+    loaded = deepshrink.load(tmp_path / "m.dsz", model=ConvBN()).eval()
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    for name in ("bn", "bn1d"):
+        bn, original = getattr(loaded, name), getattr(model, name)
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert bn.num_batches_tracked.item() == 7  # kept as it is
+        assert not torch.allclose(bn.weight, original.weight) and not torch.allclose(bn.bias, original.bias)
+    for key in ("plain_bn.running_mean", "plain_bn.running_var"):  # no affine parameters to fold into: as is
+        assert torch.equal(loaded.state_dict()[key], before[key])
+
+
+def test_batchnorm_is_stored_as_is_by_default(tmp_path):
+    model = conv_bn()
+    compress_model(model, tmp_path / "m.dsz")
+    assert encode_options(tmp_path / "m.dsz")["fold_batchnorm"] is False
+    loaded = deepshrink.load(tmp_path / "m.dsz", model=ConvBN()).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+class TiedBN(nn.Module):
+    """Two BatchNorms sharing one gamma: folding either would change the other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_fold_batchnorm_leaves_quantized_and_tied_batchnorm_weights_alone(tmp_path):
+    from deepshrink.encode import EncodeConfig
+
+    model = conv_bn()
+    quantize_model(model, QuantizeConfig(bits=2, include=("bn.weight",), min_dims=1))
+    compress_model(model, tmp_path / "q.dsz", EncodeConfig(fold_batchnorm=True))
+    assert read_header(tmp_path / "q.dsz")["tensors"]["bn.weight"]["codec"] != "raw"  # still coded
+    loaded = deepshrink.load(tmp_path / "q.dsz", model=ConvBN()).state_dict()
+    plain, _ = plain_state_dict(model)
+    for key in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        assert torch.equal(loaded[key], plain[key]), key
+    assert torch.equal(loaded["bn1d.running_var"], torch.ones(5))  # the other BatchNorm is folded
+
+    tied = TiedBN().eval()
+    with torch.no_grad():
+        for bn in (tied.a, tied.b):
+            bn.running_mean.normal_(0, 2)
+            bn.running_var.uniform_(0.05, 5)
+    compress_model(tied, tmp_path / "t.dsz", EncodeConfig(fold_batchnorm=True))
+    loaded = deepshrink.load(tmp_path / "t.dsz", model=TiedBN()).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tied.state_dict().items())  # neither BatchNorm folded
+
+
+def test_fold_batchnorm_stats_core():
+    from deepshrink.batchnorm import fold_batchnorm_stats
+
+    weight, bias = torch.tensor([1.5, -0.5, 0.0]), torch.tensor([0.1, 0.2, -0.3])
+    mean, var = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([4.0, 0.25, 1.0])
+    scale, shift, zeros, ones = fold_batchnorm_stats(weight, bias, mean, var, eps=1e-3)
+    w, b, m, v = (t.double() for t in (weight, bias, mean, var))
+    assert torch.equal(scale, (w * (1 + 1e-3) ** 0.5 / (v + 1e-3).sqrt()).float())
+    assert torch.equal(shift, (b - w * m / (v + 1e-3).sqrt()).float())
+    assert torch.equal(zeros, torch.zeros(3)) and torch.equal(ones, torch.ones(3))
+    folded = fold_batchnorm_stats(weight.half(), bias.half(), mean.double(), var.double(), eps=1e-3)
+    assert [t.dtype for t in folded] == [torch.float16, torch.float16, torch.float64, torch.float64]
+    with pytest.raises(ConfigError, match="layer3.bn: cannot fold BatchNorm: running_var . eps must be positive"):
+        fold_batchnorm_stats(weight, bias, mean, torch.tensor([1.0, -1.0, 1.0]), 1e-5, where="layer3.bn")
+    with pytest.raises(ConfigError, match="must be positive"):
+        fold_batchnorm_stats(weight, bias, mean, torch.tensor([1.0, float("nan"), 1.0]), 1e-5)
+
+
+def test_fold_batchnorm_option_is_checked_and_accepted_by_recipes():
+    from deepshrink.encode import EncodeConfig
+    from deepshrink.pipeline import stage_config
+
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match=f"fold_batchnorm must be true or false, got {bad!r}"):
+            EncodeConfig(fold_batchnorm=bad)
+    assert stage_config("encode", {"fold_batchnorm": True, "raw_dtype": "float16"}, "stage 3").fold_batchnorm is True
+    with pytest.raises(ConfigError, match="stage 3: fold_batchnorm must be true or false, got 'yes'"):
+        stage_config("encode", {"fold_batchnorm": "yes"}, "stage 3")

@@ -276,3 +276,33 @@ def test_eval_reports_the_validation_split_a_file_holds_out(dense, tmp_path, cap
     assert "validation accuracy" in (out := capsys.readouterr().out) and "n=300" in out
     assert main(["eval", str(dense), "--split", "validation"]) == 2  # trained without one
     assert "no validation split" in capsys.readouterr().err
+
+
+def test_encode_fold_batchnorm_flag_reaches_the_file(tmp_path, monkeypatch):
+    from deepshrink import sweep
+    from deepshrink.format import read_header
+
+    spec = {"arch": "resnet20", "kwargs": {}}
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    ckpt = save_checkpoint(tmp_path / "r.pt", model, spec)
+    folded, kept = tmp_path / "folded.dsz", tmp_path / "kept.dsz"
+    assert main(["encode", str(ckpt), "--out", str(folded), "--fold-batchnorm"]) == 0
+    assert main(["encode", str(ckpt), "--out", str(kept)]) == 0
+    assert read_header(folded)["meta"]["encode"]["fold_batchnorm"] is True
+    assert read_header(kept)["meta"]["encode"]["fold_batchnorm"] is False
+    loaded = load(folded).eval()
+    assert torch.equal(loaded.layer2[0].bn1.running_var, torch.ones(32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        assert torch.allclose(loaded(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+    seen = {}  # the rate sweep's files are written with the same option
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **kw: seen.update(kw) or sweep.SweepResult([], [], "r"))
+    assert main(["sweep", "rate", str(ckpt), "--out", str(tmp_path / "s"), "--fold-batchnorm"]) == 0
+    assert seen["encode"].fold_batchnorm is True

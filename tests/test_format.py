@@ -31,6 +31,7 @@ from deepshrink.errors import (
 from deepshrink.compress import compress_model, load
 from deepshrink.compression import plain_state_dict, strip
 from deepshrink.encode import (
+    ConstantTensor,
     EncodeConfig,
     RawTensor,
     decode_quantized,
@@ -40,6 +41,7 @@ from deepshrink.encode import (
     entries_to_positions,
     positions_to_entries,
 )
+from deepshrink.accounting import account
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
@@ -214,6 +216,36 @@ def test_raw_tensors_round_trip(dtype, shape, raw_dtype, tmp_path):
     assert decoded.shape == source.shape and decoded.dtype == expected.dtype and torch.equal(decoded, expected)
 
 
+@pytest.mark.parametrize("value, dtype", [(0.0, "<f4"), (-0.0, "<f4"), (0.1, "<f4"), (0.1, "<f2"), (-7, "<i8"),
+                                          (2**63 - 1, "<i8"), (-128, "i1"), (255, "u1"), (True, "?"), (False, "?")],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)], ids=str)
+def test_a_tensor_of_one_value_is_stored_as_that_value(value, dtype, shape, tmp_path):
+    source = np.full(shape, value, dtype=np.dtype(dtype))
+    raw_dtype = "float16" if dtype == "<f2" else "float32"
+    encoded = encode_raw(torch.from_numpy(source.astype(source.dtype.newbyteorder("="))), raw_dtype)
+    assert isinstance(encoded, ConstantTensor) and type(encoded.value) is type(value)
+    assert encoded.value == source.reshape(-1)[0].item()  # what the dtype holds (0.1 rounds)
+    report = compress_model_of({"t": encoded}, tmp_path)
+    assert report.rows[0]["codec"] == "constant" and report.rows[0]["stored_bytes"] == 0
+    decoded = read_file(tmp_path / "t.dsz")[1]["t"].numpy()
+    assert decoded.dtype == source.dtype.newbyteorder("=") and decoded.shape == shape
+    assert decoded.tobytes() == source.tobytes()  # bit for bit: -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("values", [[0.0, -0.0], [1.0, 2.0], [float("nan")] * 2, [float("inf")] * 3], ids=str)
+def test_tensors_that_are_not_one_exact_json_number_stay_raw(values):
+    assert isinstance(encode_raw(torch.tensor(values)), RawTensor)
+    assert isinstance(encode_raw(torch.zeros(0)), RawTensor)  # no value to store
+
+
+def compress_model_of(tensors: dict, tmp_path: Path):
+    """Write encoded tensors to tmp_path/t.dsz and account for the file as compress_model does."""
+    chunks = serialize(tensors)
+    path = fmt.write_chunks(tmp_path / "t.dsz", chunks)
+    return account(tensors, path=str(path), file_bytes=path.stat().st_size, header_bytes=len(chunks[0]))
+
+
 def test_raw_rejects_dtypes_the_format_cannot_store():
     with pytest.raises(ConfigError, match="complex64"):
         encode_raw(torch.zeros(2, dtype=torch.complex64), where="x")
@@ -232,20 +264,31 @@ def test_encoder_rejects_bad_settings():
 
 
 def test_empty_file_bytes_are_pinned():
+    header = b'{"format":"deepshrink","meta":{},"model":null,"payload_crc32":0,"tensors":{},"version":3}'
+    packed = zlib.compress(header, 9)
+    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 3, 1, len(packed)) + packed
+    # version 2: the header padded so that the payload starts on an 8-byte boundary
     header = b'{"format":"deepshrink","meta":{},"model":null,"tensors":{},"version":1}'
     packed = zlib.compress(header, 9)
     padded = packed + bytes(-(20 + len(packed)) % 8)
-    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 1, 1, len(padded)) + padded
-    assert len(padded) % 8 == 4  # 20-byte prefix + header: the payload starts on an 8-byte boundary
+    assert b"".join(serialize({}, version=2)) == b"DSHRINK\0" + struct.pack("<HHQ", 1, 1, len(padded)) + padded
 
 
 def test_raw_section_layout_is_pinned():
-    data = b"".join(serialize({"b": RawTensor(np.array([1.5], "<f4")), "a": RawTensor(np.array([1, 2], "<i2"))}))
-    header, payload = attacks.split(data)
-    assert header["tensors"]["a"] == {"codec": "raw", "dtype": "int16", "shape": [2], "offsets": [0, 4],
-                                      "crc32": zlib.crc32(b"\x01\x00\x02\x00")}
-    assert header["tensors"]["b"]["offsets"] == [8, 12]  # 8-aligned, sorted by name
-    assert payload == b"\x01\x00\x02\x00" + bytes(4) + struct.pack("<f", 1.5)
+    tensors = {"b": RawTensor(np.array([1.5, 2.0], "<f4")), "a": RawTensor(np.array([1, 2, 3], "<i2")),
+               "c": ConstantTensor((2, 2), np.dtype("<f4"), -0.0)}
+    a_bytes, b_bytes = b"\x01\x00\x02\x00\x03\x00", struct.pack("<2f", 1.5, 2.0)
+    header, payload = attacks.split(b"".join(serialize(tensors)))
+    assert header["tensors"]["a"] == {"codec": "raw", "dtype": "int16", "shape": [3]}
+    assert header["tensors"]["c"] == {"codec": "constant", "dtype": "float32", "shape": [2, 2], "value": -0.0}
+    assert payload == a_bytes + b_bytes  # packed, sorted by name; the constant has no bytes
+    assert header["payload_crc32"] == zlib.crc32(payload)
+    header, payload = attacks.split(b"".join(serialize(tensors, version=2)))
+    assert header["tensors"]["a"] == {"codec": "raw", "dtype": "int16", "shape": [3], "offsets": [0, 6],
+                                      "crc32": zlib.crc32(a_bytes)}
+    assert header["tensors"]["b"]["offsets"] == [8, 16]  # 8-aligned, sorted by name
+    assert header["tensors"]["c"]["codec"] == "raw"  # version 2 has no constants
+    assert payload == a_bytes + bytes(2) + b_bytes + bytes(-16 % 8) + struct.pack("<4f", *[-0.0] * 4)
 
 
 # ---------------------------------------------------------------- models
@@ -413,7 +456,7 @@ def test_report_accounts_for_every_byte(coder, tmp_path):
                                      for t in stripped.values())
     totals = report.totals
     assert totals["header_bytes"] + sum(r["stored_bytes"] for r in report.rows) + totals["padding_bytes"] == size
-    assert 0 <= totals["padding_bytes"] < 8 * 3 * len(report.rows)
+    assert totals["padding_bytes"] == 0  # version 3 packs the sections
     coded = [r for r in report.rows if r["codec"] == "deep_compression"]
     assert [r["name"] for r in coded] == ["0.weight", "4.weight"]
     for row, layer in zip(coded, (model[0], model[4])):
@@ -484,19 +527,23 @@ def base_bytes():
     return attacks.base_file()
 
 
-def test_attack_base_file_is_valid(base_bytes, tmp_path):
-    (tmp_path / "base.dsz").write_bytes(base_bytes)
+@pytest.mark.parametrize("version", [2, 3])
+def test_attack_base_files_are_valid(version, tmp_path):
+    (tmp_path / "base.dsz").write_bytes(attacks.base_file(version))
     header, tensors = read_file(tmp_path / "base.dsz")
-    assert sorted(tensors) == ["a.bias", "a.weight", "bn.num_batches_tracked", "c.weight", "p.weight", "z.weight"]
+    assert sorted(tensors) == ["a.bias", "a.weight", "bn.num_batches_tracked", "bn.running_var", "c.weight",
+                               "p.weight", "z.weight"]
     assert header["tensors"]["z.weight"]["coder"] == "ans" and header["tensors"]["c.weight"]["codec"] == "cabac"
-    assert header["version"] == 2
+    assert header["version"] == version
+    assert header["tensors"]["bn.running_var"]["codec"] == ("constant" if version == 3 else "raw")
+    assert torch.equal(tensors["bn.running_var"], torch.ones(4, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("name", attacks.ATTACKS)
-def test_crafted_file_raises_its_own_error(name, base_bytes, tmp_path):
+def test_crafted_file_raises_its_own_error(name, tmp_path):
     attack = attacks.ATTACKS[name]
     path = tmp_path / f"{name}.dsz"
-    path.write_bytes(attack.craft(base_bytes))
+    path.write_bytes(attack.craft(attacks.base_file(attack.version)))
     if attack.stage == "header":
         with pytest.raises(attack.error) as info:
             read_header(path)
@@ -658,17 +705,19 @@ def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
 def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path, traced):
     # a hostile writer recomputes CRCs: the decoders themselves must reject or bound the damage
     header, payload, start = _split(model_files[coder])
+    assert header["version"] == 3  # one payload CRC32
+    spans = {label: (s.begin, s.end) for label, s in fmt._parse(_write(tmp_path, model_files[coder]), 256).sections.items()}
     sections = [(name, part) for name, e in header["tensors"].items() for part in STREAMS.get(e["codec"], ())]
     assert sections
     rng = np.random.default_rng(99)
     for case in range(150):
         name, part = sections[rng.integers(len(sections))]
-        begin, end = header["tensors"][name][part]["offsets"]
+        begin, end = spans[f"{name}/{part}"]
         if end == begin:
             continue
         body = bytearray(payload)
         body[rng.integers(begin, end)] ^= int(rng.integers(1, 256))
-        fixed = _with(header, ("tensors", name, part, "crc32"), zlib.crc32(bytes(body[begin:end])))
+        fixed = _with(header, ("payload_crc32",), zlib.crc32(bytes(body)))
         _assert_bounded(attacks.join(fixed, bytes(body)), tmp_path / "f.dsz", f"stream case {case} {name}/{part}")
 
 
@@ -677,10 +726,8 @@ def test_fuzz_truncation_at_every_boundary(coder, model_files, tmp_path, traced)
     data = model_files[coder]
     header, payload, start = _split(data)
     cuts = {0, 1, 8, 12, 19, 20, start - 1, start, len(data) - 1}
-    for entry in header["tensors"].values():
-        for part in (entry, entry.get("codebook"), *(entry.get(s) for s in STREAMS.get(entry["codec"], ()))):
-            if part and "offsets" in part:
-                cuts.update(start + o for o in part["offsets"])
+    for section in fmt._parse(_write(tmp_path, data), 256).sections.values():
+        cuts.update((start + section.begin, start + section.end))
     cuts.update(int(c) for c in np.random.default_rng(5).integers(0, len(data), 20))
     for cut in sorted(c for c in cuts if 0 <= c < len(data)):
         with pytest.raises(FormatError):

@@ -77,7 +77,7 @@ def test_every_level_count_up_to_256_through_a_file(tmp_path):
         tensors[f"w{k}"] = (indices, codebook)
     write_file(tmp_path / "f.dsz", {n: encode_levels(i, c, 8) for n, (i, c) in tensors.items()})
     header, decoded = read_file(tmp_path / "f.dsz")
-    assert header["version"] == 2
+    assert header["version"] == 3
     for name, (indices, codebook) in tensors.items():
         assert np.array_equal(decoded[name].numpy(), dense(indices, codebook)), name
 
@@ -137,21 +137,32 @@ def test_models_compress_and_load_with_the_new_coders(coder, tmp_path):
     expected = read_file(tmp_path / "huffman.dsz")[1]
     header, tensors = read_file(tmp_path / f"{coder}.dsz")
     assert all(torch.equal(tensors[name], expected[name]) for name in expected)
-    codecs = {entry["codec"] for entry in header["tensors"].values()}
-    assert header["version"] == (2 if "cabac" in codecs else 1)
+    codecs = {entry["codec"] for entry in header["tensors"].values()} - {"constant"}
+    assert header["version"] == 3
     if coder == "cabac":
         assert codecs == {"raw", "cabac"}
-        assert {r["codec"] for r in report.rows} == {"raw", "cabac"} and report.totals["coded_nonzero"] > 0
+        assert {r["codec"] for r in report.rows} - {"constant"} == {"raw", "cabac"}
+        assert report.totals["coded_nonzero"] > 0
     else:
         assert report.file_bytes <= reference.file_bytes
 
 
-def test_writer_stamps_the_lowest_version_that_holds_the_codecs(tmp_path):
+def test_older_layouts_stamp_the_lowest_version_that_holds_the_codecs(tmp_path):
     indices, codebook = quantized(np.random.default_rng(1), (4, 5), 3, 0.5)
     raw = {"b": RawTensor(np.zeros(2, np.float32))}
-    v1 = b"".join(serialize({**raw, "w": encode_quantized(indices, codebook, 2, 3)}))
-    v2 = b"".join(serialize({**raw, "w": encode_levels(indices, codebook, 2)}))
-    assert v1[8:10] == (1).to_bytes(2, "little") and v2[8:10] == (2).to_bytes(2, "little")
+    paper, levels = {**raw, "w": encode_quantized(indices, codebook, 2, 3)}, {**raw, "w": encode_levels(indices, codebook, 2)}
+    assert b"".join(serialize(paper))[8:10] == (3).to_bytes(2, "little")  # the default: the current layout
+    assert b"".join(serialize(paper, version=2))[8:10] == (1).to_bytes(2, "little")
+    assert b"".join(serialize(levels, version=2))[8:10] == (2).to_bytes(2, "little")
+    with pytest.raises(ConfigError, match="cabac needs version 2"):
+        serialize(levels, version=1)
+    with pytest.raises(ConfigError, match="format version"):
+        serialize(levels, version=4)
+    decoded = []
+    for version in (1, 2, 3):  # every layout reads back the same tensors
+        write_file(tmp_path / f"v{version}.dsz", paper, version=version)
+        decoded.append(read_file(tmp_path / f"v{version}.dsz")[1])
+    assert all(torch.equal(d[k], decoded[0][k]) for d in decoded for k in ("w", "b"))
 
 
 # --- version 1 ------------------------------------------------------------------------------------
@@ -173,13 +184,13 @@ def test_a_version_1_file_written_before_cabac_still_loads():
     assert isinstance(load(FIXTURE_V1), dict)
 
 
-def test_versions_past_2_are_refused(tmp_path):
+def test_versions_past_3_are_refused(tmp_path):
     data = bytearray(FIXTURE_V1.read_bytes())
-    data[8:10] = (3).to_bytes(2, "little")
-    (tmp_path / "v3.dsz").write_bytes(bytes(data))
-    with pytest.raises(UnsupportedVersion, match="version 3"):
-        read_header(tmp_path / "v3.dsz")
-    assert fmt.VERSIONS == (1, 2)
+    data[8:10] = (4).to_bytes(2, "little")
+    (tmp_path / "v4.dsz").write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersion, match="version 4"):
+        read_header(tmp_path / "v4.dsz")
+    assert fmt.VERSIONS == (1, 2, 3)
 
 
 def test_coded_tensor_classes_are_distinct():

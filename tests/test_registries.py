@@ -99,8 +99,8 @@ def test_the_loader_bounds_a_stream_by_the_coders_cheapest_symbol(registries, tm
     compress_model(model, tmp_path / "m.dsz", EncodeConfig(coder="fixed16"))
     parsed = fmt._parse(tmp_path / "m.dsz", fmt.DEFAULT_MAX_EXPANSION)
     entry = parsed.header["tensors"]["fc3.weight"]
-    begin, end = entry["weights_stream"]["offsets"]
-    assert fmt._max_symbols(CODERS["fixed16"], end - begin) == entry["num_nonzero"]  # 16 bits each, exactly
+    length = entry["weights_stream"]["bytes"]
+    assert fmt._max_symbols(CODERS["fixed16"], length) == entry["num_nonzero"]  # 16 bits each, exactly
 
 
 def test_registering_a_taken_name_or_a_bad_rule_is_a_config_error(registries):

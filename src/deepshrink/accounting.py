@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .coding import entropy_bits
-from .encode import DTYPES, CabacTensor, CodedTensor, Encoded, RawTensor, decode_levels, decode_symbols, levels_entropy
+from .encode import (DTYPES, CabacTensor, CodedTensor, ConstantTensor, Encoded, RawTensor, decode_levels, decode_symbols,
+                     levels_entropy)
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,9 @@ def _cabac_row(coded: CabacTensor, where: str) -> dict:
 
 def _dense_bytes(encoded: Encoded) -> tuple[int, int]:
     """(numel, bytes of the tensor in the dense float32 state dict)."""
-    if isinstance(encoded, RawTensor):
-        numel, dtype = encoded.array.size, encoded.array.dtype
-        return numel, numel * (4 if dtype.kind == "f" else dtype.itemsize)
     numel = math.prod(encoded.shape)
+    if isinstance(encoded, (RawTensor, ConstantTensor)):
+        return numel, numel * (4 if encoded.dtype.kind == "f" else encoded.dtype.itemsize)
     return numel, numel * DTYPES["float32"][0].itemsize  # coded tensors decode to float32
 
 
@@ -116,17 +116,20 @@ def account(tensors: dict[str, Encoded], *, path: str, file_bytes: int, header_b
         encoded = tensors[name]
         numel, dense = _dense_bytes(encoded)
         dense_bytes += dense
-        shape = list(encoded.array.shape) if isinstance(encoded, RawTensor) else list(encoded.shape)
-        codec = {RawTensor: "raw", CabacTensor: "cabac"}.get(type(encoded), "deep_compression")
-        row = {"name": name, "codec": codec, "shape": shape, "numel": numel, **dict.fromkeys(_CODED_COLUMNS)}
+        codec = {RawTensor: "raw", ConstantTensor: "constant", CabacTensor: "cabac"}.get(type(encoded),
+                                                                                        "deep_compression")
+        row = {"name": name, "codec": codec, "shape": list(encoded.shape), "numel": numel,
+               **dict.fromkeys(_CODED_COLUMNS)}
         if isinstance(encoded, RawTensor):
             row.update(_raw_row(encoded.array))
+        elif isinstance(encoded, ConstantTensor):  # the value is in the header: no payload bytes
+            row.update(nonzero=numel if encoded.value else 0, stored_bytes=0)
         elif isinstance(encoded, CabacTensor):
             row.update(_cabac_row(encoded, f"{path}: tensor {name!r}"))
         else:
             row.update(_coded_row(encoded, f"{path}: tensor {name!r}"))
         rows.append(row)
-    coded_rows = [r for r in rows if r["codec"] != "raw"]
+    coded_rows = [r for r in rows if r["codec"] not in ("raw", "constant")]
     totals = {
         "tensors": len(rows),
         "coded_tensors": len(coded_rows),

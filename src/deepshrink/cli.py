@@ -415,7 +415,7 @@ def cmd_encode(args) -> None:
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
                           codebook_dtype=args.codebook_dtype, raw_dtype=args.raw_dtype,
                           include=tuple(args.include) if args.include else None,
-                          exclude=tuple(args.exclude))
+                          exclude=tuple(args.exclude), fold_batchnorm=args.fold_batchnorm)
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
     _print_file_report(file_report)
 
@@ -492,8 +492,9 @@ def cmd_sweep(args) -> None:
     from .encode import EncodeConfig
     from .sweep import run_sweep
 
+    encode = EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype, fold_batchnorm=args.fold_batchnorm)
     rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian,
-            "encode": EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype)} if args.kind == "rate" else {}
+            "encode": encode} if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
                        epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory, **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
@@ -501,6 +502,9 @@ def cmd_sweep(args) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------------
+
+FOLD_BATCHNORM_HELP = ("store BatchNorm as scale and shift (same eval-mode outputs; running statistics reset, "
+                       "so fine-tuning the loaded model is not the same)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how biases and BatchNorm statistics are stored")
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
+    p.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
     _add_trust_arg(p)
     p.set_defaults(func=cmd_encode)
 
@@ -666,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder, help="coder of the files")
     g.add_argument("--raw-dtype", choices=[d.value for d in StoredFloat], default=encode_defaults.raw_dtype.value,
                    help="how the files store biases and BatchNorm statistics")
+    g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
     p.set_defaults(func=cmd_sweep)
     return parser
 

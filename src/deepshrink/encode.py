@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batchnorm import fold_batchnorms
 from .coding import CODERS, cabac, entropy_bits, get_coder
 from .compression import fold_zero_centroids, plain_state_dict
 from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
@@ -75,6 +76,11 @@ class EncodeConfig:
     raw_dtype: StoredFloat = StoredFloat.FLOAT32  # biases/BN stats: few bytes, keep them exact
     include: tuple[str, ...] | None = None  # quantized weights to entropy code (FQN globs); None = all
     exclude: tuple[str, ...] = ()  # quantized weights stored raw instead (their effective values)
+    # store each BatchNorm as a scale and a shift (``batchnorm.fold_batchnorms``). Off by default: the
+    # decoded model computes the same function in eval mode, but its weight/bias are no longer the trained
+    # gamma/beta and its running statistics are reset, so training the loaded model (train mode normalises
+    # with batch statistics) starts from a different function
+    fold_batchnorm: bool = False
 
     def __post_init__(self):
         coder = self.coder.value if isinstance(self.coder, Enum) else self.coder
@@ -89,6 +95,8 @@ class EncodeConfig:
                            pattern_values(self.index_bits_by_pattern, "index_bits_by_pattern", check_bits))
         object.__setattr__(self, "include", None if self.include is None else as_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ConfigError(f"fold_batchnorm must be true or false, got {self.fold_batchnorm!r}")
 
     def index_bits_for(self, fqn: str, kind: str) -> int:
         """Index bits for weight ``fqn`` of a layer of ``kind`` ("conv" or anything else = fc)."""
@@ -119,6 +127,29 @@ class RawTensor:
     """A tensor stored as its bytes: ``array`` is C-ordered in a dtype of ``DTYPES``."""
 
     array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+
+@dataclass(frozen=True)
+class ConstantTensor:
+    """A tensor whose elements are all one value, stored as that value (no payload bytes): reset
+    BatchNorm statistics, zero biases, step counters. ``value`` is a Python number that the dtype
+    holds exactly (``constant_value``)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype  # one of DTYPES
+    value: int | float | bool
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.full(self.shape, self.value, dtype=self.dtype)
 
 
 @dataclass(frozen=True)
@@ -156,7 +187,7 @@ class CabacTensor:
     levels_entropy_bits: float | None = None
 
 
-Encoded = Union[RawTensor, CodedTensor, CabacTensor]
+Encoded = Union[RawTensor, ConstantTensor, CodedTensor, CabacTensor]
 
 
 def row_length_of(shape: tuple[int, ...]) -> int:
@@ -459,13 +490,16 @@ def decode_tensor(encoded: Encoded, where: str = "tensor") -> np.ndarray:
     """
     if isinstance(encoded, RawTensor):
         return encoded.array.copy()  # own, writable memory (a file's raw tensors view its bytes)
+    if isinstance(encoded, ConstantTensor):
+        return encoded.array
     if isinstance(encoded, CabacTensor):
         return decode_cabac(encoded, where)
     return decode_quantized(encoded, where)
 
 
-def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> RawTensor:
-    """Raw entry: floats converted to ``raw_dtype``, integers and bools kept as they are.
+def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> RawTensor | ConstantTensor:
+    """Raw entry: floats converted to ``raw_dtype``, integers and bools kept as they are; a tensor
+    whose stored elements are all one value becomes a ``ConstantTensor``.
 
     Raises:
         ConfigError: a dtype the format cannot store (complex, unsigned > 8 bits...).
@@ -480,15 +514,34 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
             raise ConfigError(f"{where}: dtype {tensor.dtype} cannot be stored; supported: {', '.join(DTYPES)}")
     if tensor.numel() > MAX_TENSOR_ELEMENTS:
         raise ConfigError(f"{where}: {tensor.numel()} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
-    return RawTensor(tensor.numpy().astype(DTYPES[name][0], order="C"))  # astype copies; keeps 0-d shape
+    array = tensor.numpy().astype(DTYPES[name][0], order="C")  # astype copies; keeps 0-d shape
+    value = constant_value(array)
+    return RawTensor(array) if value is None else ConstantTensor(array.shape, array.dtype, value)
+
+
+def constant_value(array: np.ndarray) -> int | float | bool | None:
+    """The one value all elements of ``array`` hold, bit for bit (so -0.0 is not 0.0), as a Python
+    number that JSON writes and reads back exactly; None if they differ, the array is empty or the
+    value is not finite (JSON has no NaN)."""
+    if array.size == 0:
+        return None
+    flat = np.ascontiguousarray(array).reshape(-1)
+    as_bytes = flat.view(np.uint8).reshape(flat.size, flat.dtype.itemsize)
+    if not (as_bytes == as_bytes[0]).all():
+        return None
+    value = flat[0].item()
+    return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
     """Encode every tensor of the model's plain state dict: SharedWeights ones coded (those that
     ``config.include``/``exclude`` select), the rest raw. A tied tensor is encoded once, under its first
-    name (``layers.tied_weights`` gives the others)."""
+    name (``layers.tied_weights`` gives the others). ``config.fold_batchnorm`` folds BatchNorms first
+    (``batchnorm.fold_batchnorms``); the model itself is never modified."""
     plain, shared = plain_state_dict(model)
     tied = tied_weights(model)
+    if config.fold_batchnorm:  # a quantized or tied weight keeps its values: they are not BatchNorm's alone
+        plain = fold_batchnorms(model, plain, skip={*shared, *tied, *tied.values()})
     coded = _select_coded(list(shared), config)
     check_patterns_match(config.index_bits_by_pattern, list(shared), "index_bits_by_pattern")
     encoded: dict[str, Encoded] = {}

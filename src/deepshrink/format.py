@@ -1,12 +1,14 @@
 """Stage 4: the container that holds ``encode.py``'s coded and raw tensors, and its safe reader.
 
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
-length N, N bytes of zlib-compressed JSON header (zero-padded so the payload starts 8-byte
-aligned), then the payload: 8-byte aligned sections (raw tensors, codebooks, weight and position
-streams), each with a CRC32. A quantized weight is stored as the paper describes (codec
+length N, N bytes of zlib-compressed JSON header, then the payload: the sections (raw tensors,
+codebooks, coded streams) back to back in tensor-name order, their lengths in the header and one
+CRC32 over the payload. A quantized weight is stored as the paper describes (codec
 ``deep_compression``: for each non-zero, its cluster index and the zero-run before it in
-``index_bits`` bits, with filler entries for longer runs) or, from version 2, as one context-coded
-stream of signed levels (codec ``cabac``).
+``index_bits`` bits, with filler entries for longer runs) or as one context-coded stream of signed
+levels (codec ``cabac``); a tensor of one repeated value is that value (codec ``constant``).
+Versions 1 and 2 (8-byte aligned sections with stated offsets and a CRC32 each, no ``constant``)
+are still read, and written on request for older readers.
 
 The reader treats every file as hostile: all checks that need no decoding run first, in a fixed
 order, and each failure raises its own ``FormatError`` subclass (see ``read_header``).
@@ -36,6 +38,7 @@ from .encode import (
     MAX_TENSOR_ELEMENTS,
     CabacTensor,
     CodedTensor,
+    ConstantTensor,
     Encoded,
     RawTensor,
     decode_tensor,
@@ -60,11 +63,16 @@ from .errors import (
 from .files import atomic_write
 
 MAGIC = b"DSHRINK\0"
-#: Version 2 adds the ``cabac`` codec. The writer stamps the lowest version that holds the file's
-#: codecs, so a file without cabac tensors is still a version-1 file that older readers load.
-VERSION = 2
-VERSIONS = (1, 2)
-CODECS_BY_VERSION = {1: ("raw", "deep_compression"), 2: ("raw", "deep_compression", "cabac")}
+#: Version 2 added the ``cabac`` codec. Version 3 packs the sections (no alignment padding), states
+#: only the lengths the header cannot derive, keeps one CRC32 for the payload instead of one per
+#: section and adds the ``constant`` codec: on ResNet-20 the version-2 header was 7% of the file,
+#: most of it offsets and CRCs, which are incompressible. ``write_file(..., version=2)`` still
+#: writes the old layout (the lowest of 1 and 2 that holds the file's codecs) for older readers.
+VERSION = 3
+VERSIONS = (1, 2, 3)
+LEGACY_VERSIONS = (1, 2)
+CODECS_BY_VERSION = {1: ("raw", "deep_compression"), 2: ("raw", "deep_compression", "cabac"),
+                     3: ("raw", "constant", "deep_compression", "cabac")}
 _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 #: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
 #: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
@@ -72,7 +80,7 @@ _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 FLAG_DEFLATED_HEADER = 1
 KNOWN_FLAGS = (0, FLAG_DEFLATED_HEADER)
 PREFIX_SIZE = _PREFIX.size  # 20
-ALIGN = 8
+ALIGN = 8  # versions 1-2: every section and the payload start on a multiple of 8
 
 MAX_HEADER_BYTES = 16 << 20  # a header larger than this is an attack, not a model
 MAX_SPEC_BYTES = 16 << 10  # model spec as JSON: real ones are a name and a few kwargs
@@ -91,7 +99,9 @@ DECODE_BYTES_PER_ELEMENT = 24
 CODED_DTYPES = ("float32",)  # dtype of a decoded deep_compression tensor
 CODEBOOK_DTYPES = ("float32", "float16")
 
-RAW_KEYS = {"codec", "dtype", "shape", "offsets", "crc32"}
+SECTION_KEYS = {"offsets", "crc32"}  # versions 1-2: where each section lies, and its checksum
+RAW_KEYS = {"codec", "dtype", "shape"}  # + SECTION_KEYS in versions 1-2
+CONSTANT_KEYS = {"codec", "dtype", "shape", "value"}
 CODED_KEYS = {
     "codec", "dtype", "shape", "bits", "index_bits", "coder", "coder_params", "num_nonzero",
     "num_entries", "codebook", "weights_stream", "positions_stream",
@@ -99,7 +109,7 @@ CODED_KEYS = {
 CABAC_KEYS = {
     "codec", "dtype", "shape", "bits", "num_negative", "num_nonzero", "coder_params", "codebook", "levels_stream",
 }
-TOP_KEYS = {"format", "version", "model", "meta", "tensors"}
+TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" in version 3
 
 
 # ---------------------------------------------------------------- writing
@@ -113,22 +123,34 @@ def _crc(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None) -> list[bytes]:
-    """The file as a list of byte chunks (prefix+header, then sections and padding), deterministic.
+def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None,
+              version: int = VERSION) -> list[bytes]:
+    """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
+
+    ``version`` 1 or 2 writes the aligned layout with offsets and CRCs per section (the lowest of the
+    two that holds the codecs; constants stored raw) for readers older than version 3.
 
     Raises:
-        ConfigError: a tensor name is empty, or the spec/meta is not JSON (NaN, non-string keys...).
+        ConfigError: a tensor name is empty, the spec/meta is not JSON (NaN, non-string keys...), or
+            ``version`` is unknown or cannot hold the tensors (cabac needs 2).
     """
     if model_spec is not None and not isinstance(model_spec, dict):
         raise ConfigError(f"model_spec must be a dict or None, got {type(model_spec).__name__}")
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
+    if version not in VERSIONS:
+        raise ConfigError(f"format version must be one of {VERSIONS}, got {version!r}")
+    packed = version not in LEGACY_VERSIONS
     sections: list[bytes] = []
-    entries: dict[str, dict] = {}
     cursor = 0
 
-    def add(data: bytes) -> dict:
+    def add(data: bytes, stream: bool = False) -> dict:
+        """Append a section; returns what its header part says about where it lies."""
         nonlocal cursor
+        if packed:  # back to back; only a stream's length is not derivable from the header
+            sections.append(data)
+            cursor += len(data)
+            return {"bytes": len(data)} if stream else {}
         begin = _align(cursor)
         if begin > cursor:
             sections.append(bytes(begin - cursor))
@@ -136,15 +158,17 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
         cursor = begin + len(data)
         return {"offsets": [begin, cursor], "crc32": _crc(data)}
 
+    entries: dict[str, dict] = {}
     for name in sorted(tensors):
         if not isinstance(name, str) or not name:
             raise ConfigError(f"tensor names must be non-empty strings, got {name!r}")
         enc = tensors[name]
-        if isinstance(enc, RawTensor):
+        if isinstance(enc, ConstantTensor) and packed:
+            entries[name] = {"codec": "constant", "dtype": _dtype_name(enc.dtype, name),
+                             "shape": [int(d) for d in enc.shape], "value": enc.value}
+        elif isinstance(enc, (RawTensor, ConstantTensor)):
             arr = enc.array
-            dtype = next((n for n, (d, _) in DTYPES.items() if d == arr.dtype.newbyteorder("<")), None)
-            if dtype is None:
-                raise ConfigError(f"{name}: numpy dtype {arr.dtype} is not storable; supported: {', '.join(DTYPES)}")
+            dtype = _dtype_name(arr.dtype, name)
             data = arr.astype(DTYPES[dtype][0], order="C").tobytes()
             entries[name] = {"codec": "raw", "dtype": dtype, "shape": [int(d) for d in arr.shape], **add(data)}
         elif isinstance(enc, CodedTensor):
@@ -153,19 +177,26 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
                 "codec": "deep_compression", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
                 "index_bits": enc.index_bits, "coder": enc.coder, "coder_params": enc.coder_params,
                 "num_nonzero": enc.num_nonzero, "num_entries": enc.num_entries, "codebook": codebook,
-                "weights_stream": add(enc.weights_stream), "positions_stream": add(enc.positions_stream),
+                "weights_stream": add(enc.weights_stream, True), "positions_stream": add(enc.positions_stream, True),
             }
         elif isinstance(enc, CabacTensor):
             entries[name] = {
                 "codec": "cabac", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
                 "num_negative": enc.num_negative, "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params,
-                "codebook": _codebook_entry(name, enc.codebook, add), "levels_stream": add(enc.stream),
+                "codebook": _codebook_entry(name, enc.codebook, add), "levels_stream": add(enc.stream, True),
             }
         else:
-            raise ConfigError(f"{name}: expected a RawTensor, CodedTensor or CabacTensor, got {type(enc).__name__}")
-    codecs = {entry["codec"] for entry in entries.values()}
-    version = min(v for v in VERSIONS if codecs <= set(CODECS_BY_VERSION[v]))
+            raise ConfigError(f"{name}: expected a RawTensor, ConstantTensor, CodedTensor or CabacTensor, "
+                              f"got {type(enc).__name__}")
+    if not packed:
+        codecs = {entry["codec"] for entry in entries.values()}
+        fits = [v for v in LEGACY_VERSIONS if v <= version and codecs <= set(CODECS_BY_VERSION[v])]
+        if not fits:
+            raise ConfigError(f"format version {version} cannot hold codecs {sorted(codecs)} (cabac needs version 2)")
+        version = fits[0]
     header = {"format": "deepshrink", "version": version, "model": model_spec, "meta": meta or {}, "tensors": entries}
+    if packed:
+        header["payload_crc32"] = _crc_chunks(sections)
     try:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -173,8 +204,23 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     if len(text) > MAX_HEADER_BYTES:
         raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
     raw = zlib.compress(text.encode("utf-8"), 9)
-    raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
+    if not packed:
+        raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
     return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
+
+
+def _crc_chunks(chunks) -> int:
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return crc & 0xFFFFFFFF
+
+
+def _dtype_name(dtype: np.dtype, name: str) -> str:
+    found = next((n for n, (d, _) in DTYPES.items() if d == dtype.newbyteorder("<")), None)
+    if found is None:
+        raise ConfigError(f"{name}: numpy dtype {dtype} is not storable; supported: {', '.join(DTYPES)}")
+    return found
 
 
 def _codebook_entry(name: str, codebook: np.ndarray, add: Callable[[bytes], dict]) -> dict:
@@ -185,10 +231,12 @@ def _codebook_entry(name: str, codebook: np.ndarray, add: Callable[[bytes], dict
 
 
 def write_file(
-    path: str | os.PathLike, tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None
+    path: str | os.PathLike, tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None,
+    version: int = VERSION,
 ) -> Path:
-    """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes."""
-    return write_chunks(path, serialize(tensors, model_spec, meta))
+    """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes.
+    ``version`` < 3 writes the older layout (see ``serialize``)."""
+    return write_chunks(path, serialize(tensors, model_spec, meta, version))
 
 
 def write_chunks(path: str | os.PathLike, chunks: list[bytes]) -> Path:
@@ -221,8 +269,45 @@ def _reject_constant(name: str):
 class _Section:
     begin: int
     end: int
-    crc32: int
+    crc32: int | None  # versions 1-2; version 3 has one CRC32 for the whole payload
     label: str  # e.g. "fc1.bias" or "fc1.weight/codebook"
+
+
+class _Sections:
+    """The sections the header claims, in tensor-name order: where each lies is stated (offsets and a
+    CRC32 per section, versions 1-2) or follows from packing them back to back (version 3)."""
+
+    def __init__(self, version: int):
+        self.packed = version not in LEGACY_VERSIONS
+        self.items: list[_Section] = []
+
+    def keys(self, keys: set[str], stream: bool = False) -> set[str]:
+        """The key set of a header part holding a section: a stream states its length when packed."""
+        if self.packed:
+            return keys | {"bytes"} if stream else keys
+        return keys | SECTION_KEYS
+
+    def add(self, part: dict, where: str, label: str, length: int | None = None) -> int:
+        """Record the section of ``part`` (``length``: what the header implies, None for a stream); returns
+        its length: the stated one when offsets are stated, for the caller to compare."""
+        if self.packed:
+            if length is None:
+                length = part["bytes"]
+                _expect(is_int(length) and length >= 0, where, f"section {label}: 'bytes' must be an integer >= 0, "
+                        f"got {length!r}")
+            begin = self.items[-1].end if self.items else 0
+            self.items.append(_Section(begin, begin + length, None, label))
+            return length
+        _expect(is_int(part.get("crc32")) and 0 <= part["crc32"] < 1 << 32, where,
+                f"section {label}: 'crc32' must be a u32")
+        offsets = part.get("offsets")
+        _expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets), where,
+                f"section {label}: 'offsets' must be [begin, end] integers, got {offsets!r}")
+        begin, end = offsets
+        _expect(0 <= begin <= end, where, f"section {label}: offsets [{begin}, {end}] are not 0 <= begin <= end",
+                InvalidOffset)
+        self.items.append(_Section(begin, end, part["crc32"], label))
+        return end - begin
 
 
 @dataclass
@@ -232,7 +317,11 @@ class _Parsed:
     header_bytes: int  # prefix + padded JSON
     header: dict
     payload: memoryview
-    sections: list[_Section]
+    sections: dict[str, _Section]  # by label
+
+    def span(self, label: str) -> memoryview:
+        section = self.sections[label]
+        return self.payload[section.begin : section.end]
 
 
 def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None = None) -> _Parsed:
@@ -263,13 +352,13 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
         raise HeaderTooLarge(f"{where}: header length {header_len} runs past the end of the {len(data)}-byte file")
     if header_len < 2:
         raise HeaderTooSmall(f"{where}: header length {header_len} cannot hold a JSON object")
-    if (PREFIX_SIZE + header_len) % ALIGN:
+    if version in LEGACY_VERSIONS and (PREFIX_SIZE + header_len) % ALIGN:
         raise InvalidHeader(f"{where}: header length {header_len} leaves the payload unaligned "
                             f"(prefix + header must be a multiple of {ALIGN})")
     # 3. inflate (bounded), strict UTF-8, JSON without duplicate keys or NaN, then the schema
     header_bytes = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
     if flags & FLAG_DEFLATED_HEADER:
-        header_bytes = _inflate_header(header_bytes, where)
+        header_bytes = _inflate_header(header_bytes, where, padded=version in LEGACY_VERSIONS)
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -282,18 +371,23 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
         raise InvalidHeader(f"{where}: header is not valid JSON ({e})") from None
     payload = memoryview(data)[PREFIX_SIZE + header_len :]
     sections = _check_schema(header, where, len(data), max_expansion, version, max_memory)
-    # 4. sections tile the payload: sorted, from 0, 8-aligned, zero padding, no overlap, no trailing bytes
-    _check_tiling(sections, payload, where)
+    # 4. sections tile the payload: sorted, from 0, aligned (1-2) or packed (3), zero padding, no overlap,
+    # no trailing bytes
+    _check_tiling(sections.items, payload, where, 1 if sections.packed else ALIGN)
     # 5. checksums
-    for s in sections:
-        crc = _crc(payload[s.begin : s.end])
-        if crc != s.crc32:
+    if sections.packed:
+        crc = _crc(payload)
+        if crc != header["payload_crc32"]:
+            raise ChecksumMismatch(f"{where}: payload CRC32 {crc:#010x}, header says {header['payload_crc32']:#010x}")
+    for s in sections.items:
+        if s.crc32 is not None and (crc := _crc(payload[s.begin : s.end])) != s.crc32:
             raise ChecksumMismatch(f"{where}: section {s.label}: CRC32 {crc:#010x}, header says {s.crc32:#010x}")
-    return _Parsed(path, len(data), PREFIX_SIZE + header_len, header, payload, sections)
+    return _Parsed(path, len(data), PREFIX_SIZE + header_len, header, payload, {s.label: s for s in sections.items})
 
 
-def _inflate_header(data: bytes, where: str) -> bytes:
-    """Decompress a deflated header without ever producing more than MAX_HEADER_BYTES (no zip bomb)."""
+def _inflate_header(data: bytes, where: str, padded: bool) -> bytes:
+    """Decompress a deflated header without ever producing more than MAX_HEADER_BYTES (no zip bomb);
+    ``padded``: zero bytes may follow the stream (versions 1-2 align the payload)."""
     inflater = zlib.decompressobj()
     try:
         text = inflater.decompress(data, MAX_HEADER_BYTES + 1)
@@ -303,8 +397,9 @@ def _inflate_header(data: bytes, where: str) -> bytes:
         raise HeaderTooLarge(f"{where}: compressed header inflates past the cap {MAX_HEADER_BYTES}")
     if not inflater.eof:
         raise InvalidHeader(f"{where}: compressed header is truncated")
-    if inflater.unused_data.strip(b"\0"):
-        raise InvalidHeader(f"{where}: bytes other than zero padding follow the compressed header")
+    if inflater.unused_data.strip(b"\0") or (inflater.unused_data and not padded):
+        raise InvalidHeader(f"{where}: bytes other than {'zero padding' if padded else 'the stream'} follow the "
+                            "compressed header")
     return text
 
 
@@ -331,19 +426,6 @@ def _int_field(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
     return int(v)
 
 
-def _section(obj: Any, where: str, sections: list[_Section], label: str) -> int:
-    """Validate an {"offsets": [b, e], "crc32": c} part, record the section, return its length."""
-    _expect(is_int(obj.get("crc32")) and 0 <= obj["crc32"] < 1 << 32, where, f"section {label}: 'crc32' must be a u32")
-    offsets = obj.get("offsets")
-    _expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets), where,
-            f"section {label}: 'offsets' must be [begin, end] integers, got {offsets!r}")
-    begin, end = offsets
-    _expect(0 <= begin <= end, where, f"section {label}: offsets [{begin}, {end}] are not 0 <= begin <= end",
-            InvalidOffset)
-    sections.append(_Section(begin, end, obj["crc32"], label))
-    return end - begin
-
-
 def _shape(entry: dict, where: str) -> int:
     shape = entry["shape"]
     _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM, where,
@@ -359,9 +441,10 @@ def _shape(entry: dict, where: str) -> int:
 
 
 def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, version: int,
-                  max_memory: int | None = None) -> list[_Section]:
+                  max_memory: int | None = None) -> _Sections:
     """Known keys, types, allowlists and bounds; returns every section the entries claim."""
-    _check_keys(header, TOP_KEYS, f"{where}: header")
+    sections = _Sections(version)
+    _check_keys(header, TOP_KEYS | ({"payload_crc32"} if sections.packed else set()), f"{where}: header")
     _expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
     _expect(is_int(header["version"]) and header["version"] == version, where,
             f"header version {header['version']!r} disagrees with the prefix version {version}", UnsupportedVersion)
@@ -371,29 +454,35 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
             "kwargs could ask for millions of modules)", HeaderTooLarge)
     _expect(isinstance(header["meta"], dict), where, "'meta' must be an object")
     _expect(isinstance(header["tensors"], dict), where, "'tensors' must be an object")
-    sections: list[_Section] = []
+    if sections.packed:
+        _expect(is_int(header["payload_crc32"]) and 0 <= header["payload_crc32"] < 1 << 32, where,
+                "'payload_crc32' must be a u32")
     coded_elements = raw_bytes = 0
-    for name, entry in header["tensors"].items():
+    for name in sorted(header["tensors"]):  # the order sections are packed in
+        entry = header["tensors"][name]
         at = f"{where}: tensor {name!r}"
         _expect(bool(name), where, "empty tensor name")
         codecs = CODECS_BY_VERSION[version]
         _expect(isinstance(entry, dict) and _one_of(entry.get("codec"), codecs), at,
                 f"'codec' must be one of {codecs} in a version-{version} file")
         if entry["codec"] == "raw":
-            _check_keys(entry, RAW_KEYS, at)
+            _check_keys(entry, sections.keys(RAW_KEYS), at)
             _expect(_one_of(entry["dtype"], DTYPES), at, f"dtype {entry['dtype']!r} not in {sorted(DTYPES)}")
-            numel = _shape(entry, at)
-            length = _section(entry, at, sections, name)
-            expected = numel * DTYPES[entry["dtype"]][0].itemsize
+            expected = _shape(entry, at) * DTYPES[entry["dtype"]][0].itemsize
+            length = sections.add(entry, at, name, expected)
             _expect(length == expected, at, f"section holds {length} bytes, shape {entry['shape']} of "
                     f"{entry['dtype']} needs {expected}", TensorInfoMismatch)
             raw_bytes += expected
+        elif entry["codec"] == "constant":  # no bytes in the file: counts against max_expansion like a coded tensor
+            numel = _check_constant(entry, at)
+            coded_elements += numel
+            raw_bytes += numel * DTYPES[entry["dtype"]][0].itemsize
         elif entry["codec"] == "cabac":
             coded_elements += _check_cabac(entry, name, at, sections)
         else:
             coded_elements += _check_coded(entry, name, at, sections)
     limit = EXPANSION_ALLOWANCE + max_expansion * file_bytes
-    _expect(coded_elements <= limit, where, f"coded tensors decode to {coded_elements} elements, more than "
+    _expect(coded_elements <= limit, where, f"coded and constant tensors decode to {coded_elements} elements, more than "
             f"{limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
             "files you trust)", TensorInfoMismatch)
     need = decode_memory(coded_elements, raw_bytes)
@@ -409,7 +498,24 @@ def decode_memory(coded_elements: int, raw_bytes: int) -> int:
     return DECODE_BYTES_PER_ELEMENT * coded_elements + raw_bytes
 
 
-def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> int:
+def _check_constant(entry: dict, at: str) -> int:
+    """A constant's dtype, shape and value (a number the dtype holds exactly); returns its element count."""
+    _check_keys(entry, CONSTANT_KEYS, at)
+    _expect(_one_of(entry["dtype"], DTYPES), at, f"dtype {entry['dtype']!r} not in {sorted(DTYPES)}")
+    numel = _shape(entry, at)
+    value, dtype = entry["value"], DTYPES[entry["dtype"]][0]
+    kind = bool if dtype.kind == "b" else float if dtype.kind == "f" else int
+    exact = type(value) is kind and (kind is not float or math.isfinite(value))
+    if exact and kind is int:
+        exact = np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
+    if exact and kind is float:
+        exact = np.array(value, dtype=dtype).item() == value
+    _expect(exact, at, f"constant value {value!r} is not a {entry['dtype']} (the type and the exact value must fit)",
+            TensorInfoMismatch)
+    return numel
+
+
+def _check_coded(entry: dict, name: str, at: str, sections: _Sections) -> int:
     _check_keys(entry, CODED_KEYS, at)
     _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
     numel = _shape(entry, at)
@@ -427,8 +533,8 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
     coder = get_coder(entry["coder"])
     for label, count, alphabet in (("weights", num_nonzero, size), ("positions", num_entries, 1 << index_bits)):
         stream = entry[f"{label}_stream"]
-        _check_keys(stream, {"offsets", "crc32"}, f"{at}: {label}_stream")
-        length = _section(stream, at, sections, f"{name}/{label}_stream")
+        _check_keys(stream, sections.keys(set(), stream=True), f"{at}: {label}_stream")
+        length = sections.add(stream, at, f"{name}/{label}_stream")
         _expect(isinstance(params[label], dict), at, f"coder_params[{label!r}] must be an object")
         if count == 0:
             _expect(length == 0 and params[label] == {}, at, f"empty {label} stream must have 0 bytes and {{}} "
@@ -441,20 +547,20 @@ def _check_coded(entry: dict, name: str, at: str, sections: list[_Section]) -> i
     return numel
 
 
-def _check_codebook(codebook: Any, bits: int, name: str, at: str, sections: list[_Section]) -> int:
+def _check_codebook(codebook: Any, bits: int, name: str, at: str, sections: _Sections) -> int:
     """Check a codebook part (keys, dtype, K <= 2**bits, section length); returns K."""
-    _check_keys(codebook, {"dtype", "offsets", "crc32", "size"}, f"{at}: codebook")
+    _check_keys(codebook, sections.keys({"dtype", "size"}), f"{at}: codebook")
     _expect(_one_of(codebook["dtype"], CODEBOOK_DTYPES), at,
             f"codebook dtype {codebook['dtype']!r} not in {CODEBOOK_DTYPES}")
     size = _int_field(codebook, "size", f"{at}: codebook", 0, 1 << bits)
-    length = _section(codebook, at, sections, f"{name}/codebook")
     expected = size * DTYPES[codebook["dtype"]][0].itemsize
+    length = sections.add(codebook, at, f"{name}/codebook", expected)
     _expect(length == expected, at, f"codebook section holds {length} bytes, {size} {codebook['dtype']} "
             f"values need {expected}", TensorInfoMismatch)
     return size
 
 
-def _check_cabac(entry: dict, name: str, at: str, sections: list[_Section]) -> int:
+def _check_cabac(entry: dict, name: str, at: str, sections: _Sections) -> int:
     _check_keys(entry, CABAC_KEYS, at)
     _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
     numel = _shape(entry, at)
@@ -462,8 +568,8 @@ def _check_cabac(entry: dict, name: str, at: str, sections: list[_Section]) -> i
     size = _check_codebook(entry["codebook"], bits, name, at, sections)
     num_negative = _int_field(entry, "num_negative", at, 0, size)
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
-    _check_keys(entry["levels_stream"], {"offsets", "crc32"}, f"{at}: levels_stream")
-    length = _section(entry["levels_stream"], at, sections, f"{name}/levels_stream")
+    _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
+    length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
     row_length, max_abs, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
     expected_row = row_length_of(tuple(entry["shape"]))
     _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
@@ -485,10 +591,10 @@ def _max_symbols(coder, stream_bytes: int) -> int | None:
     return math.floor(8 * stream_bytes / coder.min_bits_per_symbol)
 
 
-def _check_tiling(sections: list[_Section], payload: memoryview, where: str) -> None:
+def _check_tiling(sections: list[_Section], payload: memoryview, where: str, align: int) -> None:
     cursor = 0
     for s in sorted(sections, key=lambda s: (s.begin, s.end)):
-        expected = _align(cursor)
+        expected = -(-cursor // align) * align
         if s.begin < expected:
             raise InvalidOffset(f"{where}: section {s.label} begins at {s.begin}, overlapping the section "
                                 f"ending at {cursor}")
@@ -509,9 +615,9 @@ def read_header(
 ) -> dict:
     """Validate a file without decoding and return its JSON header.
 
-    Order: size >= prefix -> magic -> version/flags -> header length (cap, inside the file, aligned)
-    -> UTF-8 -> JSON (no duplicate keys, no NaN) -> schema, allowlists and bounds -> sections tile the
-    payload -> no trailing bytes -> CRC32 of every section.
+    Order: size >= prefix -> magic -> version/flags -> header length (cap, inside the file; aligned in
+    versions 1-2) -> UTF-8 -> JSON (no duplicate keys, no NaN) -> schema, allowlists and bounds ->
+    sections tile the payload -> no trailing bytes -> CRC32 of the payload (of every section in 1-2).
 
     Raises:
         HeaderTooSmall, BadMagic, UnsupportedVersion, HeaderTooLarge, InvalidHeader, TensorInfoMismatch,
@@ -521,41 +627,35 @@ def read_header(
     return _parse(path, max_expansion, max_memory).header
 
 
-def _coded_view(entry: dict, payload: memoryview) -> CodedTensor:
-    def span(part: dict) -> memoryview:
-        begin, end = part["offsets"]
-        return payload[begin:end]
-
+def _coded_view(name: str, entry: dict, parsed: _Parsed) -> CodedTensor:
     cb = entry["codebook"]
     return CodedTensor(
         shape=tuple(entry["shape"]), bits=entry["bits"], index_bits=entry["index_bits"], coder=entry["coder"],
-        codebook=np.frombuffer(span(cb), dtype=DTYPES[cb["dtype"]][0]),
+        codebook=np.frombuffer(parsed.span(f"{name}/codebook"), dtype=DTYPES[cb["dtype"]][0]),
         num_nonzero=entry["num_nonzero"], num_entries=entry["num_entries"],
-        weights_stream=bytes(span(entry["weights_stream"])), positions_stream=bytes(span(entry["positions_stream"])),
+        weights_stream=bytes(parsed.span(f"{name}/weights_stream")),
+        positions_stream=bytes(parsed.span(f"{name}/positions_stream")),
         coder_params=entry["coder_params"],
     )
 
 
-def _cabac_view(entry: dict, payload: memoryview) -> CabacTensor:
+def _cabac_view(name: str, entry: dict, parsed: _Parsed) -> CabacTensor:
     cb = entry["codebook"]
-    begin, end = cb["offsets"]
-    stream_begin, stream_end = entry["levels_stream"]["offsets"]
     return CabacTensor(
         shape=tuple(entry["shape"]), bits=entry["bits"],
-        codebook=np.frombuffer(payload[begin:end], dtype=DTYPES[cb["dtype"]][0]),
+        codebook=np.frombuffer(parsed.span(f"{name}/codebook"), dtype=DTYPES[cb["dtype"]][0]),
         num_negative=entry["num_negative"], num_nonzero=entry["num_nonzero"],
-        stream=bytes(payload[stream_begin:stream_end]), coder_params=entry["coder_params"],
+        stream=bytes(parsed.span(f"{name}/levels_stream")), coder_params=entry["coder_params"],
     )
 
 
-def _raw_array(entry: dict, payload: memoryview, at: str) -> np.ndarray:
-    begin, end = entry["offsets"]
+def _raw_array(entry: dict, data: memoryview, at: str) -> np.ndarray:
     dtype = DTYPES[entry["dtype"]][0]
     if entry["dtype"] == "bool":
-        as_bytes = np.frombuffer(payload[begin:end], dtype=np.uint8)
+        as_bytes = np.frombuffer(data, dtype=np.uint8)
         if len(as_bytes) and int(as_bytes.max()) > 1:
             raise TensorInfoMismatch(f"{at}: bool tensor holds byte {int(as_bytes.max())}, expected 0 or 1")
-    return np.frombuffer(payload[begin:end], dtype=dtype).reshape(entry["shape"])
+    return np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
 def read_file(
@@ -616,11 +716,13 @@ def _encoded(parsed: _Parsed) -> dict[str, Encoded]:
         entry = parsed.header["tensors"][name]
         at = f"{parsed.path}: tensor {name!r}"
         if entry["codec"] == "raw":
-            out[name] = RawTensor(_raw_array(entry, parsed.payload, at))
+            out[name] = RawTensor(_raw_array(entry, parsed.span(name), at))
+        elif entry["codec"] == "constant":
+            out[name] = ConstantTensor(tuple(entry["shape"]), DTYPES[entry["dtype"]][0], entry["value"])
         elif entry["codec"] == "cabac":
-            out[name] = _cabac_view(entry, parsed.payload)
+            out[name] = _cabac_view(name, entry, parsed)
         else:
-            out[name] = _coded_view(entry, parsed.payload)
+            out[name] = _coded_view(name, entry, parsed)
     return out
 
 

@@ -140,15 +140,16 @@ def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
     # The one place this module touches the file format: the loader's parse (every check before
     # any decoding), then each coded tensor decoded to cluster symbols and positions.
     from . import format as fmt
-    from .encode import CabacTensor, RawTensor, decode_levels, decode_symbols, entries_to_positions
+    from .encode import (CabacTensor, ConstantTensor, RawTensor, decode_levels, decode_symbols, decode_tensor,
+                         entries_to_positions)
 
     parsed = fmt._parse(path, fmt.DEFAULT_MAX_EXPANSION if max_expansion is None else max_expansion)
     tensors: dict[str, CsrCodebook | torch.Tensor] = {}
     for name, encoded in fmt._encoded(parsed).items():
         at = f"{parsed.path}: tensor {name!r}"
-        if isinstance(encoded, RawTensor):
-            array = encoded.array
-            tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+        if isinstance(encoded, (RawTensor, ConstantTensor)):
+            array = decode_tensor(encoded, at)
+            tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
             continue
         if isinstance(encoded, CabacTensor):  # signed levels over the sorted codebook
             levels = decode_levels(encoded, at)

@@ -23,7 +23,7 @@ import numpy as np
 from deepshrink import errors
 from deepshrink.coding import get_coder
 from deepshrink.coding import cabac
-from deepshrink.encode import CabacTensor, CodedTensor, RawTensor, encode_levels, encode_quantized
+from deepshrink.encode import CabacTensor, CodedTensor, ConstantTensor, RawTensor, encode_levels, encode_quantized
 from deepshrink.format import FLAG_DEFLATED_HEADER, MAGIC, PREFIX_SIZE, VERSIONS, serialize
 
 
@@ -46,6 +46,8 @@ def base_tensors() -> dict:
         "c.weight": encode_levels(np.where(rng.random((6, 40)) < 0.3, rng.integers(1, 5, (6, 40)), 0),
                                   np.array([0.7, -0.1, 0.2, -0.5], np.float32), 2),
         "bn.num_batches_tracked": RawTensor(np.array(7, dtype="<i8")),
+        # a constant (version 3; written raw in version 2): 4 float16 ones, no payload bytes
+        "bn.running_var": ConstantTensor((4,), np.dtype("<f2"), 1.0),
         "p.weight": _coded((100,), [10, 90], [0, 1], [-1.0, 1.0], 1, 8),  # last non-zero at 90
         # ANS, named last so that its positions stream is the payload's last section
         "z.weight": _coded((6, 40), ans_positions, rng.integers(0, 4, len(ans_positions)), [0.1, 0.2, 0.3, 0.4],
@@ -53,8 +55,9 @@ def base_tensors() -> dict:
     }
 
 
-def base_file() -> bytes:
-    return b"".join(serialize(base_tensors(), None, {"dataset": "synthetic"}))
+def base_file(version: int = 2) -> bytes:
+    """The valid file the attacks edit: version 2 (stated offsets, a CRC32 per section) or 3 (packed)."""
+    return b"".join(serialize(base_tensors(), None, {"dataset": "synthetic"}, version=version))
 
 
 # ---------------------------------------------------------------- editing helpers
@@ -154,6 +157,11 @@ def _set(path: str, value) -> Callable[[dict], None]:
     return apply
 
 
+def _entry(name: str, entry: dict) -> Callable[[dict], None]:
+    """Edit helper: replace a tensor's whole header entry."""
+    return lambda header: header["tensors"].update({name: entry})
+
+
 def _stream_len(header: dict, name: str, stream: str) -> int:
     begin, end = header["tensors"][name][stream]["offsets"]
     return end - begin
@@ -187,6 +195,7 @@ class Attack:
     stage: str  # "header": read_header rejects it; "decode": only read_file can
     craft: Callable[[bytes], bytes]
     abuse: str
+    version: int = 2  # the base file it edits
 
 
 def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", **changes) -> CabacTensor:
@@ -211,7 +220,7 @@ ATTACKS: dict[str, Attack] = {
     "empty_file": Attack(E.HeaderTooSmall, "header", lambda d: b"", "no prefix at all"),
     "shorter_than_prefix": Attack(E.HeaderTooSmall, "header", lambda d: d[: PREFIX_SIZE - 1], "truncated prefix"),
     "bad_magic": Attack(E.BadMagic, "header", lambda d: b"PK\x03\x04" + d[4:], "another format (a zip)"),
-    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=3), "a future version"),
+    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=4), "a future version"),
     "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=2), "reserved flags set"),
     "deflated_header_corrupt": Attack(E.InvalidHeader, "header", prefix(flags=1), "plain JSON flagged as deflated"),
     "deflated_header_bomb": Attack(E.HeaderTooLarge, "header", _deflated(lambda h: zlib.compress(b" " * (17 << 20), 9)),
@@ -368,17 +377,64 @@ ATTACKS: dict[str, Attack] = {
     "bool_not_0_or_1": Attack(E.TensorInfoMismatch, "decode",
                               _own_file({"m": RawTensor(np.array([1, 2], np.uint8).view(np.bool_))}),
                               "bool byte 2"),
+    "constant_in_version_2": Attack(E.InvalidHeader, "header",
+                                    edit(_entry("bn.running_var", {"codec": "constant", "dtype": "float16",
+                                                                   "shape": [4], "value": 1.0})), "the constant codec is version 3's"),
 }
+
+
+def _v3(error: type[Exception], craft: Callable[[bytes], bytes], abuse: str, stage: str = "header") -> Attack:
+    return Attack(error, stage, craft, abuse, version=3)
+
+
+def _drop(key: str) -> Callable[[dict], None]:
+    return lambda header: header.pop(key)
+
+
+def _padded_header(data: bytes) -> bytes:
+    """The version-3 file with zero bytes between the compressed header and the payload."""
+    header_len = struct.unpack_from("<Q", data, 12)[0]
+    return data[:12] + struct.pack("<Q", header_len + 4) + data[20 : 20 + header_len] + bytes(4) + data[20 + header_len :]
+
+
+ATTACKS.update({
+    # version 3: packed sections, stream lengths, one payload CRC32, constants
+    "v3_stated_offsets": _v3(E.InvalidHeader, edit(_set("a.bias/offsets", [0, 32])), "a version-2 key in version 3"),
+    "v3_no_payload_crc": _v3(E.InvalidHeader, edit(_drop("payload_crc32")), "the payload checksum is missing"),
+    "v3_payload_crc_not_u32": _v3(E.InvalidHeader, edit(lambda h: h.update(payload_crc32=-1)), "crc out of range"),
+    "v3_bit_rot": _v3(E.ChecksumMismatch, payload_byte(lambda h: 5), "bit rot in the payload"),
+    "v3_stream_bytes_negative": _v3(E.InvalidHeader, edit(_set("z.weight/positions_stream/bytes", -1)),
+                                    "a negative stream length"),
+    "v3_stream_bytes_not_int": _v3(E.InvalidHeader, edit(_set("a.weight/weights_stream/bytes", "7")),
+                                   "a string stream length"),
+    "v3_stream_longer": _v3(E.InvalidOffset, edit(_set("z.weight/positions_stream/bytes", lambda n: n + 1)),
+                            "the sections need more bytes than the payload has"),
+    "v3_stream_shorter": _v3(E.TrailingBytes, edit(_set("z.weight/positions_stream/bytes", lambda n: n - 1)),
+                             "the sections leave a byte over"),
+    "v3_padding_after_header": _v3(E.InvalidHeader, _padded_header, "zero bytes after the compressed header"),
+    "v3_constant_inexact": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", 0.1)),
+                               "0.1 is not a float16"),
+    "v3_constant_out_of_range": _v3(E.TensorInfoMismatch,
+                                    edit(_entry("bn.running_var", {"codec": "constant", "dtype": "int8", "shape": [4],
+                                                                   "value": 300})), "300 in an int8"),
+    "v3_constant_wrong_type": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", "1")), "a string value"),
+    "v3_constant_int_for_float": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", 1)),
+                                     "an integer where the dtype is a float (JSON 1 vs 1.0)"),
+    "v3_constant_huge": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/shape", [1 << 15, 1 << 15])),
+                            "a tiny file claiming 2**30 constant elements"),
+    "v3_constant_unknown_key": _v3(E.InvalidHeader, edit(_set("bn.running_var/crc32", 0)), "an unknown key"),
+})
 
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = base_file()
-    (out / "valid.dsz").write_bytes(data)
+    bases = {version: base_file(version) for version in (2, 3)}
+    for version, data in bases.items():
+        (out / f"valid-v{version}.dsz").write_bytes(data)
     for name, attack in ATTACKS.items():
-        (out / f"{name}.dsz").write_bytes(attack.craft(data))
-    print(f"wrote {len(ATTACKS) + 1} files to {out}")
+        (out / f"{name}.dsz").write_bytes(attack.craft(bases[attack.version]))
+    print(f"wrote {len(ATTACKS) + 2} files to {out}")
 
 
 if __name__ == "__main__":
