@@ -109,14 +109,19 @@ def nnc_status(venv: Path) -> tuple[str | None, str]:
     return str(python), done.stdout.strip()
 
 
-def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path) -> dict[int, dict]:
-    """NNCodec compress + decompress at each qp, in its own environment; {qp: {"bytes", "seconds", "state"}}."""
+def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path, blocks: dict | None = None) -> dict[int, dict]:
+    """NNCodec compress + decompress at each qp, in its own environment; {qp: {"bytes", "seconds", "state"}}.
+    ``blocks``: NNCodec's block map, to turn on its BatchNorm folding (``batchnorm_blocks``)."""
     work.mkdir(parents=True, exist_ok=True)
     source = work / "weights.npz"
     np.savez(source, **weights)
+    bnf = []
+    if blocks is not None:
+        (work / "blocks.json").write_text(json.dumps(blocks))
+        bnf = ["--bnf", str(work / "blocks.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([python, str(WORKER), str(source), str(work), *map(str, qps)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([python, str(WORKER), str(source), str(work), *bnf, *map(str, qps)], capture_output=True,
+                          text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"NNCodec failed: {done.stderr.strip()[-2000:]}")
     out = {}
@@ -127,6 +132,41 @@ def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path) -> dic
                 record["state"] = {k: archive[k] for k in archive.files}
             out[record["qp"]] = record
     return out
+
+
+def batchnorm_blocks(model: torch.nn.Module) -> dict:
+    """NNCodec's ``block_id_and_param_type`` for BatchNorm folding: each BatchNorm with the conv/linear
+    layer registered just before it (how ResNets are written), as one block."""
+    block_identifier, parameter_type, last = {}, {}, None
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            last = (name, module)
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and last is not None and module.affine:
+            layer, conv = last
+            types = {"weight": "bn.gamma", "bias": "bn.beta", "running_mean": "bn.mean", "running_var": "bn.var"}
+            parts = {f"{layer}.weight": "weight", **({f"{layer}.bias": "bias"} if conv.bias is not None else {}),
+                     **{prefix + k: v for k, v in types.items()}}
+            for param, kind in parts.items():
+                block_identifier[param], parameter_type[param] = layer, kind
+            last = None
+    return {"block_identifier": block_identifier, "parameter_type": parameter_type}
+
+
+def unfold_nnc_bnf(state: dict[str, np.ndarray], blocks: dict, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """NNCodec's decoded folded blocks back in the model's names: its per-channel scale ``<layer>.weight_scaling``
+    and shift ``<layer>.weight.bias`` become the BatchNorm's weight and bias over statistics 0 and 1 - eps."""
+    state = dict(state)
+    modules = dict(model.named_modules())
+    bns = {block: param.rsplit(".", 1)[0] for param, block in blocks["block_identifier"].items()
+           if blocks["parameter_type"][param] == "bn.gamma"}
+    for layer, bn in bns.items():
+        scale, shift = state.pop(f"{layer}.weight_scaling"), state.pop(f"{layer}.weight.bias")
+        eps = modules[bn].eps
+        state.update({f"{bn}.weight": scale.reshape(-1), f"{bn}.bias": shift.reshape(-1),
+                      f"{bn}.running_mean": np.zeros_like(shift.reshape(-1)),
+                      f"{bn}.running_var": np.full_like(shift.reshape(-1), 1 - eps)})
+    return state
 
 
 # --- our side --------------------------------------------------------------------------------------
@@ -197,9 +237,11 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
 
     if nnc_python:
         start = time.perf_counter()
-        for qp, record in sorted(run_nnc(nnc_python, arrays, args.qps, work / recipe["name"]).items()):
-            model = load_arrays(plain_weights(pruned_ckpt)[0], record["state"])
-            add({"who": "NNCodec", "setting": f"qp {qp}", "qp": qp, "bytes": record["bytes"],
+        blocks = batchnorm_blocks(dense) if args.nnc_bnf else None
+        for qp, record in sorted(run_nnc(nnc_python, arrays, args.qps, work / recipe["name"], blocks).items()):
+            model = plain_weights(pruned_ckpt)[0]
+            model = load_arrays(model, unfold_nnc_bnf(record["state"], blocks, model) if blocks else record["state"])
+            add({"who": "NNCodec", "setting": f"qp {qp}{' bnf' if blocks else ''}", "qp": qp, "bytes": record["bytes"],
                  "seconds": record["seconds"], **errors(model, val, test)})
         case["nnc_seconds"] = round(time.perf_counter() - start, 1)
     if recipe_file and recipe_file.exists():
@@ -367,6 +409,8 @@ def main() -> int:
                         help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
     parser.add_argument("--coder", help="encode our points with this coder instead of the recipe's (e.g. auto)")
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
+    parser.add_argument("--nnc-bnf", action="store_true",
+                        help="NNCodec folds BatchNorm into scale and bias (its bnf tool), as our fold_batchnorm does")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.report:

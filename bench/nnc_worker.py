@@ -1,9 +1,11 @@
 """NNCodec side of bench/nnc.py: runs in NNCodec's own environment, never imports deepshrink.
 
-Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR QP [QP ...]``. For each qp: ``nncodec.nnc.compress``
-of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's defaults otherwise:
-dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress`` of that
-file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
+Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR [--bnf BLOCKS.json] QP [QP ...]``. For each qp:
+``nncodec.nnc.compress`` of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's
+defaults otherwise: dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress``
+of that file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
+``--bnf`` turns on NNCodec's BatchNorm folding, given its ``block_id_and_param_type`` map (which
+weight, bias and BatchNorm tensors form one block); decompression unfolds it again.
 
 NNCodec's framework package imports torchvision and OpenCV when it is imported, although
 compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
@@ -74,7 +76,11 @@ def main(argv: list[str]) -> int:
     import numpy as np
     from nncodec import nnc
 
-    source, out_dir, qps = Path(argv[0]), Path(argv[1]), [int(q) for q in argv[2:]]
+    source, out_dir, rest = Path(argv[0]), Path(argv[1]), argv[2:]
+    blocks = None
+    if rest[:1] == ["--bnf"]:
+        blocks, rest = json.loads(Path(rest[1]).read_text()), rest[2:]
+    qps = [int(q) for q in rest]
     out_dir.mkdir(parents=True, exist_ok=True)
     with np.load(source) as archive:
         params = {name: archive[name] for name in archive.files}
@@ -86,7 +92,8 @@ def main(argv: list[str]) -> int:
         path = out_dir / f"qp{qp}.nnc"
         start = time.perf_counter()
         with redirect_stdout(io.StringIO()):  # NNCodec prints progress; stdout carries our JSON lines
-            nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False)
+            nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False, bnf=blocks is not None,
+                         block_id_and_param_type=blocks)
             decoded = nnc.decompress(str(path), verbose=False)
         seconds = time.perf_counter() - start
         np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()}, **scalars)

@@ -103,24 +103,33 @@ def test_round_trip_property(n, row_length, max_abs, density, num_gt, seed):
     round_trip(sparse_levels(np.random.default_rng(seed), n, max_abs, density), row_length, num_gt)
 
 
-def test_bitstream_is_pinned():
-    # golden bytes: a change here changes the format (docs/format.md, cabac)
-    payload, params = cabac.encode(np.array([0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5]), 4, num_gt=2)
-    assert payload.hex() == GOLDEN
+@pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
+def test_bitstream_is_pinned(context_model):
+    # golden bytes: a change here changes the format (docs/format.md, cabac); the legacy model's bytes
+    # are the ones format version 2 files hold
+    levels = np.array([0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5])
+    payload, params = cabac.encode(levels, 4, num_gt=2, context_model=context_model)
+    assert payload.hex() == GOLDEN[context_model]
     assert params == {"row_length": 4, "max_abs": 5, "num_gt": 2, "prob_bits": 15, "shifts": [4, 7],
-                      "init_prob": 32768, "context_model": "sig12-sign9-gt6k-eg0-warmup"}
+                      "init_prob": 32768, "context_model": context_model}
+    assert cabac.decode(payload, params, levels.size).tolist() == levels.tolist()
 
 
-GOLDEN = "aa620f40"
+GOLDEN = {"sig12-sign9-gt6k-eg0-warmup": "aa620f40", "sig24-sign27-gt12k-eg0-warmup": "aa620f50"}
+
+
+def test_the_encoder_writes_the_context_model_with_left_neighbours():
+    assert cabac.encode(np.array([1, 0]), 2)[1]["context_model"] == cabac.CONTEXT_MODEL == "sig24-sign27-gt12k-eg0-warmup"
 
 
 def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
     """docs/format.md's cabac decoder written out in plain Python, independent of the numba kernels."""
     row, max_abs, num_gt = params["row_length"], params["max_abs"], params["num_gt"]
+    legacy = params["context_model"] == "sig12-sign9-gt6k-eg0-warmup"  # without the ``left`` level
     data = list(payload)
     byte = lambda i: data[i] if i < len(data) else 0  # noqa: E731
     rng, code, pos = 0xFFFFFFFF, int.from_bytes(bytes(byte(i) for i in range(4)), "big"), 4
-    est = [[32768, 32768, 0] for _ in range(21 + 6 * num_gt)]
+    est = [[32768, 32768, 0] for _ in range((21 + 6 * num_gt) if legacy else (51 + 12 * num_gt))]
 
     def bin_(p):
         nonlocal rng, code, pos
@@ -150,13 +159,18 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
         row_last = next((v for v in reversed(row_levels) if v), 0)
         window = sum(v != 0 for v in row_levels[-8:])
         column, seen = col_last.get(col, 0), col_seen.get(col, 0)
-        if max_abs == 0 or not ctx_bin(4 * (0 if seen == 0 else 1 if 8 * seen < i // row else 2) + min(window, 3)):
+        left = row_levels[-1] if row_levels else 0
+        density = 0 if seen == 0 else 1 if 8 * seen < i // row else 2
+        sig_ctx = 4 * density + min(window, 3) if legacy else 8 * density + 4 * (left != 0) + min(window, 3)
+        if max_abs == 0 or not ctx_bin(sig_ctx):
             out.append(0)
             continue
-        neg = ctx_bin(12 + 3 * cls(column) + cls(row_last))
+        neg = ctx_bin(12 + 3 * cls(column) + cls(row_last) if legacy else 24 + 9 * cls(left) + 3 * cls(column) + cls(row_last))
         mag = 1
         for k in range(1, last + 1):
-            if not ctx_bin(21 + 6 * (k - 1) + 3 * neg + (abs(row_last) > k) + (abs(column) > k)):
+            near = (abs(row_last) > k) + (abs(column) > k)
+            gt_ctx = 21 + 6 * (k - 1) + 3 * neg + near if legacy else 51 + 12 * (k - 1) + 6 * neg + 2 * near + (abs(left) > k)
+            if not ctx_bin(gt_ctx):
                 break
             mag += 1
         if mag > last and last < max_abs - 1:
@@ -173,11 +187,13 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
 @pytest.mark.parametrize("seed", range(6))
-def test_numba_coder_agrees_with_the_plain_python_reference(seed):
+def test_numba_coder_agrees_with_the_plain_python_reference(seed, context_model):
     rng = np.random.default_rng(seed)
     levels = sparse_levels(rng, 2000, [1, 5, 40, 300, 3, 64][seed], [0.05, 0.5, 1.0, 0.3, 0.9, 0.2][seed])
-    payload, params = cabac.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed])
+    payload, params = cabac.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
+                                   context_model=context_model)
     assert reference_decode(payload, params, levels.size) == levels.tolist()
 
 
@@ -198,6 +214,18 @@ def test_contexts_beat_the_memoryless_entropy_on_structured_weights():
     assert 8 * len(payload) < 0.9 * memoryless
     # the same levels without their geometry (one long row) lose the column contexts
     assert len(payload) < 0.95 * len(cabac.encode(levels, levels.size)[0])
+
+
+def test_the_left_neighbour_pays_where_neighbouring_weights_are_alike():
+    # smooth rows (a layer over neighbouring pixels): non-zeros, signs and sizes come in runs
+    rng = np.random.default_rng(6)
+    rows, cols = 200, 784
+    smooth = np.cumsum(rng.normal(size=(rows, cols)), axis=1) / 6
+    levels = np.where(np.abs(smooth) > 1.5, np.clip(np.round(smooth), -15, 15), 0).astype(np.int32).reshape(-1)
+    new = len(round_trip(levels, cols)[0])
+    legacy, params = cabac.encode(levels, cols, context_model=cabac.LEGACY_CONTEXT_MODEL)
+    assert np.array_equal(cabac.decode(legacy, params, levels.size), levels)
+    assert new < 0.9 * len(legacy)
 
 
 # --- hostile input ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepshrink import format as fmt
+from deepshrink.coding import cabac
 from deepshrink.encode import (
     CabacTensor,
     CodedTensor,
@@ -158,6 +159,12 @@ def test_older_layouts_stamp_the_lowest_version_that_holds_the_codecs(tmp_path):
         serialize(levels, version=1)
     with pytest.raises(ConfigError, match="format version"):
         serialize(levels, version=4)
+    # version 2 readers know only the first context model: the writer re-codes the same levels with it
+    write_file(tmp_path / "levels-v2.dsz", levels, version=2)
+    header, tensors = read_file(tmp_path / "levels-v2.dsz")
+    assert header["tensors"]["w"]["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL
+    assert levels["w"].coder_params["context_model"] == cabac.CONTEXT_MODEL != cabac.LEGACY_CONTEXT_MODEL
+    assert torch.equal(tensors["w"], torch.from_numpy(dense(indices, codebook)))
     decoded = []
     for version in (1, 2, 3):  # every layout reads back the same tensors
         write_file(tmp_path / f"v{version}.dsz", paper, version=version)

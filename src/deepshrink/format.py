@@ -18,6 +18,7 @@ the bytes go (``inspect_file`` here reads a file for it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -180,6 +181,8 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
                 "weights_stream": add(enc.weights_stream, True), "positions_stream": add(enc.positions_stream, True),
             }
         elif isinstance(enc, CabacTensor):
+            if not packed and enc.coder_params["context_model"] != cabac.LEGACY_CONTEXT_MODEL:
+                enc = _with_legacy_contexts(enc, name)
             entries[name] = {
                 "codec": "cabac", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
                 "num_negative": enc.num_negative, "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params,
@@ -207,6 +210,14 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     if not packed:
         raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
     return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
+
+
+def _with_legacy_contexts(enc: CabacTensor, name: str) -> CabacTensor:
+    """The same levels coded with the context model format version 2 readers know."""
+    params = enc.coder_params
+    levels = cabac.decode(enc.stream, params, math.prod(enc.shape))
+    stream, legacy = cabac.encode(levels, params["row_length"], params["num_gt"], cabac.LEGACY_CONTEXT_MODEL)
+    return dataclasses.replace(enc, stream=stream, coder_params=legacy)
 
 
 def _crc_chunks(chunks) -> int:
@@ -570,7 +581,9 @@ def _check_cabac(entry: dict, name: str, at: str, sections: _Sections) -> int:
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
     _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
     length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
-    row_length, max_abs, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    _expect(sections.packed or entry["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL, at,
+            f"cabac context model {entry['coder_params']['context_model']!r} needs format version 3")
     expected_row = row_length_of(tuple(entry["shape"]))
     _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
             f"{expected_row}", TensorInfoMismatch)
