@@ -182,7 +182,7 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
             }
         elif isinstance(enc, CabacTensor):
             if not packed and enc.coder_params["context_model"] != cabac.LEGACY_CONTEXT_MODEL:
-                enc = _with_legacy_contexts(enc, name)
+                enc = _with_legacy_contexts(enc)
             entries[name] = {
                 "codec": "cabac", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
                 "num_negative": enc.num_negative, "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params,
@@ -212,7 +212,7 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
 
 
-def _with_legacy_contexts(enc: CabacTensor, name: str) -> CabacTensor:
+def _with_legacy_contexts(enc: CabacTensor) -> CabacTensor:
     """The same levels coded with the context model format version 2 readers know."""
     params = enc.coder_params
     levels = cabac.decode(enc.stream, params, math.prod(enc.shape))
