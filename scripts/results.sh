@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the runs and sweeps behind docs/results.md. No GPU needed: about 2.5 hours on an idle
-# 2-core CPU for the runs (resnet20-cifar10-24x alone: 65 minutes) and the 1-epoch sweeps below, plus
+# Regenerate the runs and sweeps behind docs/results.md. No GPU needed: about 3 hours on an idle
+# 2-core CPU for the runs (resnet20-cifar10-24x alone: 65 minutes, its sweeps 37) and the 1-epoch sweeps below, plus
 # the ResNet-20 validation-split run (resnet20-cifar10-gradual-cpu: 5 epochs of 15,000 JPEG images;
 # 65 minutes on 2026-11-29 with one thread at nice 10 on the 2-core machine shared with six other
 # jobs; about 11 minutes with one thread when idle) and its sweeps with retraining (one epoch of
@@ -21,6 +21,14 @@ $ds run lenet300-mnist-40x --data-dir $mnist --out runs/lenet300-mnist-40x "$@"
 $ds run lenet5-mnist-39x --data-dir $mnist --out runs/lenet5-mnist-39x "$@"
 # ResNet-20 with full 45,000-image epochs (22 of them): 65 minutes on the idle 2-core machine
 $ds run resnet20-cifar10-24x --out runs/resnet20-cifar10-24x "$@"
+# the lab's weight-sharing tables at full length and the rate sweep, from that run's q=50 checkpoint
+# (one 45,000-image epoch of centroid training per point: about 3.2 minutes each, 37 minutes in all)
+cifar=../shared/datasets/cifar10-jpeg
+fpruned=runs/resnet20-cifar10-24x/04-finetune/checkpoint.pt
+$ds sweep bits "$fpruned" --out sweeps/r20-bits-full --data-dir $cifar --epochs 1 --lr 0.001
+$ds sweep init "$fpruned" --out sweeps/r20-init-full --data-dir $cifar --epochs 1 --lr 0.001
+$ds sweep rate "$fpruned" --out sweeps/r20-50-v3 --data-dir $cifar --split validation --epochs 1 --lr 0.001 \
+    --bits 4 --lambdas 0.01 0.03 --coder auto --raw-dtype float16 --fold-batchnorm
 $ds run recipes/resnet20-cifar10-cpu.yaml --out runs/resnet20-cifar10-cpu "$@"
 $ds run recipes/resnet20-cifar10-24x-cpu.yaml --out runs/resnet20-cifar10-24x-cpu "$@"
 dense=runs/resnet20-cifar10-cpu/02-train/checkpoint.pt     # the JPEG-adapted dense model

@@ -13,7 +13,7 @@ none); ``seen`` = column j's non-zeros in earlier rows. Binarisation of a level 
 T = min(num_gt, M - 1)); nothing at all is coded when M == 0. Context model
 ``sig24-sign27-gt12k-eg0-warmup`` (written since format version 3; ``left`` is what it adds, because
 neighbouring weights of a layer that sees neighbouring pixels are alike: 7-8% fewer bytes on
-LeNet-300-100, 1-2% on convolutions):
+LeNet-300-100, about 1% on convolutions):
 
 1. ``sig`` = v != 0, context ``8 * col_class + 4 * (left != 0) + min(window, 3)`` with col_class 0 if
    seen == 0, 1 if 8 * seen < r (row r, so a column that was non-zero in under 1/8 of the earlier
@@ -22,14 +22,13 @@ LeNet-300-100, 1-2% on convolutions):
    sign_class 0 for zero, 1 for negative, 2 for positive (27 contexts).
 3. ``gt_k`` = |v| > k for k = 1..T, stopping after the first 0, context
    ``51 + 12 * (k - 1) + 6 * (v < 0) + 2 * ((|row_last| > k) + (|column| > k)) + (|left| > k)``.
-
-The earlier model ``sig12-sign9-gt6k-eg0-warmup`` (format version 2) is the same without ``left``:
-``4 * col_class + min(window, 3)``, ``12 + 3 * sign_class(column) + sign_class(row_last)`` and
-``21 + 6 * (k - 1) + 3 * (v < 0) + (|row_last| > k) + (|column| > k)``; both decode.
-
 4. If |v| > T: when T == M - 1 the unary code was truncated and |v| == M; otherwise the remainder
    |v| - T - 1 follows as order-0 Exp-Golomb in bypass bins (n ones, a zero, then the n bits of
    remainder + 1 below its leading one, most significant first).
+
+The earlier model ``sig12-sign9-gt6k-eg0-warmup`` (format version 2) is the same without ``left``:
+contexts ``4 * col_class + min(window, 3)``, ``12 + 3 * sign_class(column) + sign_class(row_last)``
+and ``21 + 6 * (k - 1) + 3 * (v < 0) + (|row_last| > k) + (|column| > k)``; both decode.
 
 Bins go through a range coder with 32-bit range and carry propagation (the LZMA design). Each
 context holds two 16-bit estimates of P(bin = 1) and a count n of its bins (saturating at 255);
@@ -72,10 +71,6 @@ _PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_p
 _OK, _BAD_LEVEL, _BAD_START = 0, 1, 2
 # 1 + floor(log2(n + 1)) for a context seen n = 0..255 times (the warm-up adaptation shift before its cap)
 _RATE = np.array([1 + int(np.log2(n + 1)) for n in range(256)], dtype=np.int64)
-
-
-def num_contexts(num_gt: int, model: int = 1) -> int:
-    return _GT[model] + _GT_STRIDE[model] * num_gt
 
 
 # --- encoder ------------------------------------------------------------------------------------
