@@ -80,6 +80,17 @@ def test_library_errors_become_a_message_and_exit_code_2(dense, tmp_path, capsys
     assert "expected GLOB=VALUE, got 'fc1.weight'" in capsys.readouterr().err
 
 
+def test_missing_data_without_data_dir_says_to_pass_it(tmp_path, capsys, monkeypatch):
+    # a checkpoint records its dataset (mnist) but not where it lives: ./data is empty here
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model({"arch": "lenet300"}), {"arch": "lenet300"},
+                           meta={"dataset": {"name": "mnist"}})
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(ckpt)]) == 2
+    assert "no --data-dir given" in capsys.readouterr().err
+    assert main(["eval", str(ckpt), "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "no --data-dir given" not in capsys.readouterr().err
+
+
 def test_per_layer_q_from_the_command_line(dense, tmp_path, capsys):
     pruned = tmp_path / "p.pt"
     assert main(["prune", str(dense), "--q", "50", "--q-layer", "fc1.*=90", "--out", str(pruned)]) == 0

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import report
-from .errors import ConfigError, DeepShrinkError
+from .errors import ConfigError, DataError, DeepShrinkError
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -694,7 +694,11 @@ def _call(args) -> int:
     except (DeepShrinkError, OSError) as e:  # bad input or a failing disk: one line, the traceback only with -v
         if args.verbose:
             traceback.print_exc()
-        error_console.print(f"[bold red]error:[/] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
+        message = _one_line(e)
+        if isinstance(e, DataError) and hasattr(args, "data_dir") and not args.data_dir:
+            # checkpoints and files record which dataset, not where it is on this machine
+            message += " (no --data-dir given: pass the dataset's folder)"
+        error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2 if isinstance(e, DeepShrinkError) else 1
     except KeyboardInterrupt:
         console.print("interrupted")
