@@ -34,6 +34,12 @@ torchvision) as a subprocess on plain numpy weights (.npz in, .nnc and decoded .
 
 Where NNCodec is not installed (and not set up), the bench says so, measures our side only and exits 0.
 Prints a table per run and writes bench/results/nnc.json (machine, versions, date, git SHA, every point).
+
+``--nnc-bnf`` gives NNCodec its BatchNorm folding (as ``fold_batchnorm`` gives ours). ``--levels``
+measures the coders alone instead: NNCodec's bytes for the pruned weight tensors at each qp (defaults,
+without dependent quantization, and without its parameter optimisation too) beside our cabac stream
+(both context models) coding exactly the levels NNCodec's plain uniform quantizer chose; no
+evaluation, no retraining.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ import numpy as np
 import torch
 
 from deepshrink.checkpoint import load_checkpoint
-from deepshrink.encode import EncodeConfig
+from deepshrink.coding import cabac
+from deepshrink.encode import EncodeConfig, row_length_of
 from deepshrink.compress import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
 from deepshrink.compression import strip
@@ -109,18 +116,21 @@ def nnc_status(venv: Path) -> tuple[str | None, str]:
     return str(python), done.stdout.strip()
 
 
-def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path, blocks: dict | None = None) -> dict[int, dict]:
+def run_nnc(python: str, weights: dict[str, np.ndarray], qps, work: Path, blocks: dict | None = None,
+            options: dict | None = None) -> dict[int, dict]:
     """NNCodec compress + decompress at each qp, in its own environment; {qp: {"bytes", "seconds", "state"}}.
-    ``blocks``: NNCodec's block map, to turn on its BatchNorm folding (``batchnorm_blocks``)."""
+    ``blocks``: NNCodec's block map, to turn on its BatchNorm folding (``batchnorm_blocks``); ``options``:
+    more ``nnc.compress`` keywords."""
     work.mkdir(parents=True, exist_ok=True)
     source = work / "weights.npz"
     np.savez(source, **weights)
-    bnf = []
-    if blocks is not None:
-        (work / "blocks.json").write_text(json.dumps(blocks))
-        bnf = ["--bnf", str(work / "blocks.json")]
+    flags = []
+    for flag, value in (("--bnf", blocks), ("--options", options)):
+        if value is not None:
+            (work / f"{flag[2:]}.json").write_text(json.dumps(value))
+            flags += [flag, str(work / f"{flag[2:]}.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([python, str(WORKER), str(source), str(work), *bnf, *map(str, qps)], capture_output=True,
+    done = subprocess.run([python, str(WORKER), str(source), str(work), *flags, *map(str, qps)], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"NNCodec failed: {done.stderr.strip()[-2000:]}")
@@ -206,13 +216,53 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> torch.
     return model
 
 
-def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
+def pruned_checkpoint(run_dir: Path) -> tuple[dict, list[str], int, Path]:
+    """(recipe, stage kinds, index of the quantize stage, the checkpoint just before it) of a run."""
     recipe = json.loads((run_dir / "recipe.json").read_text())
     kinds = [next(iter(stage)) for stage in recipe["stages"]]
     if "quantize" not in kinds or kinds.index("quantize") == 0:
         raise SystemExit(f"{run_dir}: the recipe has no quantize stage after a first stage")
     q = kinds.index("quantize")
-    pruned_ckpt = run_dir / f"{q:02d}-{kinds[q - 1]}" / "checkpoint.pt"
+    return recipe, kinds, q, run_dir / f"{q:02d}-{kinds[q - 1]}" / "checkpoint.pt"
+
+
+def signed_ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's level as our codebook mapping gives it: +j for the j-th positive distinct value,
+    -j for the j-th negative one counted from zero, 0 for 0."""
+    levels = np.zeros(values.shape, dtype=np.int64)
+    distinct = np.unique(values[values != 0])
+    negative, positive = distinct[distinct < 0], distinct[distinct > 0]
+    levels[values < 0] = -(len(negative) - np.searchsorted(negative, values[values < 0]))
+    levels[values > 0] = np.searchsorted(positive, values[values > 0]) + 1
+    return levels.reshape(-1)
+
+
+NNC_SETTINGS = {"defaults": {}, "no DQ": {"use_dq": False}, "no DQ, no param opt": {"use_dq": False, "param_opt": False}}
+
+
+def equal_levels(run_dir: Path, args, nnc_python: str, work: Path) -> dict:
+    """The coders alone: NNCodec on the pruned weight tensors (defaults, without dependent quantization,
+    without its parameter optimisation too), and our cabac stream (both context models) coding exactly the
+    levels NNCodec's plain uniform quantizer chose. Stream bytes only on our side; NNCodec's include its
+    few header bytes."""
+    recipe, _, _, pruned_ckpt = pruned_checkpoint(run_dir)
+    weights = {k: v for k, v in plain_weights(pruned_ckpt)[1].items() if v.ndim >= 2}
+    runs = {name: run_nnc(nnc_python, weights, args.qps, work / recipe["name"] / name.replace(" ", "_").replace(",", ""),
+                          options=options) for name, options in NNC_SETTINGS.items()}
+    rows = []
+    for qp in args.qps:
+        row = {"qp": qp, **{f"nnc {name}": runs[name][qp]["bytes"] for name in NNC_SETTINGS}}
+        for model in cabac.CONTEXT_MODELS:
+            row[f"ours {model}"] = sum(
+                len(cabac.encode(signed_ranks(values), row_length_of(values.shape), context_model=model)[0])
+                for values in runs["no DQ, no param opt"][qp]["state"].values())
+        rows.append(row)
+        print("  " + "  ".join(f"{k} {v:,}" for k, v in row.items()), flush=True)
+    return {"recipe": recipe["name"], "checkpoint": str(pruned_ckpt), "rows": rows}
+
+
+def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
+    recipe, kinds, q, pruned_ckpt = pruned_checkpoint(run_dir)
     quantize_options = recipe["stages"][q]["quantize"]
     finetune = next((s["finetune"] for s in recipe["stages"][q + 1:] if "finetune" in s), {})
     encode_options = next((s["encode"] for s in recipe["stages"][q + 1:] if "encode" in s), {})
@@ -409,6 +459,8 @@ def main() -> int:
                         help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
     parser.add_argument("--coder", help="encode our points with this coder instead of the recipe's (e.g. auto)")
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
+    parser.add_argument("--levels", action="store_true",
+                        help="compare the coders alone on equal levels (NNCodec's own, without dependent quantization)")
     parser.add_argument("--nnc-bnf", action="store_true",
                         help="NNCodec folds BatchNorm into scale and bias (its bnf tool), as our fold_batchnorm does")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -431,9 +483,18 @@ def main() -> int:
     started = time.perf_counter()
     results = {"machine": machine_info(), "nncodec": nnc_version if nnc_python else None,
                "nnc_unavailable": None if nnc_python else nnc_version, "qps": args.qps, "cases": []}
+    if args.levels and nnc_python is None:
+        print("--levels needs NNCodec; nothing measured.")
+        return 0
     with tempfile.TemporaryDirectory(prefix="deepshrink-nnc-") as tmp:
         for run_dir in args.runs:
-            results["cases"].append(run_case(run_dir, args, nnc_python, Path(tmp)))
+            case = equal_levels if args.levels else run_case
+            results["cases"].append(case(run_dir, args, nnc_python, Path(tmp)))
+    if args.levels:
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        write_json(args.out, results)
+        print(f"wrote {args.out} ({results['seconds']:.0f} s)")
+        return 0
     results["seconds"] = round(time.perf_counter() - started, 1)
     print()
     for case in results["cases"]:

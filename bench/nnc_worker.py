@@ -1,11 +1,12 @@
 """NNCodec side of bench/nnc.py: runs in NNCodec's own environment, never imports deepshrink.
 
-Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR [--bnf BLOCKS.json] QP [QP ...]``. For each qp:
+Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR [--bnf BLOCKS.json] [--options OPTIONS.json] QP [QP ...]``. For each qp:
 ``nncodec.nnc.compress`` of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's
 defaults otherwise: dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress``
 of that file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
 ``--bnf`` turns on NNCodec's BatchNorm folding, given its ``block_id_and_param_type`` map (which
-weight, bias and BatchNorm tensors form one block); decompression unfolds it again.
+weight, bias and BatchNorm tensors form one block); decompression unfolds it again. ``--options``:
+more keyword arguments of ``nnc.compress`` (e.g. ``{"use_dq": false, "param_opt": false}``).
 
 NNCodec's framework package imports torchvision and OpenCV when it is imported, although
 compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
@@ -77,9 +78,11 @@ def main(argv: list[str]) -> int:
     from nncodec import nnc
 
     source, out_dir, rest = Path(argv[0]), Path(argv[1]), argv[2:]
-    blocks = None
-    if rest[:1] == ["--bnf"]:
-        blocks, rest = json.loads(Path(rest[1]).read_text()), rest[2:]
+    blocks, options = None, {}
+    while rest[:1] in (["--bnf"], ["--options"]):
+        value = json.loads(Path(rest[1]).read_text())
+        blocks, options = (value, options) if rest[0] == "--bnf" else (blocks, value)
+        rest = rest[2:]
     qps = [int(q) for q in rest]
     out_dir.mkdir(parents=True, exist_ok=True)
     with np.load(source) as archive:
@@ -93,7 +96,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         with redirect_stdout(io.StringIO()):  # NNCodec prints progress; stdout carries our JSON lines
             nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False, bnf=blocks is not None,
-                         block_id_and_param_type=blocks)
+                         block_id_and_param_type=blocks, **options)
             decoded = nnc.decompress(str(path), verbose=False)
         seconds = time.perf_counter() - start
         np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()}, **scalars)
