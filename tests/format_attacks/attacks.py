@@ -420,6 +420,8 @@ ATTACKS.update({
     "v3_constant_out_of_range": _v3(E.TensorInfoMismatch,
                                     edit(_entry("bn.running_var", {"codec": "constant", "dtype": "int8", "shape": [4],
                                                                    "value": 300})), "300 in an int8"),
+    "v3_constant_overflows": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", 1e300)),
+                                 "1e300 overflows float16"),
     "v3_constant_wrong_type": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", "1")), "a string value"),
     "v3_constant_int_for_float": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/value", 1)),
                                      "an integer where the dtype is a float (JSON 1 vs 1.0)"),
