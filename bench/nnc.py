@@ -12,7 +12,7 @@ of every contender is that run's checkpoint just before ``quantize`` (the pruned
   otherwise, no retraining: compress, decompress, evaluate the decoded weights.
 - ours, the recipe's own file (the run's ``encode`` stage output).
 - ours from the same checkpoint within this bench: the recipe's bits and init with k-means (today's
-  method), ECSQ and the uniform quantizer at each lambda; then ``--epochs`` of centroid training (the
+  method), ECSQ, the uniform quantizer and dependent quantization at each lambda; then ``--epochs`` of centroid training (the
   recipe's post-quantize fine-tune settings) on the training split minus the validation images; then
   the recipe's encode settings. ECSQ also runs Fisher-weighted (``--hessian-lambdas``; the Fisher
   estimate from 32 batches of those training images). Bytes are the ``.dsz`` file on disk; error is the decoded file's.
@@ -74,6 +74,7 @@ RESULTS = ROOT / "bench" / "results" / "nnc.json"
 QPS = (-38, -34, -30, -28, -26, -24, -22, -20, -18)
 LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 UNIFORM_LAMBDAS = (0.01, 0.03)
+DQ_LAMBDAS = (0.01, 0.03)
 HESSIAN_LAMBDAS = (0.01, 0.03)
 VAL_MAX, VAL_FRACTION, VAL_SEED = 5000, 0.1, 0
 # Published points drawn on each model's plot: (label, ratio, test error). Han et al. 2016, Tables 2-3.
@@ -237,6 +238,18 @@ def signed_ranks(values: np.ndarray) -> np.ndarray:
     return levels.reshape(-1)
 
 
+def grid_levels(values: np.ndarray) -> np.ndarray | None:
+    """Integer levels j of values that are multiples j * step of one step (NNCodec's dependent
+    quantization decodes to such values), step = the smallest gap between distinct values; None when
+    they are not on one grid."""
+    distinct = np.unique(values.reshape(-1))
+    if distinct.size < 2:
+        return np.zeros(values.size, dtype=np.int64)
+    step = float(np.min(np.diff(distinct)))
+    levels = np.rint(values.reshape(-1) / step).astype(np.int64)
+    return levels if np.allclose(levels * step, values.reshape(-1), rtol=1e-5, atol=1e-12) else None
+
+
 NNC_SETTINGS = {"defaults": {}, "no DQ": {"use_dq": False}, "no DQ, no param opt": {"use_dq": False, "param_opt": False}}
 
 
@@ -252,10 +265,17 @@ def equal_levels(run_dir: Path, args, nnc_python: str, work: Path) -> dict:
     rows = []
     for qp in args.qps:
         row = {"qp": qp, **{f"nnc {name}": runs[name][qp]["bytes"] for name in NNC_SETTINGS}}
-        for model in cabac.CONTEXT_MODELS:
+        for model in (m for m in cabac.CONTEXT_MODELS if m != cabac.DEPENDENT_CONTEXT_MODEL):
             row[f"ours {model}"] = sum(
                 len(cabac.encode(signed_ranks(values), row_length_of(values.shape), context_model=model)[0])
                 for values in runs["no DQ, no param opt"][qp]["state"].values())
+        # NNCodec's dependent levels with our dependent context model, where they follow our state machine
+        # (the same 8-state table and scan): the coders alone on dependent quantization's levels
+        grids = [(grid_levels(values), values.shape) for values in runs["defaults"][qp]["state"].values()]
+        if all(j is not None and (not j.any() or cabac.is_dependent(j)) for j, _ in grids):
+            row[f"ours {cabac.DEPENDENT_CONTEXT_MODEL} (NNCodec's DQ levels)"] = sum(
+                len(cabac.encode(j, row_length_of(shape), context_model=cabac.DEPENDENT_CONTEXT_MODEL if j.any()
+                                 else cabac.CONTEXT_MODEL)[0]) for j, shape in grids)
         rows.append(row)
         print("  " + "  ".join(f"{k} {v:,}" for k, v in row.items()), flush=True)
     return {"recipe": recipe["name"], "checkpoint": str(pruned_ckpt), "rows": rows}
@@ -302,6 +322,7 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
     encode = make_config(EncodeConfig, {**encode_options, **({"coder": args.coder} if args.coder else {})}, "encode")
     settings = ([("kmeans", 0.0, False)] + [("ecsq", lam, False) for lam in args.lambdas]
                 + [("uniform", lam, False) for lam in args.uniform_lambdas]
+                + [("dq", lam, False) for lam in args.dq_lambdas]
                 + [("ecsq", lam, True) for lam in args.hessian_lambdas])
     for method, lam, hessian in settings:
         start = time.perf_counter()
@@ -422,7 +443,7 @@ def plot(case: dict, path: Path) -> Path:
     if nnc:
         ax.plot([p["ratio"] for p in nnc], [100 * p["test_error"] for p in nnc], "o-", color="tab:gray",
                 label="NNCodec (qp ladder, no retraining)")
-    for method, marker in (("kmeans", "s"), ("ecsq", "^"), ("uniform", "v")):
+    for method, marker in (("kmeans", "s"), ("ecsq", "^"), ("uniform", "v"), ("dq", "D")):
         mine = [p for p in points if p["who"] == "ours" and p.get("method") == method and "lam" in p]
         if mine:
             ax.scatter([p["ratio"] for p in mine], [100 * p["test_error"] for p in mine], marker=marker,
@@ -455,6 +476,8 @@ def main() -> int:
     parser.add_argument("--qps", type=int, nargs="+", default=list(QPS))
     parser.add_argument("--lambdas", type=float, nargs="*", default=list(LAMBDAS), help="ECSQ lambdas")
     parser.add_argument("--uniform-lambdas", type=float, nargs="*", default=list(UNIFORM_LAMBDAS))
+    parser.add_argument("--dq-lambdas", type=float, nargs="*", default=list(DQ_LAMBDAS),
+                        help="dependent (trellis-coded) quantization lambdas")
     parser.add_argument("--hessian-lambdas", type=float, nargs="*", default=list(HESSIAN_LAMBDAS),
                         help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
     parser.add_argument("--coder", help="encode our points with this coder instead of the recipe's (e.g. auto)")

@@ -33,6 +33,23 @@ def sparse_levels(rng, n, max_abs, density):
     return np.where(rng.random(n) < density, levels, 0)
 
 
+DQ_NEXT = [[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]]  # NNC's 8-state machine
+
+
+def dependent(coded) -> np.ndarray:
+    """Reconstruction levels j = 2k - sign(k) * (state & 1) of coded levels k, written out independently."""
+    state, out = 0, []
+    for k in np.asarray(coded).tolist():
+        out.append(0 if k == 0 else 2 * k - (1 if k > 0 else -1) * (state & 1))
+        state = DQ_NEXT[state][abs(k) & 1]
+    return np.array(out, dtype=np.int64)
+
+
+def levels_for(context_model, levels):
+    """``levels`` as the context model takes them: the dependent model codes them as k."""
+    return dependent(levels) if context_model == cabac.DEPENDENT_CONTEXT_MODEL else np.asarray(levels)
+
+
 # --- round trips --------------------------------------------------------------------------------
 
 
@@ -106,16 +123,20 @@ def test_round_trip_property(n, row_length, max_abs, density, num_gt, seed):
 @pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
 def test_bitstream_is_pinned(context_model):
     # golden bytes: a change here changes the format (docs/format.md, cabac); the legacy model's bytes
-    # are the ones format version 2 files hold
-    levels = np.array([0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5])
+    # are the ones format version 2 files hold. The dependent model's levels repeat, so that both
+    # quantizers' contexts see bins (with fresh contexts alone every model writes the same bytes)
+    coded, golden = GOLDEN[context_model]
+    levels = levels_for(context_model, coded)
     payload, params = cabac.encode(levels, 4, num_gt=2, context_model=context_model)
-    assert payload.hex() == GOLDEN[context_model]
+    assert payload.hex() == golden
     assert params == {"row_length": 4, "max_abs": 5, "num_gt": 2, "prob_bits": 15, "shifts": [4, 7],
                       "init_prob": 32768, "context_model": context_model}
-    assert cabac.decode(payload, params, levels.size).tolist() == levels.tolist()
+    assert cabac.decode(payload, params, len(levels)).tolist() == levels.tolist()
 
 
-GOLDEN = {"sig12-sign9-gt6k-eg0-warmup": "aa620f40", "sig24-sign27-gt12k-eg0-warmup": "aa620f50"}
+_PINNED = [0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5]
+GOLDEN = {"sig12-sign9-gt6k-eg0-warmup": (_PINNED, "aa620f40"), "sig24-sign27-gt12k-eg0-warmup": (_PINNED, "aa620f50"),
+          "sig24-sign27-gt24k-eg0-warmup-dq8": (_PINNED * 4, "aa620f57088e25a5712b80")}
 
 
 def test_the_encoder_writes_the_context_model_with_left_neighbours():
@@ -126,10 +147,11 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
     """docs/format.md's cabac decoder written out in plain Python, independent of the numba kernels."""
     row, max_abs, num_gt = params["row_length"], params["max_abs"], params["num_gt"]
     legacy = params["context_model"] == "sig12-sign9-gt6k-eg0-warmup"  # without the ``left`` level
+    dq = params["context_model"] == "sig24-sign27-gt24k-eg0-warmup-dq8"  # k coded; the quantizer in gt contexts
     data = list(payload)
     byte = lambda i: data[i] if i < len(data) else 0  # noqa: E731
     rng, code, pos = 0xFFFFFFFF, int.from_bytes(bytes(byte(i) for i in range(4)), "big"), 4
-    est = [[32768, 32768, 0] for _ in range((21 + 6 * num_gt) if legacy else (51 + 12 * num_gt))]
+    est = [[32768, 32768, 0] for _ in range((21 + 6 * num_gt) if legacy else (51 + (24 if dq else 12) * num_gt))]
 
     def bin_(p):
         nonlocal rng, code, pos
@@ -153,7 +175,10 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
     last = min(num_gt, max_abs - 1)
     col_last, col_seen = {}, {}  # column -> its last non-zero level, its non-zeros so far
     cls = lambda v: 0 if v == 0 else 1 if v < 0 else 2  # noqa: E731
+    state = 0
     for i in range(count):
+        if dq and i:
+            state = DQ_NEXT[state][abs(out[i - 1]) & 1]
         col = i % row
         row_levels = out[i - col : i]
         row_last = next((v for v in reversed(row_levels) if v), 0)
@@ -169,7 +194,12 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
         mag = 1
         for k in range(1, last + 1):
             near = (abs(row_last) > k) + (abs(column) > k)
-            gt_ctx = 21 + 6 * (k - 1) + 3 * neg + near if legacy else 51 + 12 * (k - 1) + 6 * neg + 2 * near + (abs(left) > k)
+            if legacy:
+                gt_ctx = 21 + 6 * (k - 1) + 3 * neg + near
+            elif dq:
+                gt_ctx = 51 + 24 * (k - 1) + 12 * (state & 1) + 6 * neg + 2 * near + (abs(left) > k)
+            else:
+                gt_ctx = 51 + 12 * (k - 1) + 6 * neg + 2 * near + (abs(left) > k)
             if not ctx_bin(gt_ctx):
                 break
             mag += 1
@@ -184,14 +214,15 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
         col_last[col] = -mag if neg else mag
         col_seen[col] = seen + 1
         out.append(-mag if neg else mag)
-    return out
+    return dependent(out).tolist() if dq else out
 
 
 @pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
 @pytest.mark.parametrize("seed", range(6))
 def test_numba_coder_agrees_with_the_plain_python_reference(seed, context_model):
     rng = np.random.default_rng(seed)
-    levels = sparse_levels(rng, 2000, [1, 5, 40, 300, 3, 64][seed], [0.05, 0.5, 1.0, 0.3, 0.9, 0.2][seed])
+    levels = levels_for(context_model, sparse_levels(rng, 2000, [1, 5, 40, 300, 3, 64][seed],
+                                                     [0.05, 0.5, 1.0, 0.3, 0.9, 0.2][seed]))
     payload, params = cabac.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
                                    context_model=context_model)
     assert reference_decode(payload, params, levels.size) == levels.tolist()
@@ -226,6 +257,44 @@ def test_the_left_neighbour_pays_where_neighbouring_weights_are_alike():
     legacy, params = cabac.encode(levels, cols, context_model=cabac.LEGACY_CONTEXT_MODEL)
     assert np.array_equal(cabac.decode(legacy, params, levels.size), levels)
     assert new < 0.9 * len(legacy)
+
+
+# --- dependent quantization's context model ------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 2000), row_length=st.integers(1, 300), max_abs=st.sampled_from([0, 1, 2, 5, 40, 4000]),
+       density=st.floats(0.0, 1.0), num_gt=st.integers(0, 20), seed=st.integers(0, 2**32 - 1))
+def test_dependent_levels_round_trip(n, row_length, max_abs, density, num_gt, seed):
+    coded = sparse_levels(np.random.default_rng(seed), n, max_abs, density)
+    levels = dependent(coded)
+    payload, params = cabac.encode(levels, row_length, num_gt, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+    assert params["max_abs"] == (int(np.abs(coded).max()) if n else 0)  # the coded k, about half of |j|
+    assert np.array_equal(cabac.decode(payload, json.loads(json.dumps(params)), n), levels)
+    assert np.array_equal(cabac.coded_levels(levels), coded)
+    assert cabac.is_dependent(levels) == bool(np.any(coded))
+
+
+def test_levels_off_the_state_machine_are_refused_by_the_dependent_model():
+    # state 0 quantizes with quantizer 0 (even levels only); after k = 1 the machine is in state 2 (also
+    # quantizer 0), after k = 1 twice in state 3 (odd levels and zero)
+    assert cabac.coded_levels([0, 2, 2, 1, 0]).tolist() == [0, 1, 1, 1, 0]
+    for bad, position in (([0, 1], 1), ([2, 2, 2], 2), ([2, 2, 0, 0, 4], 4)):
+        assert not cabac.is_dependent(bad)
+        with pytest.raises(CodecError, match=f"at position {position} is not on the dependent quantizer"):
+            cabac.encode(np.array(bad), 2, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+    assert not cabac.is_dependent(np.zeros(5, dtype=np.int32))  # nothing to gain: the plain model codes it
+    with pytest.raises(CodecError, match="max_abs"):  # j = 2k - ... must stay within MAX_ABS
+        cabac.validate_params(cabac.make_params(4, 1, 2, cabac.DEPENDENT_CONTEXT_MODEL) | {"max_abs": cabac.MAX_ABS})
+
+
+def test_the_dependent_model_codes_trellis_levels_smaller_than_the_plain_models():
+    # the same j sequence: coding k (about |j| / 2) with the quantizer in the magnitude contexts pays
+    rng = np.random.default_rng(8)
+    coded = np.where(rng.random(40_000) < 0.3, np.round(rng.laplace(scale=2.0, size=40_000)), 0).astype(np.int64)
+    levels = dependent(coded)
+    dq = len(cabac.encode(levels, 400, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0])
+    assert dq < 0.95 * len(cabac.encode(levels, 400)[0])
 
 
 # --- hostile input ------------------------------------------------------------------------------
@@ -297,7 +366,8 @@ def _decode_or_error(payload, params, count):
     except CodecError:
         return None
     assert decoded.shape == (count,) and decoded.dtype == np.int32
-    assert decoded.size == 0 or int(np.abs(decoded.astype(np.int64)).max()) <= params["max_abs"]
+    widest = 2 * params["max_abs"] if params["context_model"] == cabac.DEPENDENT_CONTEXT_MODEL else params["max_abs"]
+    assert decoded.size == 0 or int(np.abs(decoded.astype(np.int64)).max()) <= widest
     return decoded
 
 
@@ -308,9 +378,11 @@ def _decode_or_error(payload, params, count):
     row_length=st.integers(1, 100),
     max_abs=st.integers(0, cabac.MAX_ABS),
     num_gt=st.integers(0, cabac.MAX_NUM_GT),
+    dependent=st.booleans(),
 )
-def test_garbage_payloads_decode_to_an_error_or_bounded_levels(garbage, count, row_length, max_abs, num_gt):
-    _decode_or_error(garbage, cabac.make_params(row_length, max_abs, num_gt), count)
+def test_garbage_payloads_decode_to_an_error_or_bounded_levels(garbage, count, row_length, max_abs, num_gt, dependent):
+    model = cabac.DEPENDENT_CONTEXT_MODEL if dependent else cabac.CONTEXT_MODEL
+    _decode_or_error(garbage, cabac.make_params(row_length, max_abs // 2 if dependent else max_abs, num_gt, model), count)
 
 
 @settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -26,6 +26,7 @@ from deepshrink.quantize import (
     QuantizeMethod,
     bits_for,
     codebooks,
+    dependent_1d,
     ecsq_1d,
     fisher_diagonal,
     init_centroids,
@@ -659,6 +660,126 @@ def test_uniform_rate_term_lowers_the_entropy():
     assert all(a > b for a, b in zip(entropies, entropies[1:])), entropies
 
 
+# dependent (trellis-coded) quantization
+
+
+def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_bits):
+    """The cheapest cost over every level sequence the state machine allows, by exhaustive search (tiny inputs)."""
+    from deepshrink.coding import cabac
+
+    def search(i, state, left, cost):
+        if i == x.size:
+            return cost
+        q = state & 1
+        nz = 0 if i % row_length == 0 else left
+        best = np.inf
+        for j in range(-max_level, max_level + 1) if x[i] != 0 else (0,):
+            if j and (j & 1) != q:
+                continue  # quantizer 0 makes even levels, quantizer 1 odd ones (and zero)
+            k = abs(j + q) // 2 if j > 0 else abs(j - q) // 2
+            rate = sig_bits[q, nz, 1] + mag_bits[q, min(k, mag_bits.shape[1] - 1)] if k else sig_bits[q, nz, 0]
+            here = cost + h[i] * (x[i] - j * step) ** 2 + lam * rate
+            best = min(best, search(i + 1, cabac._DQ_NEXT[state, k & 1], int(j != 0), here))
+        return best
+
+    return search(0, 0, 0, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_trellis_finds_the_cheapest_level_sequence(seed):
+    from deepshrink import trellis
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1.5, 6) * (rng.random(6) < 0.8)
+    h = rng.uniform(0.5, 2.0, 6)
+    sig_bits = rng.uniform(0.2, 3.0, (2, 2, 2))
+    mag_bits = rng.uniform(1.0, 6.0, (2, 4))
+    out = np.zeros(6, dtype=np.int64)
+    cost = trellis.viterbi(x, h, 0.7, 5, 0.3, 3, sig_bits, mag_bits, out)
+    # the search only offers each quantizer's two levels around x: optimal whenever farther ones cost more
+    assert cost == pytest.approx(brute_force_path_cost(x, h, 0.7, 5, 0.3, 3, sig_bits, mag_bits))
+    assert cabac_follows(out) and np.all(out[x == 0] == 0)
+
+
+def cabac_follows(levels) -> bool:
+    from deepshrink.coding import cabac
+
+    return not np.any(levels) or cabac.is_dependent(levels)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 0.1])
+def test_dependent_levels_follow_the_state_machine_and_keep_pruned_zeros(lam):
+    w = pruned_layer(seed=6).numpy().reshape(-1)
+    step, j = dependent_1d(w, 30, lam, row_length=150)
+    assert step > 0 and j.dtype == np.int64 and np.abs(j).max() <= 15
+    assert cabac_follows(j) and np.all(j[w == 0] == 0)
+    if lam == 0:  # distortion only: never farther than a step of the weight's own quantizer
+        assert np.all(np.abs(w - j * step)[w != 0] <= 2 * step + 1e-9)
+
+
+def test_the_dependent_rate_term_lowers_the_coded_size_monotonically():
+    from deepshrink.coding import cabac
+
+    w = pruned_layer(seed=7).numpy().reshape(-1)
+    sizes, errors = [], []
+    for lam in (0.0, 0.03, 0.3, 3.0):
+        step, j = dependent_1d(w, 30, lam, row_length=150, step=0.01, iters=1)
+        sizes.append(len(cabac.encode(j, 150, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0]))
+        errors.append(float(np.square(w - j * step).sum()))
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_dependent_quantization_beats_the_uniform_grid_at_equal_error():
+    # the same uniform grid, coded with and without the trellis: at about equal squared error the
+    # dependent levels take fewer bytes (the point of trellis-coded quantization)
+    from deepshrink.coding import cabac
+
+    w = pruned_layer(seed=8).numpy().reshape(-1)
+    nz = w != 0
+
+    def uniform(step):
+        q = np.rint(w / step).astype(np.int64)
+        return len(cabac.encode(q, 150)[0]), float(np.square(w - q * step)[nz].mean())
+
+    steps = 0.004 * 1.15 ** np.arange(12)
+    grid = sorted(uniform(s) for s in steps)
+    for step in (0.006, 0.008):
+        j_step, j = dependent_1d(w, 1000, 0.003, row_length=150, step=step, iters=2)
+        size = len(cabac.encode(j, 150, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0])
+        error = float(np.square(w - j * j_step)[nz].mean())
+        sizes, errors = zip(*grid)
+        at_equal_error = np.exp(np.interp(np.log(error), np.log(errors[::-1]), np.log(sizes[::-1])))
+        assert size < 0.99 * at_equal_error
+
+
+def test_dependent_quantize_weight_stores_a_grid_codebook_the_coder_follows():
+    from deepshrink.encode import decode_cabac, encode_levels, encode_weight
+
+    w = pruned_layer(seed=9)
+    centroids, indices = quantize_weight(w, bits=5, method="dq", lam=0.01)
+    step = float(centroids[1] - centroids[0])
+    grid = np.rint(centroids.numpy() / step).astype(int)  # every multiple of the step between the extremes
+    assert np.array_equal(grid, [j for j in range(grid[0], grid[-1] + 1) if j != 0])
+    assert np.allclose(centroids.numpy(), grid * step, rtol=1e-5)
+    assert centroids.numel() <= 30 and (indices[w == 0] == 0).all()
+    coded = encode_levels(indices.numpy(), centroids.numpy(), 5)
+    assert coded.coder_params["context_model"] == "sig24-sign27-gt24k-eg0-warmup-dq8"
+    quantized = torch.cat([torch.zeros(1), centroids])[indices.long()]
+    assert np.array_equal(decode_cabac(coded), quantized.numpy())
+    assert encode_weight(indices.numpy(), centroids.numpy(), 5, 5, coder="auto").stream == coded.stream
+
+
+def test_dependent_quantization_rejects_bad_settings():
+    w = pruned_layer(seed=0).numpy().reshape(-1)
+    for kwargs, match in [({"num_levels": 1}, "num_levels"), ({"lam": -1.0}, "lam"), ({"row_length": 0}, "row_length"),
+                          ({"step": 0.0}, "step"), ({"step": float("nan")}, "step"), ({"iters": 0}, "iters"),
+                          ({"weights": np.ones(3)}, "weights")]:
+        with pytest.raises(ConfigError, match=match):
+            dependent_1d(w, **{"num_levels": 30, "lam": 0.01, **kwargs})
+    assert dependent_1d(np.zeros(10), 30, 0.1) == (1.0, pytest.approx(np.zeros(10)))
+
+
 def test_weights_sent_to_the_zero_level_are_pruned_and_stay_zero_through_training():
     model, masks = masked_net(sparsity=0.3)
     before = {f: (getattr(model, f.split(".")[0]).weight != 0).clone() for f in masks}
@@ -723,7 +844,7 @@ def test_fisher_diagonal_and_hessian_weighted_quantization():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "lloyd"}, "unknown quantization method 'lloyd'; valid: kmeans, ecsq, uniform"),
+    ({"method": "lloyd"}, "unknown quantization method 'lloyd'; valid: kmeans, ecsq, uniform, dq"),
     ({"method": "ecsq", "lam": -0.1}, "lam"),
     ({"method": "uniform", "lam": float("inf")}, "lam"),
     ({"method": "ecsq", "lam": "0.1"}, "lam"),
@@ -774,3 +895,29 @@ def test_a_centroid_trained_onto_zero_is_pruned_in_masks_and_in_the_file(tmp_pat
     row = next(r for r in report.rows if r["name"] == "0.weight")
     assert row["nonzero"] == 6 and row["bits"] == 2
     assert torch.equal(load(tmp_path / "m.dsz")["0.weight"], model[0].weight.detach())
+
+
+def test_a_dependently_quantized_model_trains_its_grid_and_round_trips_through_the_file(tmp_path):
+    from deepshrink.encode import EncodeConfig
+    from deepshrink.format import read_header
+
+    model, _ = masked_net(seed=2)
+    quantize_model(model, QuantizeConfig(bits=4, method="dq", lam=0.01))
+    before = {fqn: c.clone() for fqn, (c, _, _) in codebooks(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for lr, context_model in ((0.002, "sig24-sign27-gt24k-eg0-warmup-dq8"), (0.05, None)):
+        # a small step moves the levels and keeps their order: the dependent model still applies. A large
+        # one reorders them (fc1's levels cross zero here), so a weight's rank is no longer its trellis
+        # level: the file falls back to the plain context model and still decodes exactly
+        train_steps(model, torch.optim.SGD(params, lr=lr, momentum=0.9), steps=4)
+        compress_model(model, tmp_path / "m.dsz", EncodeConfig(coder="cabac"))
+        models = {fqn: entry["coder_params"]["context_model"]
+                  for fqn, entry in read_header(tmp_path / "m.dsz")["tensors"].items() if "coder_params" in entry}
+        if context_model:
+            assert set(models.values()) == {context_model}
+            assert all(not torch.equal(c, before[fqn]) for fqn, (c, _, _) in codebooks(model).items())
+        else:
+            assert models["fc1.weight"] == "sig24-sign27-gt12k-eg0-warmup"
+        decoded = load(tmp_path / "m.dsz")
+        for name in ("conv", "fc1", "fc2"):
+            assert torch.equal(decoded[f"{name}.weight"], getattr(model, name).weight.detach())

@@ -80,7 +80,7 @@ def _coded_row(coded: CodedTensor, where: str) -> dict:
 def _cabac_row(coded: CabacTensor, where: str) -> dict:
     entropy = coded.levels_entropy_bits
     if entropy is None:  # read from a file: measure by decoding
-        entropy = levels_entropy(decode_levels(coded, where), coded.coder_params["max_abs"])
+        entropy = levels_entropy(decode_levels(coded, where))
     stream_bits, codebook_bytes, nnz = 8 * len(coded.stream), coded.codebook.nbytes, coded.num_nonzero
     return dict(
         nonzero=nnz, bits=coded.bits, weight_stream_bits=stream_bits, position_stream_bits=0,

@@ -582,14 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("quantize", help="weight sharing: k-means, entropy-constrained or uniform (optionally train the centroids)")
+    p = sub.add_parser("quantize", help="weight sharing: k-means, entropy-constrained, uniform or dependent "
+                       "(optionally train the centroids)")
     p.add_argument("checkpoint")
     p.add_argument("--method", choices=_values(QuantizeMethod), default=quantize_defaults.method,
-                   help="kmeans: the paper's; ecsq/uniform: levels chosen for error + lambda x code length")
+                   help="kmeans: the paper's; ecsq/uniform/dq: levels chosen for error + lambda x code length "
+                        "(dq: dependent, trellis-coded quantization, NNC's design)")
     p.add_argument("--lambda", dest="lam", type=float, default=quantize_defaults.lam,
-                   help="ecsq/uniform: bits traded per unit of relative squared error (0 = distortion only)")
+                   help="ecsq/uniform/dq: bits traded per unit of relative squared error (0 = distortion only)")
     p.add_argument("--hessian", action="store_true",
-                   help="ecsq/uniform: weight the error by a diagonal Fisher estimate from training batches")
+                   help="ecsq/uniform/dq: weight the error by a diagonal Fisher estimate from training batches")
     p.add_argument("--bits", type=int, default=quantize_defaults.bits)
     p.add_argument("--bits-conv", type=int)
     p.add_argument("--bits-fc", type=int)
@@ -665,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     g = p.add_argument_group("rate sweep (file size vs accuracy)")
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1])
-    g.add_argument("--method", choices=["ecsq", "uniform"], default="ecsq")
+    g.add_argument("--method", choices=[m for m in _values(QuantizeMethod) if m != "kmeans"], default="ecsq")
     g.add_argument("--bits", type=int, default=6, help="levels per layer at lambda 0: 2^bits")
     g.add_argument("--hessian", action="store_true", help="Fisher-weighted error (from training batches)")
     g.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder, help="coder of the files")

@@ -8,7 +8,9 @@ A quantized layer is stored in one of two layouts:
   or ANS);
 * one stream of signed levels, zeros included (``CabacTensor``): the codebook sorted, each weight's
   level ordered like its value (``indices_to_levels``), coded by the context-adaptive coder
-  ``deepshrink.coding.cabac`` with one output row/filter as the context geometry.
+  ``deepshrink.coding.cabac`` with one output row/filter as the context geometry (and with its
+  dependent-quantization context model when the levels follow that state machine, as those of
+  ``quantize``'s "dq" method do).
 
 ``EncodeConfig(coder="auto")`` writes each layer in whichever is smaller. Every other tensor is
 stored raw. This module turns tensors into ``CodedTensor``/``CabacTensor``/``RawTensor`` and back;
@@ -351,16 +353,22 @@ def encode_levels(
     flat = levels.reshape(-1)
     shape = tuple(int(d) for d in indices.shape)
     stream, params = cabac.encode(flat, row_length_of(shape))
+    if cabac.is_dependent(flat):  # levels of dependent quantization: its context model codes k ~ j / 2
+        dependent = cabac.encode(flat, row_length_of(shape), context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+        stream, params = min((stream, params), dependent, key=lambda coded: len(coded[0]))
     return CabacTensor(
         shape=shape, bits=int(bits), codebook=sorted_codebook.astype(DTYPES[codebook_dtype][0]),
         num_negative=num_negative, num_nonzero=int(np.count_nonzero(flat)), stream=stream, coder_params=params,
-        levels_entropy_bits=levels_entropy(flat, params["max_abs"]),
+        levels_entropy_bits=levels_entropy(flat),
     )
 
 
-def levels_entropy(levels: np.ndarray, max_abs: int) -> float:
+def levels_entropy(levels: np.ndarray) -> float:
     """Memoryless entropy of signed levels in bits, zeros included (the context coder may go below it)."""
-    return float(entropy_bits(levels + max_abs, 2 * max_abs + 1)) if levels.size else 0.0
+    if not levels.size:
+        return 0.0
+    max_abs = int(np.abs(levels.astype(np.int64)).max())
+    return float(entropy_bits(levels + max_abs, 2 * max_abs + 1))
 
 
 def decode_levels(coded: CabacTensor, where: str = "tensor") -> np.ndarray:

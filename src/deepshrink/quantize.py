@@ -14,7 +14,7 @@ The clustering core is exact 1-D Lloyd k-means on the sorted non-zero values: wi
 iteration costs O(k log n) (k-1 binary searches for the boundaries between clusters, then k segment
 means), not the O(nk) of a general k-means.
 
-Rate-aware methods (``QuantizeConfig(method="ecsq" | "uniform", lam=...)``) trade distortion for the
+Rate-aware methods (``QuantizeConfig(method="ecsq" | "uniform" | "dq", lam=...)``) trade distortion for the
 file's size: each weight takes the level minimising squared error (optionally Fisher-weighted,
 ``hessian=True``) plus ``lam`` times the level's code length. Zero is one of the levels: weights sent
 there become pruned (index 0) and stay zero through training, like pruned ones.
@@ -36,7 +36,9 @@ from torch.nn.utils import parametrize
 
 from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
 from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
+from .encode import row_length_of
 from .errors import ConfigError
+from . import trellis
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
                      tie_parametrizations)
 
@@ -68,11 +70,15 @@ class QuantizeMethod(str, Enum):
         distortion + lam * code length; levels drop out and weights may join the zero level (pruned).
     UNIFORM: integer multiples of a per-layer step (as NNCodec), with the same rate-distortion
         assignment; zero is always a level.
+    DQ: dependent (trellis-coded) quantization (``deepshrink.trellis``): two interleaved uniform
+        quantizers chosen along the scan by an 8-state machine, the levels by a Viterbi search over
+        error + lam * estimated bits; written with ``cabac``'s dependent context model (NNC's design).
     """
 
     KMEANS = "kmeans"
     ECSQ = "ecsq"
     UNIFORM = "uniform"
+    DQ = "dq"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -637,6 +643,68 @@ def uniform_1d(
     return step, q
 
 
+def dependent_1d(
+    values: np.ndarray,
+    num_levels: int,
+    lam: float,
+    weights: np.ndarray | None = None,
+    *,
+    row_length: int | None = None,
+    step: float | None = None,
+    iters: int = 4,
+) -> tuple[float, np.ndarray]:
+    """Dependent quantization of a flat tensor (scan order, zeros = pruned and kept).
+
+    Args:
+        values: 1-D finite numbers: the whole tensor in C order, pruned entries 0.
+        num_levels: reconstruction levels j are limited to ``|j| <= num_levels // 2`` (>= 2).
+        lam: rate weight (>= 0), on the same scale as ``quantize.uniform_1d``'s: squared error is
+            divided by s = mean(h x^2) over the non-zero values.
+        weights: per-value importance h_i >= 0 (None = 1).
+        row_length: values per output row (the coder's geometry; the previous level's context resets
+            at a row start); None = one row.
+        step: the first pass's step; None = ``max|x| / (num_levels // 2)``.
+        iters: passes (trellis, then step and rate refit), >= 1.
+
+    Returns:
+        (step, j): the step (> 0; 1.0 for an all-zero input) and the int64 reconstruction levels, a
+        sequence ``coding.cabac.coded_levels`` accepts; j == 0 wherever the input is 0.
+
+    Raises:
+        ConfigError: bad values, num_levels, lam, weights, row_length, step or iters.
+    """
+    x = _check_values(values).astype(np.float64)
+    if isinstance(num_levels, bool) or not isinstance(num_levels, numbers.Integral) or num_levels < 2:
+        raise ConfigError(f"num_levels of a dependent quantizer must be an integer >= 2, got {num_levels!r}")
+    lam = _check_lam(lam)
+    iters = _check_iters(iters)
+    row_length = (x.size or 1) if row_length is None else row_length
+    if isinstance(row_length, bool) or not isinstance(row_length, numbers.Integral) or row_length < 1:
+        raise ConfigError(f"row_length must be an integer >= 1, got {row_length!r}")
+    h = _check_importance(weights, x.size)
+    max_level = int(num_levels) // 2
+    nonzero = x != 0
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0:
+        return 1.0, np.zeros(x.size, dtype=np.int64)
+    if step is None:
+        step = peak / max_level
+    elif isinstance(step, bool) or not isinstance(step, numbers.Real) or not np.isfinite(step) or step <= 0:
+        raise ConfigError(f"step must be a finite number > 0, got {step!r}")
+    w = np.ones_like(x) if h is None else h
+    scale = _scale(x[nonzero], None if h is None else h[nonzero])
+    top_k = (max_level + 1) // 2
+    levels = np.where(nonzero, np.clip(np.rint(x / step), -max_level, max_level), 0).astype(np.int64)
+    for _ in range(iters):
+        sig_bits, mag_bits = trellis.rates(levels, int(row_length), top_k)
+        trellis.viterbi(x, w / scale, float(step), max_level, lam, int(row_length), sig_bits, mag_bits, levels)
+        denom = float(np.sum(w * levels * levels))
+        if denom == 0:
+            break  # every weight went to zero: no step to fit
+        step = float(np.sum(w * levels * x)) / denom
+    return float(step), levels
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model layer
 # ---------------------------------------------------------------------------------------------------
@@ -715,12 +783,12 @@ def quantize_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map the non-zero entries of ``weight`` to at most ``2**bits`` shared non-zero values.
 
-    Zeros stay at index 0 (pruned). With "ecsq" and "uniform", non-zero weights that the
+    Zeros stay at index 0 (pruned). With the rate-aware methods, non-zero weights that the
     rate-distortion assignment sends to the zero level join them: they are pruned from here on.
 
     Args:
-        method: a ``QuantizeMethod`` value ("kmeans", "ecsq", "uniform").
-        lam: rate weight of "ecsq"/"uniform" (see ``ecsq_1d``).
+        method: a ``QuantizeMethod`` value ("kmeans", "ecsq", "uniform", "dq").
+        lam: rate weight of the rate-aware methods (see ``ecsq_1d``).
         importance: per-weight h_i shaped like ``weight`` (e.g. from ``fisher_diagonal``); None = 1.
 
     Returns:
@@ -750,6 +818,16 @@ def quantize_weight(
         levels, labels = kmeans_1d(values, 2**bits, init, seed=seed, max_iter=max_iter)
     elif method is QuantizeMethod.ECSQ:
         levels, labels = ecsq_1d(values, 2**bits, lam, h, init=init, iters=max_iter, seed=seed, zeros=zeros)
+    elif method is QuantizeMethod.DQ:
+        # the trellis runs over the whole tensor in scan order (pruned zeros included: the state machine
+        # moves through them); the codebook is every grid level between the extremes, so that a weight's
+        # rank in the sorted codebook is its level j and the coder can follow the state machine
+        full_h = None if importance is None else importance.detach().reshape(-1).to("cpu", torch.float64).numpy()
+        step, j = dependent_1d(flat.numpy(), max(2, 2**bits - 2), lam, full_h, row_length=row_length_of(weight.shape),
+                               iters=min(max_iter, 4))
+        grid = np.arange(int(j.min()), int(j.max()) + 1)
+        levels = grid * step
+        labels = (j - grid[0])[keep.numpy()]
     else:
         # 2^bits - 2 non-zero levels (+-L): with the zero level, indices still fit in ``bits`` bits
         step, q = uniform_1d(values, max(2, 2**bits - 2), lam, h, iters=max_iter, zeros=zeros)

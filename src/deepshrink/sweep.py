@@ -5,7 +5,7 @@
 - ``bits``: k-means weight sharing at 6, 5, 4, 3 bits; accuracy before and after centroid training.
 - ``init``: random, density, linear and kmeans++ centroid initialisation at 4 bits.
 - ``sensitivity``: one layer alone pruned at increasing q, no retraining (the basis for per-layer q).
-- ``rate``: rate-aware quantization (ECSQ or uniform) at increasing lambda, centroid training, then the
+- ``rate``: rate-aware quantization (ECSQ, uniform or dependent) at increasing lambda, centroid training, then the
   compressed file: its size on disk against the accuracy of the model decoded from it (the
   size-vs-error frontier).
 

@@ -51,8 +51,11 @@ from deepshrink.errors import CodecError
 PROB_BITS = 15  # coding probability precision: bound = (range >> 15) * p
 SHIFTS = (4, 7)  # adaptation rates of the two estimates (fast, slow)
 INIT_PROB = 1 << 15  # each 16-bit estimate starts at P(1) = 1/2
-#: the context rules of this docstring / docs/format.md, by name: 0 = version 2's, 1 = with ``left``
-CONTEXT_MODELS = {"sig12-sign9-gt6k-eg0-warmup": 0, "sig24-sign27-gt12k-eg0-warmup": 1}
+#: levels of a dependent (trellis-coded) quantizer: model 1's rules on the coded k, plus the quantizer in use
+DEPENDENT_CONTEXT_MODEL = "sig24-sign27-gt24k-eg0-warmup-dq8"
+#: the context rules of this docstring / docs/format.md, by name: 0 = version 2's, 1 = with ``left``, 2 = dq
+CONTEXT_MODELS = {"sig12-sign9-gt6k-eg0-warmup": 0, "sig24-sign27-gt12k-eg0-warmup": 1,
+                  DEPENDENT_CONTEXT_MODEL: 2}
 CONTEXT_MODEL = "sig24-sign27-gt12k-eg0-warmup"  # what the encoder writes
 LEGACY_CONTEXT_MODEL = "sig12-sign9-gt6k-eg0-warmup"  # the only one format version 2 readers know
 DEFAULT_NUM_GT = 32  # unary "greater than k" flags before the Exp-Golomb remainder
@@ -62,9 +65,12 @@ MAX_ROW_LENGTH = 1 << 31
 
 _TOP = 1 << 24  # the range is renormalised (shifted by a byte) while it is below this
 _HALF = 1 << (PROB_BITS - 1)  # bypass probability
-_SIGN = (12, 24)  # context index bases by model (significance starts at 0)
-_GT = (21, 51)
-_GT_STRIDE = (6, 12)  # contexts per "greater than k" flag
+_SIGN = (12, 24, 24)  # context index bases by model (significance starts at 0)
+_GT = (21, 51, 51)
+_GT_STRIDE = (6, 12, 24)  # contexts per "greater than k" flag
+# dependent quantization's 8-state machine (NNC's, ISO/IEC 15938-17): state s quantizes with quantizer
+# s & 1 and moves to _DQ_NEXT[s, |k| & 1] after coding level k
+_DQ_NEXT = np.array([[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]], dtype=np.int64)
 _WINDOW = 8  # the significance context counts the non-zeros among this many previous levels of the row
 _PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_prob", "context_model"}
 
@@ -169,16 +175,62 @@ def _sign_context(column, row_last, left, model):
     """Sign: the signs of the column's and the row's last non-zero levels (and of the level just before)."""
     if model == 0:
         return _SIGN[0] + 3 * _sign_class(column) + _sign_class(row_last)
-    return _SIGN[1] + 9 * _sign_class(left) + 3 * _sign_class(column) + _sign_class(row_last)
+    return _SIGN[model] + 9 * _sign_class(left) + 3 * _sign_class(column) + _sign_class(row_last)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gt_context(k, negative, near_row, near_col, near_left, model):
+def _gt_context(k, negative, near_row, near_col, near_left, quantizer, model):
     """Flag "|level| > k": k, the sign, and whether the row's and column's last non-zeros (and the level
-    just before) exceed k."""
+    just before) exceed k (and the dependent quantizer in use)."""
     if model == 0:
         return _GT[0] + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
-    return _GT[1] + 12 * (k - 1) + 6 * negative + 2 * ((near_row > k) + (near_col > k)) + (near_left > k)
+    return (_GT[model] + _GT_STRIDE[model] * (k - 1) + 12 * quantizer + 6 * negative
+            + 2 * ((near_row > k) + (near_col > k)) + (near_left > k))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next_state(state, levels, i, model):
+    """The dependent quantizer's state at position i, from the state at i - 1 and the level coded there
+    (always 0 outside model 2)."""
+    if model != 2 or i == 0:
+        return 0
+    return _DQ_NEXT[state, abs(np.int64(levels[i - 1])) & 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _dependent_to_coded(levels, out):
+    """The coded level k of each reconstruction level j (j = 2k - sign(k) * quantizer) along the state
+    machine; returns the first position whose j its state's quantizer cannot make (-1 if none)."""
+    state = 0
+    for i in range(levels.shape[0]):
+        j = np.int64(levels[i])
+        if j == 0:
+            k = 0
+        elif (state & 1) == 0:
+            if j & 1:
+                return i  # quantizer 0 makes even multiples of the step only
+            k = j // 2
+        else:
+            if (j & 1) == 0:
+                return i  # quantizer 1 makes odd multiples (and zero)
+            k = (j + 1) // 2 if j > 0 else (j - 1) // 2
+        out[i] = k
+        state = _DQ_NEXT[state, abs(k) & 1]
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _coded_to_dependent(levels):
+    """In place: each coded level k becomes its reconstruction level j = 2k - sign(k) * quantizer."""
+    state = 0
+    for i in range(levels.shape[0]):
+        k = np.int64(levels[i])
+        quantizer = state & 1
+        state = _DQ_NEXT[state, abs(k) & 1]
+        if k > 0:
+            levels[i] = 2 * k - quantizer
+        elif k < 0:
+            levels[i] = 2 * k + quantizer
 
 
 @numba.njit(cache=True, nogil=True)
@@ -197,10 +249,13 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob, model):
     col = 0
     row_last = np.int64(0)  # last non-zero level of the current row
     window = 0  # non-zeros among the previous WINDOW levels of the row
+    dq_state = 0  # the dependent quantizer's (model 2)
     for i in range(n if max_abs > 0 else 0):
         if col == 0:
             row_last = 0
         window = _row_window(levels, i, col, window)
+        dq_state = _next_state(dq_state, levels, i, model)
+        quantizer = dq_state & 1
         column = col_last[col]
         seen = col_count[col]
         left = np.int64(levels[i - 1]) if col > 0 else np.int64(0)
@@ -230,7 +285,7 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob, model):
         k = 1
         while k <= last:
             flag = 1 if magnitude > k else 0
-            ctx = _gt_context(k, negative, near_row, near_col, abs(left), model)
+            ctx = _gt_context(k, negative, near_row, near_col, abs(left), quantizer, model)
             out = _put(state, out, flag, _prob(probs, ctx))
             _adapt(probs, ctx, flag, fast, slow)
             if flag == 0:
@@ -311,10 +366,13 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, mod
     col = 0
     row_last = np.int64(0)
     window = 0
+    dq_state = 0
     for i in range(count):
         if col == 0:
             row_last = 0
         window = _row_window(out, i, col, window)
+        dq_state = _next_state(dq_state, out, i, model)
+        quantizer = dq_state & 1
         column = col_last[col]
         seen = col_count[col]
         left = np.int64(out[i - 1]) if col > 0 else np.int64(0)
@@ -339,7 +397,7 @@ def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, mod
         magnitude = 1
         k = 1
         while k <= last:
-            ctx = _gt_context(k, negative, near_row, near_col, abs(left), model)
+            ctx = _gt_context(k, negative, near_row, near_col, abs(left), quantizer, model)
             flag = _get(state, data, _prob(probs, ctx))
             _adapt(probs, ctx, flag, fast, slow)
             if flag == 0:
@@ -405,7 +463,8 @@ def validate_params(params: dict) -> tuple[int, int, int, int]:
         ):
             raise CodecError(f"cabac param {key} must be {expected!r} (the only supported value), got {value!r}")
     row_length = _check_int(params["row_length"], "row_length", 1, MAX_ROW_LENGTH)
-    max_abs = _check_int(params["max_abs"], "max_abs", 0, MAX_ABS)
+    # dependent levels j = 2k - sign(k) * quantizer stay within MAX_ABS: their coded k within half of it
+    max_abs = _check_int(params["max_abs"], "max_abs", 0, MAX_ABS // 2 if model == DEPENDENT_CONTEXT_MODEL else MAX_ABS)
     num_gt = _check_int(params["num_gt"], "num_gt", 0, MAX_NUM_GT)
     return row_length, max_abs, num_gt, CONTEXT_MODELS[model]
 
@@ -428,6 +487,8 @@ def encode(levels, row_length: int, num_gt: int = DEFAULT_NUM_GT,
         CodecError: levels not 1-D integers within MAX_ABS, or a bad row_length/num_gt.
     """
     array = as_levels(levels)
+    if context_model == DEPENDENT_CONTEXT_MODEL:
+        array = coded_levels(array)
     max_abs = int(np.abs(array.astype(np.int64)).max()) if array.size else 0
     params = make_params(row_length, max_abs, num_gt, context_model)
     payload = _encode(array, params["row_length"], max_abs, params["num_gt"], SHIFTS[0], SHIFTS[1], INIT_PROB,
@@ -460,4 +521,32 @@ def decode(payload, params: dict, count: int) -> np.ndarray:
         raise CodecError(f"cabac payload codes a level beyond max_abs={max_abs} (at byte {read})")
     if read < data.size:
         raise CodecError(f"cabac payload has {data.size - read} trailing bytes after {count} levels")
+    if model == 2:
+        _coded_to_dependent(out)
     return out
+
+
+def coded_levels(levels) -> np.ndarray:
+    """The levels k that ``DEPENDENT_CONTEXT_MODEL`` codes for reconstruction levels j (int32, 1-D).
+
+    Dependent quantization (trellis-coded, as in NNC and VVC) alternates two quantizers along the scan:
+    quantizer 0 makes the even multiples of the step (j = 2k), quantizer 1 the odd ones and zero
+    (j = 2k - sign(k)); which one quantizes a weight is the state of an 8-state machine driven by the
+    parity of the previous k. Only ``quantize.dependent_1d`` (the trellis) makes such sequences.
+
+    Raises:
+        CodecError: a level that the quantizer of its state cannot make (levels not from the trellis).
+    """
+    array = as_levels(levels)
+    coded = np.empty_like(array)
+    bad = _dependent_to_coded(array, coded)
+    if bad >= 0:
+        raise CodecError(f"level {int(array[bad])} at position {bad} is not on the dependent quantizer of "
+                         "its state: these levels were not made by dependent quantization")
+    return coded
+
+
+def is_dependent(levels) -> bool:
+    """Whether ``levels`` (1-D integers) have a non-zero and follow dependent quantization's state machine."""
+    array = as_levels(levels)
+    return bool(array.size and array.any() and _dependent_to_coded(array, np.empty_like(array)) < 0)
