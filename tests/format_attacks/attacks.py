@@ -198,9 +198,10 @@ class Attack:
     version: int = 2  # the base file it edits
 
 
-def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", **changes) -> CabacTensor:
+def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", context_model: str = cabac.CONTEXT_MODEL,
+                  **changes) -> CabacTensor:
     """A cabac tensor over the codebook [-1, 1] with a hand-picked level stream (and header fields)."""
-    stream, params = cabac.encode(np.array(levels), len(levels))
+    stream, params = cabac.encode(np.array(levels), len(levels), context_model=context_model)
     fields = dict(shape=(len(levels),), bits=1, codebook=np.array([-1.0, 1.0], np.float32), num_negative=1,
                   num_nonzero=int(np.count_nonzero(levels)), stream=stream + stream_suffix, coder_params=params)
     return CabacTensor(**{**fields, **changes})
@@ -380,6 +381,10 @@ ATTACKS: dict[str, Attack] = {
     "new_contexts_in_version_2": Attack(E.InvalidHeader, "header",
                                         edit(_set("c.weight/coder_params/context_model", cabac.CONTEXT_MODEL)),
                                         "version 3's cabac context model in a version-2 file"),
+    "dependent_contexts_in_version_2": Attack(E.InvalidHeader, "header",
+                                              edit(_set("c.weight/coder_params/context_model",
+                                                        cabac.DEPENDENT_CONTEXT_MODEL)),
+                                              "the dependent-quantization context model in a version-2 file"),
     "constant_in_version_2": Attack(E.InvalidHeader, "header",
                                     edit(_entry("bn.running_var", {"codec": "constant", "dtype": "float16",
                                                                    "shape": [4], "value": 1.0})), "the constant codec is version 3's"),
@@ -428,6 +433,14 @@ ATTACKS.update({
     "v3_constant_huge": _v3(E.TensorInfoMismatch, edit(_set("bn.running_var/shape", [1 << 15, 1 << 15])),
                             "a tiny file claiming 2**30 constant elements"),
     "v3_constant_unknown_key": _v3(E.InvalidHeader, edit(_set("bn.running_var/crc32", 0)), "an unknown key"),
+    # dependent quantization: max_abs bounds the coded k, and j = 2k - ... can reach past the codebook
+    "v3_dependent_level_outside_codebook": _v3(
+        E.TensorInfoMismatch, _own_file({"w": _cabac_levels([0, 2, 0, 0], context_model=cabac.DEPENDENT_CONTEXT_MODEL)}),
+        "a dependent stream whose k = 1 is the level j = 2 of a one-value side", stage="decode"),
+    "v3_dependent_max_abs_too_large": _v3(
+        E.CodecError, edit(lambda h: tensors(h)["c.weight"]["coder_params"].update(
+            context_model=cabac.DEPENDENT_CONTEXT_MODEL, max_abs=cabac.MAX_ABS)),
+        "a dependent stream whose levels j could pass 2**16"),
 })
 
 
