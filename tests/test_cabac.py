@@ -395,7 +395,9 @@ def test_truncated_and_flipped_payloads_never_crash(stream, data):
     for _ in range(data.draw(st.integers(1, 4))):
         flipped[data.draw(st.integers(0, len(payload) - 1))] ^= 1 << data.draw(st.integers(0, 7))
     decoded = _decode_or_error(bytes(flipped), params, levels.size)
-    assert decoded is None or not np.array_equal(decoded, levels) or bytes(flipped) == payload
+    # the last byte's low bits can fall inside the final interval's slack and decode the same levels
+    # (the file's payload CRC catches those); a flip anywhere before it changes the levels or is rejected
+    assert decoded is None or not np.array_equal(decoded, levels) or bytes(flipped)[:-1] == payload[:-1]
 
 
 def test_hostile_count_costs_only_its_output_array():

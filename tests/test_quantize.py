@@ -770,6 +770,27 @@ def test_dependent_quantize_weight_stores_a_grid_codebook_the_coder_follows():
     assert encode_weight(indices.numpy(), centroids.numpy(), 5, 5, coder="auto").stream == coded.stream
 
 
+def test_a_reordered_grid_keeps_its_own_order_in_the_file():
+    from deepshrink.encode import decode_cabac, encode_levels
+
+    w = pruned_layer(seed=10)
+    centroids, indices = quantize_weight(w, bits=5, method="dq", lam=0.01)
+    n = int((centroids < 0).sum())
+    moved = centroids.clone()
+    moved[n - 3], moved[n - 2] = moved[n - 2].item(), moved[n - 3].item()  # levels -3 and -2 trained past each other
+    coded = encode_levels(indices.numpy(), moved.numpy(), 5)
+    assert coded.coder_params["context_model"] == "sig24-sign27-gt24k-eg0-warmup-dq8"
+    assert coded.num_negative == n and np.array_equal(coded.codebook, moved.numpy())  # index order, unsorted
+    expected = torch.cat([torch.zeros(1), moved])[indices.long()].numpy()
+    assert np.array_equal(decode_cabac(coded), expected)
+    # the split is searched near the count of negative values only: with every value made positive
+    # (15 negative-born levels, 0 negative values) no split is tried that fits, and the plain model codes it
+    positive = moved.abs()
+    plain = encode_levels(indices.numpy(), positive.numpy(), 5)
+    assert plain.coder_params["context_model"] == "sig24-sign27-gt12k-eg0-warmup"
+    assert np.array_equal(decode_cabac(plain), torch.cat([torch.zeros(1), positive])[indices.long()].numpy())
+
+
 def test_dependent_quantization_rejects_bad_settings():
     w = pruned_layer(seed=0).numpy().reshape(-1)
     for kwargs, match in [({"num_levels": 1}, "num_levels"), ({"lam": -1.0}, "lam"), ({"row_length": 0}, "row_length"),
@@ -905,19 +926,18 @@ def test_a_dependently_quantized_model_trains_its_grid_and_round_trips_through_t
     quantize_model(model, QuantizeConfig(bits=4, method="dq", lam=0.01))
     before = {fqn: c.clone() for fqn, (c, _, _) in codebooks(model).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    for lr, context_model in ((0.002, "sig24-sign27-gt24k-eg0-warmup-dq8"), (0.05, None)):
-        # a small step moves the levels and keeps their order: the dependent model still applies. A large
-        # one reorders them (fc1's levels cross zero here), so a weight's rank is no longer its trellis
-        # level: the file falls back to the plain context model and still decodes exactly
+    for lr in (0.002, 0.05):
+        # a small step moves the levels and keeps their order. A large one reorders them (fc1's cross
+        # zero here), so a weight's rank is no longer its trellis level: the file keeps the grid's own
+        # order instead, and the dependent model still applies
         train_steps(model, torch.optim.SGD(params, lr=lr, momentum=0.9), steps=4)
         compress_model(model, tmp_path / "m.dsz", EncodeConfig(coder="cabac"))
-        models = {fqn: entry["coder_params"]["context_model"]
-                  for fqn, entry in read_header(tmp_path / "m.dsz")["tensors"].items() if "coder_params" in entry}
-        if context_model:
-            assert set(models.values()) == {context_model}
-            assert all(not torch.equal(c, before[fqn]) for fqn, (c, _, _) in codebooks(model).items())
-        else:
-            assert models["fc1.weight"] == "sig24-sign27-gt12k-eg0-warmup"
+        entries = {fqn: entry for fqn, entry in read_header(tmp_path / "m.dsz")["tensors"].items()
+                   if "coder_params" in entry}
+        assert {e["coder_params"]["context_model"] for e in entries.values()} == {"sig24-sign27-gt24k-eg0-warmup-dq8"}
+        assert all(not torch.equal(c, before[fqn]) for fqn, (c, _, _) in codebooks(model).items())
+        reordered = [fqn for fqn, (c, _, _) in codebooks(model).items() if (torch.diff(c) <= 0).any()]
+        assert bool(reordered) == (lr == 0.05)
         decoded = load(tmp_path / "m.dsz")
         for name in ("conv", "fc1", "fc2"):
             assert torch.equal(decoded[f"{name}.weight"], getattr(model, name).weight.detach())

@@ -180,8 +180,8 @@ class CabacTensor:
 
     shape: tuple[int, ...]
     bits: int
-    codebook: np.ndarray  # (K,) sorted ascending, float32 or float16
-    num_negative: int  # codebook[:num_negative] < 0 get levels -num_negative..-1; the rest 1..K-num_negative
+    codebook: np.ndarray  # (K,) in level order (sorted ascending unless ``_dependent_order``), float32 or float16
+    num_negative: int  # codebook[:num_negative] get levels -num_negative..-1; the rest 1..K-num_negative
     num_nonzero: int  # non-zero levels
     stream: bytes
     coder_params: dict  # deepshrink.coding.cabac params (row_length, max_abs, num_gt and the constants)
@@ -264,12 +264,12 @@ def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.nda
     return lookup[np.asarray(indices)], codebook[order], num_negative
 
 
-def levels_to_values(levels: np.ndarray, sorted_codebook: np.ndarray, num_negative: int) -> np.ndarray:
+def levels_to_values(levels: np.ndarray, codebook: np.ndarray, num_negative: int) -> np.ndarray:
     """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range."""
     levels = np.asarray(levels).astype(np.int64)
     slot = levels + num_negative - (levels > 0)
-    table = np.concatenate([sorted_codebook.astype(np.float32), np.zeros(1, np.float32)])
-    return table[np.where(levels == 0, sorted_codebook.size, slot)]
+    table = np.concatenate([codebook.astype(np.float32), np.zeros(1, np.float32)])
+    return table[np.where(levels == 0, codebook.size, slot)]
 
 
 def encode_quantized(
@@ -344,23 +344,56 @@ def encode_levels(
 ) -> CabacTensor:
     """Encode a quantized weight (0 = pruned, k = codebook[k-1]) as one ``cabac`` stream of signed levels.
 
+    Levels rank the codebook by value (``indices_to_levels``). Levels of dependent quantization
+    (``cabac.is_dependent``) are coded with its context model when that is smaller; if centroid
+    training has reordered such a codebook, its own index order still gives them (``_dependent_order``).
+
     Raises:
         ConfigError: see ``encode_quantized``.
     """
     where = where or "tensor"
     indices, codebook, codebook_dtype = _check_quantized(indices, codebook, bits, codebook_dtype, where)
-    levels, sorted_codebook, num_negative = indices_to_levels(indices, codebook)
-    flat = levels.reshape(-1)
+    levels, ordered, num_negative = indices_to_levels(indices, codebook)
     shape = tuple(int(d) for d in indices.shape)
-    stream, params = cabac.encode(flat, row_length_of(shape))
-    if cabac.is_dependent(flat):  # levels of dependent quantization: its context model codes k ~ j / 2
-        dependent = cabac.encode(flat, row_length_of(shape), context_model=cabac.DEPENDENT_CONTEXT_MODEL)
-        stream, params = min((stream, params), dependent, key=lambda coded: len(coded[0]))
+    row_length = row_length_of(shape)
+    stream, params = cabac.encode(levels.reshape(-1), row_length)
+    dependent = (levels, ordered, num_negative) if cabac.is_dependent(levels.reshape(-1)) else _dependent_order(
+        indices, codebook)
+    if dependent is not None:
+        coded = cabac.encode(dependent[0].reshape(-1), row_length, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+        if len(coded[0]) < len(stream):
+            (stream, params), (levels, ordered, num_negative) = coded, dependent
+    flat = levels.reshape(-1)
     return CabacTensor(
-        shape=shape, bits=int(bits), codebook=sorted_codebook.astype(DTYPES[codebook_dtype][0]),
+        shape=shape, bits=int(bits), codebook=ordered.astype(DTYPES[codebook_dtype][0]),
         num_negative=num_negative, num_nonzero=int(np.count_nonzero(flat)), stream=stream, coder_params=params,
         levels_entropy_bits=levels_entropy(flat),
     )
+
+
+#: how far from the count of negative values ``_dependent_order`` looks for a dependent quantizer's zero
+_ZERO_SEARCH = 3
+
+
+def _dependent_order(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(levels, codebook, n) in the codebook's own order, when they follow dependent quantization's machine.
+
+    ``quantize``'s "dq" method makes its grid in index order; centroid training can move levels past
+    each other (or past zero), so ranking by value no longer gives the trellis's levels, but the index
+    order still does: indices 1..n become levels -n..-1, the others 1, 2, ... . n is where zero sat:
+    near the count of negative values, so only the few splits nearest it are tried. None if none fits.
+    """
+    size = codebook.size
+    counted = int((codebook < 0).sum())
+    slots = np.arange(1, size + 1)
+    for n in sorted(range(max(0, counted - _ZERO_SEARCH), min(size, counted + _ZERO_SEARCH) + 1),
+                    key=lambda n: abs(n - counted)):
+        lookup = np.zeros(size + 1, dtype=np.int32)
+        lookup[1:] = np.where(slots <= n, slots - n - 1, slots - n)
+        levels = lookup[indices]
+        if cabac.is_dependent(levels.reshape(-1)):
+            return levels, codebook, n
+    return None
 
 
 def levels_entropy(levels: np.ndarray) -> float:
