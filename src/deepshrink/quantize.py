@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import trellis
 from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
 from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
 from .encode import row_length_of
 from .errors import ConfigError
-from . import trellis
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
                      tie_parametrizations)
 
@@ -820,8 +820,8 @@ def quantize_weight(
         levels, labels = ecsq_1d(values, 2**bits, lam, h, init=init, iters=max_iter, seed=seed, zeros=zeros)
     elif method is QuantizeMethod.DQ:
         # the trellis runs over the whole tensor in scan order (pruned zeros included: the state machine
-        # moves through them); the codebook is every grid level between the extremes, so that a weight's
-        # rank in the sorted codebook is its level j and the coder can follow the state machine
+        # moves through them); the codebook is every grid level between the extremes in index order, so
+        # that a weight's index gives back its level j and the coder can follow the state machine
         full_h = None if importance is None else importance.detach().reshape(-1).to("cpu", torch.float64).numpy()
         step, j = dependent_1d(flat.numpy(), max(2, 2**bits - 2), lam, full_h, row_length=row_length_of(weight.shape),
                                iters=min(max_iter, 4))

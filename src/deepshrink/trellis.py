@@ -38,9 +38,22 @@ def _candidate(t, quantizer, which):
     return np.int64(low) + (2 if which == 2 else 0)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _coded_level(j, quantizer):
+    """The level k that codes reconstruction level j on ``quantizer`` (j = 2k - sign(k) * quantizer)."""
+    if j == 0:
+        return 0
+    return (j + quantizer) // 2 if j > 0 else (j - quantizer) // 2
+
+
 @numba.njit(cache=True, nogil=True)
 def viterbi(x, h, step, max_level, lam, row_length, sig_bits, mag_bits, out):
-    """Fill ``out`` with the reconstruction levels j of the cheapest path; returns its cost."""
+    """Fill ``out`` with the reconstruction levels j of the cheapest path; returns its cost.
+
+    Cost of a path: ``sum_i h_i (x_i - j_i step)^2 + lam * bits``, bits from ``sig_bits[q, left != 0,
+    sig]`` and ``mag_bits[q, min(|k|, top)]``. Each state offers zero and its quantizer's two levels
+    around x (zero only where x == 0). Memory: one byte per weight and state for the decisions.
+    """
     n = x.shape[0]
     decisions = np.zeros((n, 8), dtype=np.uint8)  # previous state * 4 + candidate (0: zero, 1, 2)
     cost = np.full(8, _NO_PATH)
@@ -65,8 +78,7 @@ def viterbi(x, h, step, max_level, lam, row_length, sig_bits, mag_bits, out):
                     j = _candidate(t, q, which)
                     if j == 0 or abs(j) > max_level:
                         continue
-                k = 0 if j == 0 else ((j + q) // 2 if j > 0 else (j - q) // 2)
-                ak = abs(k)
+                ak = abs(_coded_level(j, q))
                 d = x[i] - j * step
                 rate = sig_bits[q, nz, 1] + mag_bits[q, min(ak, top_k)] if ak else sig_bits[q, nz, 0]
                 c = cost[s] + h[i] * d * d + lam * rate
@@ -100,8 +112,7 @@ def _statistics(levels, row_length, top_k, counts_sig, counts_mag):
         j = levels[i]
         q = state & 1
         nz = 0 if i % row_length == 0 else (1 if levels[i - 1] != 0 else 0)
-        k = 0 if j == 0 else ((j + q) // 2 if j > 0 else (j - q) // 2)
-        ak = abs(k)
+        ak = abs(_coded_level(j, q))
         counts_sig[q, nz, 1 if ak else 0] += 1
         if ak:
             counts_mag[q, min(ak, top_k)] += 1
