@@ -23,7 +23,9 @@ Data:
   (c) speed: a 784-wide Laplacian layer of 5,000,000 weights (--quick: 1,000,000), pruned 92%, the
       survivors in 64 uniform bins; and the same layer dense (nothing pruned), the coder's slowest case.
       MB/s count 4 bytes per weight (fp32-equivalent); best of several runs after a warm-up (numba
-      compile excluded), single thread.
+      compile excluded), single thread. The same layer also through dependent quantization
+      (``quantize.dependent_1d``, 62 levels, lambda 0.01: the trellis's own speed, one run) and its
+      context model (``cabac.DEPENDENT_CONTEXT_MODEL``): its bytes, encode and decode speed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from common import write_json  # noqa: E402
 
 from deepshrink.coding import cabac, entropy_bits  # noqa: E402
 from deepshrink.encode import decode_quantized, encode_quantized, indices_to_levels  # noqa: E402
+from deepshrink.quantize import dependent_1d  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "cabac.json"
 MNIST = ROOT.parent / "shared" / "datasets"
@@ -145,11 +148,23 @@ def speed(count: int, density: float, quick: bool) -> dict:
     coded = encode_quantized(indices, codebook, 6, 5, "huffman")
     huff_enc = best_time(lambda: encode_quantized(indices, codebook, 6, 5, "huffman"), runs, budget)
     huff_dec = best_time(lambda: decode_quantized(coded), runs, budget)
+    # dependent quantization of the same weights (62 levels, lambda 0.01): the trellis, then its context model
+    pruned = np.where(keep, weights, 0.0).reshape(-1)
+    dependent_1d(pruned[:784], 62, 0.01, row_length=784)  # compile
+    t0 = time.perf_counter()
+    dependent = dependent_1d(pruned, 62, 0.01, row_length=784)[1]
+    trellis = time.perf_counter() - t0
+    dq = cabac.DEPENDENT_CONTEXT_MODEL
+    dq_payload, dq_params = cabac.encode(dependent, 784, context_model=dq)
+    dq_enc = best_time(lambda: cabac.encode(dependent, 784, context_model=dq), runs, budget)
+    dq_dec = best_time(lambda: cabac.decode(dq_payload, dq_params, dependent.size), runs, budget)
     return {
         "weights": int(flat.size), "density": density, "cabac_bytes": len(payload),
         "huffman_bytes": len(coded.weights_stream) + len(coded.positions_stream),
         "cabac_encode_MBps": mb / enc, "cabac_decode_MBps": mb / dec,
         "huffman_encode_MBps": mb / huff_enc, "huffman_decode_MBps": mb / huff_dec,
+        "dq_bytes": len(dq_payload), "dq_trellis_MBps": mb / trellis, "dq_encode_MBps": mb / dq_enc,
+        "dq_decode_MBps": mb / dq_dec,
     }
 
 
@@ -194,13 +209,14 @@ def main() -> None:
     count = 1_000_000 if args.quick else 5_000_000
     print(f"\nspeed, {count:,} weights in rows of 784, single thread (MB/s of fp32-equivalent weights)")
     print(f"{'density':>8} {'cabac B':>10} {'huffman B':>10} {'cabac enc':>10} {'cabac dec':>10} "
-          f"{'huf enc':>10} {'huf dec':>10}")
+          f"{'huf enc':>10} {'huf dec':>10} {'dq B':>10} {'trellis':>10} {'dq enc':>10} {'dq dec':>10}")
     results["speed"] = []
     for density in (0.08, 1.0):
         s = speed(count, density, args.quick)
         results["speed"].append(s)
         print(f"{density:>8.2f} {s['cabac_bytes']:>10,} {s['huffman_bytes']:>10,} {s['cabac_encode_MBps']:>10.1f} "
-              f"{s['cabac_decode_MBps']:>10.1f} {s['huffman_encode_MBps']:>10.1f} {s['huffman_decode_MBps']:>10.1f}")
+              f"{s['cabac_decode_MBps']:>10.1f} {s['huffman_encode_MBps']:>10.1f} {s['huffman_decode_MBps']:>10.1f} "
+              f"{s['dq_bytes']:>10,} {s['dq_trellis_MBps']:>10.1f} {s['dq_encode_MBps']:>10.1f} {s['dq_decode_MBps']:>10.1f}")
 
     results["runtime_s"] = time.perf_counter() - started
     write_json(RESULTS, results)
