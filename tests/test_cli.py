@@ -245,6 +245,19 @@ def test_quantize_with_a_rate_term_prunes_more_and_reports_bad_settings(dense, t
         main(["quantize", str(pruned), "--method", "lloyd", "--out", str(tmp_path / "x.pt")])
 
 
+def test_dependent_quantization_from_the_command_line_writes_its_context_model(dense, tmp_path, capsys):
+    from deepshrink.format import read_header
+
+    pruned, quant, packed = tmp_path / "p.pt", tmp_path / "q.pt", tmp_path / "m.dsz"
+    assert main(["prune", str(dense), "--q", "70", "--out", str(pruned)]) == 0
+    assert main(["quantize", str(pruned), "--bits", "5", "--method", "dq", "--lambda", "0.01", "--out", str(quant)]) == 0
+    assert "dq" in capsys.readouterr().out
+    assert main(["encode", str(quant), "--coder", "cabac", "--out", str(packed)]) == 0
+    models = {e["coder_params"]["context_model"] for e in read_header(packed)["tensors"].values() if "coder_params" in e}
+    assert models == {"sig24-sign27-gt24k-eg0-warmup-dq8"}
+    assert main(["eval", str(packed), *DATA]) == 0
+
+
 def test_finetune_and_centroid_training_learn_from_a_teacher(dense, tmp_path, capsys):
     pruned = tmp_path / "p.pt"
     assert main(["prune", str(dense), "--q", "80", "--out", str(pruned)]) == 0
