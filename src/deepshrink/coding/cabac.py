@@ -26,6 +26,12 @@ LeNet-300-100, about 1% on convolutions):
    |v| - T - 1 follows as order-0 Exp-Golomb in bypass bins (n ones, a zero, then the n bits of
    remainder + 1 below its leading one, most significant first).
 
+Model ``sig24-sign27-gt24k-eg0-warmup-dq8`` codes the levels j of dependent (trellis-coded)
+quantization: an 8-state machine (NNC's) starts in state 0 and moves on the parity of each coded k;
+state s quantizes with quantizer q = s & 1, which makes even j (q = 0) or odd j and 0 (q = 1), and
+the stream codes k with j = 2k - sign(k) q by the rules above applied to k, the ``gt_k`` context
+becoming ``51 + 24 (k - 1) + 12 q + ...`` (the rest as above). ``encode`` refuses levels off the machine.
+
 The earlier model ``sig12-sign9-gt6k-eg0-warmup`` (format version 2) is the same without ``left``:
 contexts ``4 * col_class + min(window, 3)``, ``12 + 3 * sign_class(column) + sign_class(row_last)``
 and ``21 + 6 * (k - 1) + 3 * (v < 0) + (|row_last| > k) + (|column| > k)``; both decode.
