@@ -22,6 +22,7 @@ $ds run lenet5-mnist-39x --data-dir $mnist --out runs/lenet5-mnist-39x "$@"
 # the same with dependent quantization (each repeats its base recipe's training: about 75 and 30 minutes)
 $ds run lenet300-mnist-dq --data-dir $mnist --out runs/lenet300-mnist-dq "$@"
 $ds run lenet5-mnist-dq --data-dir $mnist --out runs/lenet5-mnist-dq "$@"
+$ds run lenet5-mnist-100x --data-dir $mnist --out runs/lenet5-mnist-100x "$@"
 # ResNet-20 with full 45,000-image epochs (22 of them): 65 minutes on the idle 2-core machine
 $ds run resnet20-cifar10-24x --out runs/resnet20-cifar10-24x "$@"
 # the lab's weight-sharing tables at full length and the rate sweep, from that run's q=50 checkpoint
