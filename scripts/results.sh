@@ -33,6 +33,17 @@ $ds sweep bits "$fpruned" --out sweeps/r20-bits-full --data-dir $cifar --epochs 
 $ds sweep init "$fpruned" --out sweeps/r20-init-full --data-dir $cifar --epochs 1 --lr 0.001
 $ds sweep rate "$fpruned" --out sweeps/r20-50-v3 --data-dir $cifar --split validation --epochs 1 --lr 0.001 \
     --bits 4 --lambdas 0.01 0.03 --coder auto --raw-dtype float16 --fold-batchnorm
+# 24x from the 75% checkpoint: 8 more epochs, 12 more distilled from the dense reference, ECSQ 0.04
+# (about 45 + 60 + 12 minutes with one thread on the idle machine)
+r24=runs/r20-24x-from-75 && mkdir -p $r24
+$ds finetune runs/resnet20-cifar10-24x/06-finetune/checkpoint.pt --data-dir $cifar --epochs 8 --lr 0.01 \
+    --weight-decay 1e-4 --schedule cosine --validation 5000 --keep-best --out $r24/r20-75long.pt
+$ds finetune $r24/r20-75long.pt --data-dir $cifar --epochs 12 --lr 0.005 --weight-decay 1e-4 --schedule cosine \
+    --validation 5000 --keep-best --teacher runs/resnet20-cifar10-24x/02-train/checkpoint.pt --out $r24/r20-75kd.pt
+$ds quantize $r24/r20-75kd.pt --method ecsq --lambda 0.04 --bits 4 --init linear --train-centroids --epochs 2 \
+    --lr 0.001 --weight-decay 0 --validation 5000 --data-dir $cifar --out $r24/ecsq-0.04.pt
+$ds encode $r24/ecsq-0.04.pt --coder auto --raw-dtype float16 --codebook-dtype float16 --fold-batchnorm --out $r24/ecsq-0.04.dsz
+$ds eval $r24/ecsq-0.04.dsz --split validation --data-dir $cifar && $ds eval $r24/ecsq-0.04.dsz --data-dir $cifar
 $ds run recipes/resnet20-cifar10-cpu.yaml --out runs/resnet20-cifar10-cpu "$@"
 $ds run recipes/resnet20-cifar10-24x-cpu.yaml --out runs/resnet20-cifar10-24x-cpu "$@"
 dense=runs/resnet20-cifar10-cpu/02-train/checkpoint.pt     # the JPEG-adapted dense model
