@@ -373,6 +373,7 @@ def encode_levels(
 
 #: how far from the count of negative values ``_dependent_order`` looks for a dependent quantizer's zero
 _ZERO_SEARCH = 3
+_PREFIX = 1 << 16  # elements ``_dependent_order`` checks before mapping a whole tensor
 
 
 def _dependent_order(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -386,10 +387,17 @@ def _dependent_order(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndar
     size = codebook.size
     counted = int((codebook < 0).sum())
     slots = np.arange(1, size + 1)
+    head = indices.reshape(-1)[:_PREFIX]
     for n in sorted(range(max(0, counted - _ZERO_SEARCH), min(size, counted + _ZERO_SEARCH) + 1),
                     key=lambda n: abs(n - counted)):
         lookup = np.zeros(size + 1, dtype=np.int32)
         lookup[1:] = np.where(slots <= n, slots - n - 1, slots - n)
+        # every layer coded by cabac comes here once its ranks fail (all k-means layers do): a prefix of
+        # a dependent sequence is dependent (or all zero), so most splits are refused without mapping the
+        # whole tensor
+        start = lookup[head]
+        if start.any() and not cabac.is_dependent(start):
+            continue
         levels = lookup[indices]
         if cabac.is_dependent(levels.reshape(-1)):
             return levels, codebook, n
