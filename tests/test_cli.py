@@ -258,6 +258,23 @@ def test_dependent_quantization_from_the_command_line_writes_its_context_model(d
     assert main(["eval", str(packed), *DATA]) == 0
 
 
+def test_finetune_with_reassignment_retrains_a_quantized_model(dense, tmp_path):
+    pruned, quant, tuned, packed = (tmp_path / n for n in ("p.pt", "q.pt", "f.pt", "m.dsz"))
+    assert main(["prune", str(dense), "--q", "60", "--out", str(pruned)]) == 0
+    assert main(["quantize", str(pruned), "--method", "ecsq", "--lambda", "0.02", "--bits", "3", "--out", str(quant)]) == 0
+    assert main(["finetune", str(quant), "--epochs", "1", "--weight-decay", "0", "--reassign-lambda", "0.02",
+                 "--out", str(tuned)]) == 0
+    before, after = (load_checkpoint(p)[0] for p in (quant, tuned))
+    assert load_checkpoint(tuned)[1]["meta"]["finetune"]["reassign_lam"] == 0.02
+    moved = [name for name, module in after.named_modules() if hasattr(module, "parametrizations")
+             and not torch.equal(module.parametrizations.weight[0].indices,
+                                 before.get_submodule(name).parametrizations.weight[0].indices)]
+    assert moved  # weights changed level
+    assert main(["encode", str(tuned), "--out", str(packed)]) == 0
+    assert main(["eval", str(packed), *DATA]) == 0
+    assert main(["finetune", str(pruned), "--epochs", "1", "--reassign-lambda", "0.02", "--out", str(tuned)]) == 2
+
+
 def test_finetune_and_centroid_training_learn_from_a_teacher(dense, tmp_path, capsys):
     pruned = tmp_path / "p.pt"
     assert main(["prune", str(dense), "--q", "80", "--out", str(pruned)]) == 0

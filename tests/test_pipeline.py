@@ -253,6 +253,8 @@ TRAIN_FIRST = [{"train": {"epochs": 1}}]
         (TRAIN_FIRST + [{"finetune": {"teacher": "dense", "distill_weight": 0.5}}], "got 'dense'"),
         (TRAIN_FIRST + [{"finetune": {"teacher": 1}}], "distillation needs both 'teacher'"),
         (TRAIN_FIRST + [{"finetune": {"distill_weight": 0.5}}], "distillation needs both 'teacher'"),
+        (TRAIN_FIRST + [{"finetune": {"reassign_lam": 0.01}}], r"stage 2 \(finetune\): 'reassign_lam' retrains quantized"),
+        (TRAIN_FIRST + [{"quantize": {}}, {"finetune": {"reassign_lam": -1}}], "reassign_lam=-1"),
         ([{"train": 5}], r"stage 1 \(train\): options must be a mapping"),
         ("train", "'stages' must be a list"),
     ],

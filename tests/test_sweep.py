@@ -95,6 +95,23 @@ def test_rate_sweep_writes_the_size_vs_accuracy_frontier(trained, tmp_path):
     assert "file bytes" in result.report.read_text()
 
 
+def test_rate_sweep_retrains_each_point_with_reassignment_when_asked(trained, tmp_path, monkeypatch):
+    import deepshrink.sweep as sweep_module
+
+    configs = []
+    real_train = sweep_module.train
+    monkeypatch.setattr(sweep_module, "train", lambda model, data, config, **kw: (configs.append(config),
+                                                                                   real_train(model, data, config, **kw))[1])
+    model, payload = load_checkpoint(trained)
+    prune_model(model, PruneConfig(q=50))
+    pruned = save_checkpoint(tmp_path / "pruned.pt", model, SPEC, payload["meta"])
+    result = run_sweep("rate", pruned, tmp_path / "rate", epochs=1, bits=3, lambdas=(0.0, 0.05),
+                       reassign_epochs=1, reassign_lr=0.02)
+    # per point: reassignment at the point's own lambda, then centroid training
+    assert [(c.reassign_lam, c.lr) for c in configs] == [(0.0, 0.02), (None, 0.01), (0.05, 0.02), (None, 0.01)]
+    assert all(row["file_accuracy"] == row["retrained_accuracy"] for row in result.rows)
+
+
 def test_rate_sweep_writes_files_as_told(trained, tmp_path):
     model, payload = load_checkpoint(trained)
     prune_model(model, PruneConfig(q=50))

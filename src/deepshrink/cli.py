@@ -77,7 +77,7 @@ def _train_config(args):
         schedule=args.schedule, step_epochs=tuple(args.step_epochs), seed=args.seed,
         augment=not args.no_augment, progress=sys.stderr.isatty(), keep_best=args.keep_best, patience=args.patience,
         distill_weight=args.distill_weight if args.distill_weight is not None else (0.5 if args.teacher else 0.0),
-        distill_temperature=args.distill_temperature,
+        distill_temperature=args.distill_temperature, reassign_lam=getattr(args, "reassign_lambda", None),
     )
 
 
@@ -494,7 +494,8 @@ def cmd_sweep(args) -> None:
 
     encode = EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype, fold_batchnorm=args.fold_batchnorm)
     rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian,
-            "encode": encode} if args.kind == "rate" else {}
+            "encode": encode, "reassign_epochs": args.reassign_epochs,
+            "reassign_lr": args.reassign_lr} if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
                        epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory, **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
@@ -579,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_data_args(p)
     _add_train_args(p, epochs=10, lr=0.01)
+    p.add_argument("--reassign-lambda", type=float, metavar="LAMBDA",
+                   help="quantized model: train the float weights instead of the centroids, each moving to its "
+                        "cheapest level (error + LAMBDA x bits) at every step; the quantizer's lambda is the usual choice")
     _add_trust_arg(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -674,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw-dtype", choices=[d.value for d in StoredFloat], default=encode_defaults.raw_dtype.value,
                    help="how the files store biases and BatchNorm statistics")
     g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
+    g.add_argument("--reassign-epochs", type=int, default=0,
+                   help="quantization-aware retraining per point before the centroids train (the point's lambda)")
+    g.add_argument("--reassign-lr", type=float, default=0.01, help="its learning rate (cosine schedule)")
     p.set_defaults(func=cmd_sweep)
     return parser
 

@@ -1,7 +1,8 @@
 """Compression state: the parametrizations deepshrink attaches to weights, and everything that reads them.
 
 A pruned weight carries ``Masked`` (a bool ``mask`` buffer); a quantized weight carries
-``SharedWeights`` (trainable ``centroids`` and a fixed ``indices`` buffer, 0 = pruned). Both are
+``SharedWeights`` (trainable ``centroids`` and a fixed ``indices`` buffer, 0 = pruned); for the length of
+a quantization-aware retraining (``reassigning``) it carries ``Reassigned`` instead. They are
 ``torch.nn.utils.parametrize`` parametrizations, so they live in ``model.state_dict()``. This module
 is their one home: the walk over parametrized weights, ``masks``, ``strip``, ``plain_state_dict``
 (the stripped state dict, computed without touching the model) and ``compression_state`` /
@@ -11,7 +12,9 @@ Pruning, quantization, encoding and checkpoints import it; it imports none of th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
@@ -21,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from .config import enum_value
 from .errors import CheckpointError, ConfigError
-from .layers import resolve, tie_parametrizations, weight_kind
+from .layers import resolve, tie_parametrizations, tied_weights, weight_kind
 
 # ---------------------------------------------------------------------------------------------------
 # The parametrizations
@@ -143,6 +146,90 @@ def fold_zero_centroids(centroids: torch.Tensor, indices: torch.Tensor) -> tuple
     renumber = torch.cat([kept.new_zeros(1, dtype=torch.long), torch.cumsum(kept.long(), 0) * kept.long()])
     folded = renumber.to(indices.device)[indices.long()]
     return centroids[kept], folded.to(index_dtype(int(kept.sum())))
+
+
+def cheapest_level_bounds(levels: torch.Tensor, penalties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each level is the cheapest: ``argmin_k (w - levels[k])^2 + penalties[k]`` as intervals of w.
+
+    Every cost is w^2 plus a line in w (slope ``-2 c``, intercept ``c^2 + p``), so the cheapest level
+    is the lower envelope of K lines: a few intervals, found once per call, and each weight's level
+    is then one ``torch.bucketize`` (O(n log K) time, O(n) memory, where a cost table would be n x K).
+
+    Args:
+        levels: (K,) float levels in ascending order.
+        penalties: (K,) costs added to each level's squared error; +inf = never chosen.
+
+    Returns:
+        (bounds, winners): ``winners[i]`` (an index into ``levels``) is the cheapest level for w in
+        ``(bounds[i-1], bounds[i]]``; ``bounds`` is ascending, one shorter than ``winners``.
+    """
+    c = levels.detach().double().cpu().tolist()
+    intercept = [ci * ci + float(pi) for ci, pi in zip(c, penalties.detach().double().cpu().tolist())]
+    hull: list[int] = []
+
+    def crossing(a: int, b: int) -> float:  # c[a] < c[b]: a is cheaper below this w, b above
+        return (intercept[b] - intercept[a]) / (2.0 * (c[b] - c[a]))
+
+    for k in range(len(c)):
+        if math.isinf(intercept[k]):
+            continue
+        if hull and c[hull[-1]] == c[k]:  # equal levels: the cheaper one stays
+            if intercept[k] >= intercept[hull[-1]]:
+                continue
+            hull.pop()
+        while len(hull) >= 2 and crossing(hull[-2], k) <= crossing(hull[-2], hull[-1]):
+            hull.pop()  # hull[-1] is never the cheapest
+        hull.append(k)
+    bounds = [crossing(a, b) for a, b in zip(hull, hull[1:])]
+    return torch.tensor(bounds, dtype=levels.dtype, device=levels.device), torch.tensor(hull, dtype=torch.long, device=levels.device)
+
+
+class Reassigned(nn.Module):
+    """Parametrization for quantization-aware retraining of a quantized weight (see ``reassigning``).
+
+    The stored original is the layer's float weight, and it trains; the forward value is the level each
+    weight is assigned to, and the gradient passes straight through to the float weight (the
+    straight-through estimator, Bengio et al. 2013). The levels stay fixed. In training mode every
+    forward reassigns each weight to the level minimising ``(w - c)^2 / scale + lam * bits(c)``, with
+    ``bits`` from the level counts of the previous step (ECSQ's assignment, Choi et al. 2017), so
+    weights cross to the neighbouring level as they train, and with ``lam > 0`` they may cross to zero
+    (or back). Weights that were zero when retraining began (pruned) stay zero: their gradient is masked.
+
+    Buffers: ``codebook`` (K+1,): 0.0 followed by the levels; ``keep`` bool, shaped like the weight;
+    ``counts`` (K+1,): members of each codebook entry in the last training step.
+    """
+
+    def __init__(self, levels: torch.Tensor, keep: torch.Tensor, counts: torch.Tensor, lam: float, scale: float):
+        super().__init__()
+        self.lam, self.scale = float(lam), float(scale)
+        self.register_buffer("codebook", torch.cat([levels.new_zeros(1), levels.detach()]).float())
+        self.register_buffer("keep", keep.detach().clone().bool())
+        self.register_buffer("counts", counts.detach().clone().double())
+
+    def assign(self, weight: torch.Tensor) -> torch.Tensor:
+        """Each weight's codebook index: 0 = zero, k = the k-th level (long, shaped like ``weight``)."""
+        if self.lam > 0:
+            counts = self.counts.clone()
+            counts[0] = counts[0].clamp_min(1)  # zero is always on offer (as in quantize.ecsq_1d)
+            penalties = self.scale * self.lam * -torch.log2(counts / counts.sum())  # empty level: +inf, never again
+        else:  # distortion only: every level on offer, and zero to none (it would prune at no gain in rate)
+            penalties = torch.zeros_like(self.counts)
+            penalties[0] = math.inf
+        order = torch.argsort(self.codebook)
+        bounds, winners = cheapest_level_bounds(self.codebook[order], penalties.to(self.codebook.device)[order])
+        indices = order[winners[torch.bucketize(weight.detach().float(), bounds)]]
+        return torch.where(self.keep, indices, 0)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            indices = self.assign(weight)
+            if self.training:
+                self.counts.copy_(torch.bincount(indices.reshape(-1), minlength=self.counts.numel()).double())
+        straight_through = (weight - weight.detach()) * self.keep
+        return self.codebook.to(weight.dtype)[indices] + straight_through
+
+    def extra_repr(self) -> str:
+        return f"levels={self.codebook.numel() - 1}, lam={self.lam:g}"
 
 
 #: Parametrization kinds deepshrink attaches, by the ``kind`` recorded in checkpoints.
@@ -289,3 +376,72 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
             fqn, weight = replaced[prefix]
             plain.setdefault(fqn, weight)
     return plain, shared
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization-aware retraining
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def reassigning(model: nn.Module, lam: float) -> Iterator[int]:
+    """Within the block, every quantized weight retrains as a float weight that moves between its levels.
+
+    Each ``SharedWeights`` becomes ``Reassigned`` with the same levels: its stored float weight (the
+    values it had before quantization) trains with the straight-through estimator, and every training
+    step reassigns each weight to its cheapest level for squared error / scale + ``lam`` x bits
+    (``scale``: the mean square of the layer's non-zero float weights, as ``quantize.ecsq_1d`` scales
+    it; ``lam``: the quantizer's own keeps its rate trade-off, 0 = nearest level and no new zeros). On
+    leaving (also on an error), each weight becomes ``SharedWeights`` again with the last assignment:
+    levels nobody uses are dropped, the float weight is frozen, and the centroids can train as before.
+    Weights pruned before quantization stay zero throughout.
+
+    A dependent-quantization (``dq``) layer loses its state machine here: its levels become a plain
+    codebook, coded without the trellis model.
+
+    Yields:
+        the number of quantized weights being retrained.
+
+    Raises:
+        ConfigError: ``lam`` is negative or not finite, or the model has no quantized weight.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"reassignment's lambda must be a finite number >= 0, got {lam!r}")
+    aliases = tied_weights(model)
+    layers = []
+    for fqn, module, name, plist in list(parametrized_tensors(model)):
+        if fqn in aliases or not any(isinstance(p, SharedWeights) for p in plist):
+            continue
+        if len(plist) != 1:  # quantize_model bakes masks in: a list is a model deepshrink did not build
+            raise ConfigError(f"{fqn}: expected one SharedWeights parametrization, found "
+                              f"{', '.join(type(p).__name__ for p in plist)}")
+        layers.append((fqn, module, name, plist[0]))
+    if not layers:
+        raise ConfigError("reassignment retrains quantized weights, and this model has none: quantize it first")
+    for fqn, module, name, shared in layers:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)  # the float weight again
+        weight = getattr(module, name)
+        keep = weight.detach() != 0  # quantize_model stored the pruned weights as exact zeros
+        nonzero = weight.detach()[keep].double()
+        scale = float(nonzero.square().mean()) if nonzero.numel() else 0.0
+        counts = torch.bincount(shared.indices.reshape(-1).long(), minlength=shared.centroids.numel() + 1)
+        parametrize.register_parametrization(
+            module, name, Reassigned(shared.centroids.detach(), keep, counts, lam, scale if scale > 0 else 1.0))
+        module.parametrizations[name].original.requires_grad_(True)
+    tie_parametrizations(model)
+    try:
+        yield len(layers)
+    finally:
+        for fqn, module, name, shared in layers:
+            plist = module.parametrizations[name]
+            reassigned = plist[0]
+            with torch.no_grad():
+                indices = reassigned.assign(plist.original)
+            used = torch.bincount(indices.reshape(-1), minlength=reassigned.codebook.numel())[1:] > 0
+            renumber = torch.cat([used.new_zeros(1, dtype=torch.long), torch.cumsum(used.long(), 0) * used.long()])
+            centroids = reassigned.codebook[1:][used]
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            frozen = SharedWeights(centroids, renumber[indices], shared.bits, shared.gradient)
+            parametrize.register_parametrization(module, name, frozen.to(centroids.device))
+            module.parametrizations[name].original.requires_grad_(False)
+        tie_parametrizations(model)

@@ -160,6 +160,9 @@ class Recipe:
                                         or not 1 <= teacher <= i):
                 raise ConfigError(f"{source}: stage {i + 1} ({kind}): 'teacher' must be the number of an earlier "
                                   f"stage (1..{i}), whose model teaches this one; got {teacher!r}")
+            if options.get("reassign_lam") is not None and all(k != "quantize" for k, _ in stages):
+                raise ConfigError(f"{source}: stage {i + 1} ({kind}): 'reassign_lam' retrains quantized weights; "
+                                  "a 'quantize' stage must come before it")
             stages.append((kind, dict(options)))
         model = raw["model"] if isinstance(raw["model"], dict) else {"arch": raw["model"]}
         dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}

@@ -22,7 +22,7 @@ import functools
 import io
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -70,6 +70,8 @@ def run_sweep(
     on_point: Callable[[dict], None] | None = None,
     trust_factory: bool = False,
     encode: EncodeConfig | None = None,
+    reassign_epochs: int = 0,
+    reassign_lr: float = 0.01,
 ) -> SweepResult:
     """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
 
@@ -80,6 +82,8 @@ def run_sweep(
         trust_factory: build a checkpoint whose model is a ``pkg.module:factory`` (runs that code).
         lambdas, method, hessian: the ``rate`` sweep's points and quantizer (see ``QuantizeConfig``).
         encode: how the ``rate`` sweep writes its files (coder, stored float precision); default ``EncodeConfig()``.
+        reassign_epochs, reassign_lr: the ``rate`` sweep's quantization-aware retraining of each point
+            (``TrainConfig.reassign_lam`` = the point's lambda) before its centroid training; 0 = none.
         split: "test" (report) or "validation" (choose: needs a checkpoint whose dataset has one).
     """
     spec = _sweeps().get(kind)
@@ -89,6 +93,7 @@ def run_sweep(
         if not lambdas:
             raise ConfigError("the rate sweep needs at least one lambda")
         rate_configs = [QuantizeConfig(bits=bits, method=method, lam=lam, hessian=hessian) for lam in lambdas]
+        reassign = TrainConfig(epochs=reassign_epochs, lr=reassign_lr, weight_decay=0.0, progress=False)
     _, payload = load_checkpoint(checkpoint, trust_factory=trust_factory)
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
@@ -125,7 +130,12 @@ def run_sweep(
     points = spec.points
     if kind == "rate":
         fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
-        points = functools.partial(points, configs=rate_configs, fisher=fisher, files=out_dir,
+
+        def reassigned(model: nn.Module, lam: float) -> None:
+            if reassign.epochs > 0:
+                train(model.to(dev), train_data, replace(reassign, reassign_lam=lam), device=dev)
+
+        points = functools.partial(points, configs=rate_configs, fisher=fisher, reassigned=reassigned, files=out_dir,
                                    spec=payload["model"], dataset=payload["meta"]["dataset"],
                                    encode=encode or EncodeConfig(), trust_factory=trust_factory)
     rows = []
@@ -189,8 +199,8 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
-def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: Path, spec: dict, dataset: dict,
-                 encode: EncodeConfig, trust_factory: bool):
+def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, reassigned, files: Path, spec: dict,
+                 dataset: dict, encode: EncodeConfig, trust_factory: bool):
     # imported here: only the rate sweep writes and reads files
     from .compress import compress_model, load
 
@@ -198,8 +208,10 @@ def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, files: P
         model = fresh()
         importance = fisher(model) if fisher is not None else None  # from training batches only
         quantize_model(model, config, importance)
-        row = {"lambda": config.lam, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
+        row = {"lambda": config.lam, "accuracy": accuracy(model)}
+        reassigned(model, config.lam)
         row["retrained_accuracy"] = retrained(model)
+        row["sparsity"] = _sparsity(model)  # after retraining: reassignment moves weights to and from zero
         path = files / f"lambda-{config.lam:g}.dsz"
         # the checkpoint's dataset record, so that `deepshrink eval FILE` loads and normalises the data as training did
         file_report = compress_model(model.cpu(), path, encode, model_spec=spec,

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .compression import reassigning
 from .config import enum_value
 from .data import Batches, ImageData
 from .errors import ConfigError, DataError, DeepShrinkError
@@ -84,6 +85,10 @@ class TrainConfig:
     # (1 - w) x cross-entropy + w x distillation_loss; w = 0 trains on the labels alone
     distill_weight: float = 0.0
     distill_temperature: float = 4.0  # softens both models' outputs; Hinton et al. used 2-20
+    # quantized layers: None trains their shared values, the assignments fixed (the paper's centroid
+    # fine-tuning); a number trains their float weights instead, each moving to its cheapest level at
+    # every step for this rate weight (quantization-aware retraining, ``compression.reassigning``)
+    reassign_lam: float | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -132,6 +137,9 @@ class TrainConfig:
             fail("distill_weight", "a number in [0, 1]")
         if not self.distill_temperature > 0:
             fail("distill_temperature", "a positive number")
+        lam = self.reassign_lam
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0):
+            fail("reassign_lam", "null or a finite number >= 0")
 
 
 @dataclass
@@ -337,7 +345,8 @@ def train(
     Only ``validation_data`` steers training (``keep_best``, ``patience``); ``eval_data`` (the test
     split) is reported and never read by any decision.
 
-    Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only).
+    Only tensors with ``requires_grad`` are optimised (a quantized layer trains its centroids only,
+    or with ``config.reassign_lam`` set its float weights, reassigned to its levels at every step).
 
     Args:
         callback: called on every rank with each epoch's record (check ``is_main_process()``
@@ -359,6 +368,11 @@ def train(
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
+    if config.reassign_lam is not None:  # the same loop, over the float weights of the quantized layers
+        with reassigning(model, config.reassign_lam):
+            return train(model, data, replace(config, reassign_lam=None), eval_data=eval_data,
+                         validation_data=validation_data, device=device, callback=callback, group=group,
+                         teacher=teacher)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # DDP needs an explicit device index
         device = torch.device("cuda", torch.cuda.current_device())
