@@ -100,6 +100,14 @@ def test_an_error_inside_leaves_the_model_quantized_and_a_checkpoint_loads(tmp_p
     assert torch.equal(loaded.fc1.weight, model.fc1.weight)
 
 
+def test_a_layer_pruned_to_nothing_passes_through():
+    model = quantized_mlp(q=100)  # every weight pruned: no levels at all
+    assert shared(model).centroids.numel() == 0
+    with reassigning(model, 0.0):
+        model(quadrant_data().images[:4].float())
+    assert shared(model).centroids.numel() == 0 and not shared(model).indices.any()
+
+
 def test_tied_weights_stay_tied():
     class Tied(nn.Module):
         def __init__(self):

@@ -217,6 +217,8 @@ class Reassigned(nn.Module):
             penalties[0] = math.inf
         order = torch.argsort(self.codebook)
         bounds, winners = cheapest_level_bounds(self.codebook[order], penalties.to(self.codebook.device)[order])
+        if winners.numel() == 0:  # no level on offer (a layer pruned to nothing at lambda 0)
+            return torch.zeros_like(weight, dtype=torch.long)
         indices = order[winners[torch.bucketize(weight.detach().float(), bounds)]]
         return torch.where(self.keep, indices, 0)
 
