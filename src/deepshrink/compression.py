@@ -142,7 +142,11 @@ def fold_zero_centroids(centroids: torch.Tensor, indices: torch.Tensor) -> tuple
     zero = centroids.detach() == 0
     if not bool(zero.any()):
         return centroids, indices
-    kept = ~zero
+    return keep_centroids(centroids, indices, ~zero)
+
+
+def keep_centroids(centroids: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centroids where ``kept`` (bool, (K,)) is true, indices renumbered; the others' weights get index 0."""
     renumber = torch.cat([kept.new_zeros(1, dtype=torch.long), torch.cumsum(kept.long(), 0) * kept.long()])
     folded = renumber.to(indices.device)[indices.long()]
     return centroids[kept], folded.to(index_dtype(int(kept.sum())))
@@ -189,9 +193,9 @@ class Reassigned(nn.Module):
 
     The stored original is the layer's float weight, and it trains; the forward value is the level each
     weight is assigned to, and the gradient passes straight through to the float weight (the
-    straight-through estimator, Bengio et al. 2013). The levels stay fixed. In training mode every
-    forward reassigns each weight to the level minimising ``(w - c)^2 / scale + lam * bits(c)``, with
-    ``bits`` from the level counts of the previous step (ECSQ's assignment, Choi et al. 2017), so
+    straight-through estimator, Bengio et al. 2013). The levels stay fixed. Every forward assigns each
+    weight to the level minimising ``(w - c)^2 / scale + lam * bits(c)``, with ``bits`` from the level
+    counts of the last training step (ECSQ's assignment, Choi et al. 2017; only training updates them), so
     weights cross to the neighbouring level as they train, and with ``lam > 0`` they may cross to zero
     (or back). Weights that were zero when retraining began (pruned) stay zero: their gradient is masked.
 
@@ -440,10 +444,9 @@ def reassigning(model: nn.Module, lam: float) -> Iterator[int]:
             with torch.no_grad():
                 indices = reassigned.assign(plist.original)
             used = torch.bincount(indices.reshape(-1), minlength=reassigned.codebook.numel())[1:] > 0
-            renumber = torch.cat([used.new_zeros(1, dtype=torch.long), torch.cumsum(used.long(), 0) * used.long()])
-            centroids = reassigned.codebook[1:][used]
+            centroids, indices = keep_centroids(reassigned.codebook[1:], indices, used)  # unused levels dropped
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-            frozen = SharedWeights(centroids, renumber[indices], shared.bits, shared.gradient)
+            frozen = SharedWeights(centroids, indices, shared.bits, shared.gradient)
             parametrize.register_parametrization(module, name, frozen.to(centroids.device))
             module.parametrizations[name].original.requires_grad_(False)
         tie_parametrizations(model)
