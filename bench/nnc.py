@@ -37,6 +37,10 @@ torchvision) as a subprocess on plain numpy weights (.npz in, .nnc and decoded .
 Where NNCodec is not installed (and not set up), the bench says so, measures our side only and exits 0.
 Prints a table per run and writes bench/results/nnc.json (machine, versions, date, git SHA, every point).
 
+``--encode KEY=VALUE ...`` overrides the recipe's encode options for our points (e.g.
+``fold_batchnorm=true raw_dtype=float16``, as newer recipes encode); ``--threads N`` sets torch's
+threads for our side (default 1).
+
 ``--nnc-bnf`` gives NNCodec its BatchNorm folding (as ``fold_batchnorm`` gives ours). ``--levels``
 measures the coders alone instead: NNCodec's bytes for the pruned weight tensors at each qp (defaults,
 without dependent quantization, and without its parameter optimisation too) beside our cabac stream
@@ -58,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from deepshrink.checkpoint import load_checkpoint
 from deepshrink.coding import cabac
@@ -283,6 +288,17 @@ def equal_levels(run_dir: Path, args, nnc_python: str, work: Path) -> dict:
     return {"recipe": recipe["name"], "checkpoint": str(pruned_ckpt), "rows": rows}
 
 
+def key_values(items: list[str]) -> dict:
+    """``["fold_batchnorm=true", ...]`` as options, each value read as YAML."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--encode {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
     recipe, kinds, q, pruned_ckpt = pruned_checkpoint(run_dir)
     quantize_options = recipe["stages"][q]["quantize"]
@@ -321,7 +337,8 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
              "file": str(recipe_file), "note": "the run's own file (centroids trained on the whole training split)",
              **errors(load(recipe_file), val, test)})
 
-    encode = make_config(EncodeConfig, {**encode_options, **({"coder": args.coder} if args.coder else {})}, "encode")
+    overrides = {**({"coder": args.coder} if args.coder else {}), **key_values(args.encode)}
+    encode = make_config(EncodeConfig, {**encode_options, **overrides}, "encode")
     settings = ([("kmeans", 0.0, False)] + [("ecsq", lam, False) for lam in args.lambdas]
                 + [("uniform", lam, False) for lam in args.uniform_lambdas]
                 + [("dq", lam, False) for lam in args.dq_lambdas]
@@ -515,6 +532,9 @@ def main() -> int:
     parser.add_argument("--hessian-lambdas", type=float, nargs="*", default=list(HESSIAN_LAMBDAS),
                         help="ECSQ lambdas with Fisher-weighted error (32 batches of the training images)")
     parser.add_argument("--coder", help="encode our points with this coder instead of the recipe's (e.g. auto)")
+    parser.add_argument("--encode", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="encode option of our points over the recipe's (e.g. fold_batchnorm=true "
+                             "codebook_dtype=float16, as the recipe's current version encodes)")
     parser.add_argument("--epochs", type=int, default=1, help="centroid training epochs per point of ours (0 = none)")
     parser.add_argument("--reassign-epochs", type=int, default=0,
                         help="quantization-aware retraining epochs per point of ours, before its centroid training")
@@ -523,6 +543,9 @@ def main() -> int:
                         help="compare the coders alone on equal levels (NNCodec's own, without dependent quantization)")
     parser.add_argument("--nnc-bnf", action="store_true",
                         help="NNCodec folds BatchNorm into scale and bias (its bnf tool), as our fold_batchnorm does")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for our side (default 1: on a shared 2-core machine a second thread "
+                             "mostly spins waiting for the first)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.report:
@@ -531,7 +554,7 @@ def main() -> int:
         return 0
     if not args.runs:
         parser.error("give run folders, or --report RESULTS.json")
-    torch.set_num_threads(1)  # on a shared 2-core machine a second thread mostly spins waiting for the first
+    torch.set_num_threads(args.threads)
 
     if args.setup and not (args.nnc_venv / "bin" / "python").exists():
         setup_nnc(args.nnc_venv)

@@ -347,3 +347,13 @@ def test_encode_fold_batchnorm_flag_reaches_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **kw: seen.update(kw) or sweep.SweepResult([], [], "r"))
     assert main(["sweep", "rate", str(ckpt), "--out", str(tmp_path / "s"), "--fold-batchnorm"]) == 0
     assert seen["encode"].fold_batchnorm is True
+
+
+def test_run_prints_each_stage_with_its_validation_accuracy(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": "mlp", "dataset": {"name": "digits", "validation": 100},
+                                  "stages": [{"train": {"epochs": 1, "progress": False}}, {"prune": {"q": 50}}]}))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("stage ")]
+    assert [line.split()[:3] for line in lines] == [["stage", "1", "train"], ["stage", "2", "prune"]]
+    assert all("(validation " in line for line in lines)

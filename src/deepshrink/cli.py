@@ -211,7 +211,8 @@ def _run(recipe, out, args) -> None:
     from .pipeline import run_recipe
 
     def on_stage(m):
-        console.print(f"  stage {m['stage']} {m['kind']:<9} accuracy {100 * m['accuracy']:.2f}%  "
+        validation = f" (validation {100 * m['validation_accuracy']:.2f}%)" if "validation_accuracy" in m else ""
+        console.print(f"  stage {m['stage']} {m['kind']:<9} accuracy {100 * m['accuracy']:.2f}%{validation}  "
                       f"sparsity {100 * m['sparsity']:.1f}%  ({m['seconds']:.1f} s)")
 
     result = run_recipe(recipe, out, data_dir=getattr(args, "data_dir", None), device=getattr(args, "device", None),
