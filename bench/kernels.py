@@ -1,7 +1,8 @@
 """How fast can a batch-1 sparse layer be on this CPU? The runtime's codebook kernel against lower bounds.
 
 Usage: ``python bench/kernels.py [--repeats 30] [--threads N]``. Prints a table and writes
-bench/results/kernels.json (machine, load average, every figure).
+bench/results/kernels.json (machine, load average, every figure); with ``--threads N``,
+kernels-Nthreads.json.
 
 Issue 10 asks for 3x over the dense float32 layer at batch 1 for each of AlexNet's fully connected
 layers (9%, 9% and 25% of weights kept, 5-bit shared weights). Any product over a CSR weight reads
@@ -127,8 +128,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per figure (median reported)")
     parser.add_argument("--threads", type=int, help="torch/runtime threads (default: torch's)")
     args = parser.parse_args()
+    results_json = RESULTS
     if args.threads:
         torch.set_num_threads(args.threads)
+        results_json = RESULTS.with_name(f"kernels-{args.threads}threads.json")
     threads = torch.get_num_threads()
     rng = np.random.default_rng(0)
     results = {"machine": machine_info(numba=numba.__version__, threads=threads, load_average_start=os.getloadavg()),
@@ -141,9 +144,9 @@ def main() -> None:
         rows.append(row)
     results["machine"]["load_average_end"] = os.getloadavg()
     Console(width=220).print(render_table(rows, COLUMNS, title=f"batch 1, {threads} threads, median of {args.repeats}"))
-    write_json(RESULTS, results)
+    write_json(results_json, results)
     print(f"load average {results['machine']['load_average_start']} -> {results['machine']['load_average_end']}; "
-          f"wrote {RESULTS.relative_to(ROOT)}")
+          f"wrote {results_json.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
