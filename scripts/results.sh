@@ -23,6 +23,8 @@ $ds run lenet5-mnist-39x --data-dir $mnist --out runs/lenet5-mnist-39x "$@"
 $ds run lenet300-mnist-dq --data-dir $mnist --out runs/lenet300-mnist-dq "$@"
 $ds run lenet5-mnist-dq --data-dir $mnist --out runs/lenet5-mnist-dq "$@"
 $ds run lenet5-mnist-100x --data-dir $mnist --out runs/lenet5-mnist-100x "$@"
+# the same pruning with ECSQ + quantization-aware retraining (repeats lenet5-mnist-100x's training)
+$ds run lenet5-mnist-130x --data-dir $mnist --out runs/lenet5-mnist-130x "$@"
 # ECSQ + quantization-aware retraining (repeats lenet300-mnist-sparse's training: about 75 minutes)
 $ds run lenet300-mnist-100x --data-dir $mnist --out runs/lenet300-mnist-100x "$@"
 # ResNet-20 with full 45,000-image epochs (22 of them): 65 minutes on the idle 2-core machine
