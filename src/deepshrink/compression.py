@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import enum_value
+from .config import check_lam, enum_value
 from .errors import CheckpointError, ConfigError
 from .layers import resolve, tie_parametrizations, tied_weights, weight_kind
 
@@ -411,8 +411,7 @@ def reassigning(model: nn.Module, lam: float) -> Iterator[int]:
     Raises:
         ConfigError: ``lam`` is negative or not finite, or the model has no quantized weight.
     """
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ConfigError(f"reassignment's lambda must be a finite number >= 0, got {lam!r}")
+    lam = check_lam(lam, "reassignment's lam")
     aliases = tied_weights(model)
     layers = []
     for fqn, module, name, plist in list(parametrized_tensors(model)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -33,6 +34,13 @@ def check_bits(bits, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= MAX_BITS:
         raise ConfigError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
     return int(bits)
+
+
+def check_lam(lam, what: str = "lam") -> float:
+    """A rate weight lambda as a float after checking it is a finite number >= 0 (ConfigError otherwise)."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"{what} (the rate weight lambda) must be a finite number >= 0, got {lam!r}")
+    return float(lam)
 
 
 def pattern_values(value, what: str, check: Callable[[Any, str], Any]) -> tuple[tuple[str, Any], ...]:

@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from . import trellis
 from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
-from .config import check_bits, check_patterns_match, enum_value, first_match, pattern_values
+from .config import check_bits, check_lam, check_patterns_match, enum_value, first_match, pattern_values
 from .encode import row_length_of
 from .errors import ConfigError
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
@@ -409,12 +409,6 @@ def kmeans_1d(
 _RD_CHUNK = 1 << 16
 
 
-def _check_lam(lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) or lam < 0:
-        raise ConfigError(f"lam (the rate weight lambda) must be a finite number >= 0, got {lam!r}")
-    return float(lam)
-
-
 def _check_iters(iters) -> int:
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise ConfigError(f"iters must be an integer >= 1, got {iters!r}")
@@ -525,7 +519,7 @@ def ecsq_1d(
     """
     values = _check_values(values)
     k = _check_k(num_levels)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     iters = _check_iters(iters)
     zeros = _check_zeros(zeros)
     h = _check_importance(weights, values.size)
@@ -609,7 +603,7 @@ def uniform_1d(
     values = _check_values(values)
     if isinstance(num_levels, bool) or not isinstance(num_levels, numbers.Integral) or num_levels < 2:
         raise ConfigError(f"num_levels of a uniform quantizer must be an integer >= 2, got {num_levels!r}")
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     iters = _check_iters(iters)
     zeros = _check_zeros(zeros) or 0
     h = _check_importance(weights, values.size)
@@ -676,7 +670,7 @@ def dependent_1d(
     x = _check_values(values).astype(np.float64)
     if isinstance(num_levels, bool) or not isinstance(num_levels, numbers.Integral) or num_levels < 2:
         raise ConfigError(f"num_levels of a dependent quantizer must be an integer >= 2, got {num_levels!r}")
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     iters = _check_iters(iters)
     row_length = (x.size or 1) if row_length is None else row_length
     if isinstance(row_length, bool) or not isinstance(row_length, numbers.Integral) or row_length < 1:
@@ -735,7 +729,7 @@ class QuantizeConfig:
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once here (lists from YAML become tuples)
         set_(self, "method", enum_value(QuantizeMethod, self.method, "quantization method"))
-        set_(self, "lam", _check_lam(self.lam))
+        set_(self, "lam", check_lam(self.lam))
         if not isinstance(self.hessian, bool):
             raise ConfigError(f"hessian must be true or false, got {self.hessian!r}")
         if self.method == QuantizeMethod.KMEANS.value and (self.lam > 0 or self.hessian):

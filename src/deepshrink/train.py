@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .compression import reassigning
-from .config import enum_value
+from .config import check_lam, enum_value
 from .data import Batches, ImageData
 from .errors import ConfigError, DataError, DeepShrinkError
 
@@ -137,9 +137,8 @@ class TrainConfig:
             fail("distill_weight", "a number in [0, 1]")
         if not self.distill_temperature > 0:
             fail("distill_temperature", "a positive number")
-        lam = self.reassign_lam
-        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0):
-            fail("reassign_lam", "null or a finite number >= 0")
+        if self.reassign_lam is not None:
+            check_lam(self.reassign_lam, "reassign_lam")
 
 
 @dataclass
