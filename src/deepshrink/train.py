@@ -138,7 +138,10 @@ class TrainConfig:
         if not self.distill_temperature > 0:
             fail("distill_temperature", "a positive number")
         if self.reassign_lam is not None:
-            check_lam(self.reassign_lam, "reassign_lam")
+            try:
+                check_lam(self.reassign_lam)
+            except ConfigError:
+                fail("reassign_lam", "null or a finite number >= 0")
 
 
 @dataclass
