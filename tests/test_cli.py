@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from deepshrink.checkpoint import load_checkpoint, save_checkpoint
 from deepshrink.cli import main
 from deepshrink.compress import load
+from deepshrink.format import read_header
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
@@ -306,6 +307,12 @@ def test_encode_raw_dtype_and_finetune_validation_flags(dense, tmp_path):
         assert main(["encode", str(tuned), "--out", str(path), "--raw-dtype", dtype]) == 0
         sizes[dtype] = path.stat().st_size
     assert sizes["float16"] < sizes["float32"]  # the biases are stored in half the bytes
+    grid = tmp_path / "grid.dsz"
+    assert main(["encode", str(tuned), "--out", str(grid), "--raw-dtype", "float16", "--grid-bits", "6"]) == 0
+    assert read_header(grid)["meta"]["encode"]["grid_bits"] == 6
+    assert "grid" in {e["codec"] for e in read_header(grid)["tensors"].values()}  # the MLP's 256 and 128 biases
+    assert grid.stat().st_size < sizes["float16"]
+    assert main(["encode", str(tuned), "--out", str(grid), "--grid-bits", "1"]) == 2  # a grid needs 2 bits
 
 
 def test_eval_reports_the_validation_split_a_file_holds_out(dense, tmp_path, capsys):
@@ -321,7 +328,6 @@ def test_eval_reports_the_validation_split_a_file_holds_out(dense, tmp_path, cap
 
 def test_encode_fold_batchnorm_flag_reaches_the_file(tmp_path, monkeypatch):
     from deepshrink import sweep
-    from deepshrink.format import read_header
 
     spec = {"arch": "resnet20", "kwargs": {}}
     torch.manual_seed(0)

@@ -264,9 +264,15 @@ def test_encoder_rejects_bad_settings():
 
 
 def test_empty_file_bytes_are_pinned():
-    header = b'{"format":"deepshrink","meta":{},"model":null,"payload_crc32":0,"tensors":{},"version":3}'
+    header = b'{"format":"deepshrink","meta":{},"model":null,"payload_crc32":0,"tensors":{},"version":4}'
+    deflate = zlib.compressobj(9, zdict=fmt.HEADER_DICTIONARY)
+    packed = deflate.compress(header) + deflate.flush()
+    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 4, 1, len(packed)) + packed
+    assert packed[1] & 0x20 and packed[2:6] == struct.pack(">I", zlib.adler32(fmt.HEADER_DICTIONARY))  # FDICT, DICTID
+    # version 3: the same header deflated without the dictionary
+    header = header.replace(b'"version":4', b'"version":3')
     packed = zlib.compress(header, 9)
-    assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 3, 1, len(packed)) + packed
+    assert b"".join(serialize({}, version=3)) == b"DSHRINK\0" + struct.pack("<HHQ", 3, 1, len(packed)) + packed
     # version 2: the header padded so that the payload starts on an 8-byte boundary
     header = b'{"format":"deepshrink","meta":{},"model":null,"tensors":{},"version":1}'
     packed = zlib.compress(header, 9)
@@ -527,15 +533,15 @@ def base_bytes():
     return attacks.base_file()
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_attack_base_files_are_valid(version, tmp_path):
     (tmp_path / "base.dsz").write_bytes(attacks.base_file(version))
     header, tensors = read_file(tmp_path / "base.dsz")
     assert sorted(tensors) == ["a.bias", "a.weight", "bn.num_batches_tracked", "bn.running_var", "c.weight",
-                               "p.weight", "z.weight"]
+                               *(["g.bias"] if version >= 4 else []), "p.weight", "z.weight"]
     assert header["tensors"]["z.weight"]["coder"] == "ans" and header["tensors"]["c.weight"]["codec"] == "cabac"
     assert header["version"] == version
-    assert header["tensors"]["bn.running_var"]["codec"] == ("constant" if version == 3 else "raw")
+    assert header["tensors"]["bn.running_var"]["codec"] == ("constant" if version >= 3 else "raw")
     assert torch.equal(tensors["bn.running_var"], torch.ones(4, dtype=torch.float16))
 
 
@@ -705,7 +711,7 @@ def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
 def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path, traced):
     # a hostile writer recomputes CRCs: the decoders themselves must reject or bound the damage
     header, payload, start = _split(model_files[coder])
-    assert header["version"] == 3  # one payload CRC32
+    assert header["version"] == fmt.VERSION  # one payload CRC32
     spans = {label: (s.begin, s.end) for label, s in fmt._parse(_write(tmp_path, model_files[coder]), 256).sections.items()}
     sections = [(name, part) for name, e in header["tensors"].items() for part in STREAMS.get(e["codec"], ())]
     assert sections

@@ -1,5 +1,7 @@
-"""The file format's ``cabac`` codec (version 2), the ``auto`` choice, and loading version-1 files."""
+"""The file format's ``cabac`` codec (version 2) and ``grid`` codec (version 4), the ``auto`` choice, and
+loading files of earlier versions."""
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,11 @@ from deepshrink.encode import (
     CabacTensor,
     CodedTensor,
     EncodeConfig,
+    GridTensor,
     RawTensor,
     decode_cabac,
+    decode_grid,
+    encode_grid,
     encode_levels,
     encode_quantized,
     encode_weight,
@@ -29,6 +34,7 @@ from deepshrink.compress import compress_model, load
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 
 FIXTURE_V1 = Path(__file__).parent / "format_fixtures" / "v1-huffman-ans.dsz"
+FIXTURE_V3 = Path(__file__).parent / "format_fixtures" / "v3-cabac-constant.dsz"
 
 
 def dense(indices, codebook):
@@ -78,7 +84,7 @@ def test_every_level_count_up_to_256_through_a_file(tmp_path):
         tensors[f"w{k}"] = (indices, codebook)
     write_file(tmp_path / "f.dsz", {n: encode_levels(i, c, 8) for n, (i, c) in tensors.items()})
     header, decoded = read_file(tmp_path / "f.dsz")
-    assert header["version"] == 3
+    assert header["version"] == fmt.VERSION
     for name, (indices, codebook) in tensors.items():
         assert np.array_equal(decoded[name].numpy(), dense(indices, codebook)), name
 
@@ -139,7 +145,7 @@ def test_models_compress_and_load_with_the_new_coders(coder, tmp_path):
     header, tensors = read_file(tmp_path / f"{coder}.dsz")
     assert all(torch.equal(tensors[name], expected[name]) for name in expected)
     codecs = {entry["codec"] for entry in header["tensors"].values()} - {"constant"}
-    assert header["version"] == 3
+    assert header["version"] == fmt.VERSION
     if coder == "cabac":
         assert codecs == {"raw", "cabac"}
         assert {r["codec"] for r in report.rows} - {"constant"} == {"raw", "cabac"}
@@ -152,13 +158,13 @@ def test_older_layouts_stamp_the_lowest_version_that_holds_the_codecs(tmp_path):
     indices, codebook = quantized(np.random.default_rng(1), (4, 5), 3, 0.5)
     raw = {"b": RawTensor(np.zeros(2, np.float32))}
     paper, levels = {**raw, "w": encode_quantized(indices, codebook, 2, 3)}, {**raw, "w": encode_levels(indices, codebook, 2)}
-    assert b"".join(serialize(paper))[8:10] == (3).to_bytes(2, "little")  # the default: the current layout
+    assert b"".join(serialize(paper))[8:10] == (4).to_bytes(2, "little")  # the default: the current layout
     assert b"".join(serialize(paper, version=2))[8:10] == (1).to_bytes(2, "little")
     assert b"".join(serialize(levels, version=2))[8:10] == (2).to_bytes(2, "little")
     with pytest.raises(ConfigError, match="cabac needs version 2"):
         serialize(levels, version=1)
     with pytest.raises(ConfigError, match="format version"):
-        serialize(levels, version=4)
+        serialize(levels, version=5)
     # version 2 readers know only the first context model: the writer re-codes the same levels with it
     write_file(tmp_path / "levels-v2.dsz", levels, version=2)
     header, tensors = read_file(tmp_path / "levels-v2.dsz")
@@ -166,7 +172,7 @@ def test_older_layouts_stamp_the_lowest_version_that_holds_the_codecs(tmp_path):
     assert levels["w"].coder_params["context_model"] == cabac.CONTEXT_MODEL != cabac.LEGACY_CONTEXT_MODEL
     assert torch.equal(tensors["w"], torch.from_numpy(dense(indices, codebook)))
     decoded = []
-    for version in (1, 2, 3):  # every layout reads back the same tensors
+    for version in (1, 2, 3, 4):  # every layout reads back the same tensors
         write_file(tmp_path / f"v{version}.dsz", paper, version=version)
         decoded.append(read_file(tmp_path / f"v{version}.dsz")[1])
     assert all(torch.equal(d[k], decoded[0][k]) for d in decoded for k in ("w", "b"))
@@ -191,13 +197,107 @@ def test_a_version_1_file_written_before_cabac_still_loads():
     assert isinstance(load(FIXTURE_V1), dict)
 
 
-def test_versions_past_3_are_refused(tmp_path):
+def test_a_version_3_file_written_before_grid_still_loads():
+    # written by deepshrink at 2a54fbe (format version 3: header deflated without the dictionary)
+    data = FIXTURE_V3.read_bytes()
+    assert data[8:10] == (3).to_bytes(2, "little")
+    header, tensors = read_file(FIXTURE_V3)
+    assert header["version"] == 3 and header["meta"]["written_by"].endswith("(format version 3)")
+    assert [header["tensors"][n]["codec"] for n in ("bn.running_var", "conv.weight", "fc.bias", "fc.weight")] == [
+        "constant", "deep_compression", "raw", "cabac"]
+    rng = np.random.default_rng(2026)  # the generator's recipe, as for version 1
+    indices = np.where(rng.random((12, 20)) < 0.25, rng.integers(1, 5, (12, 20)), 0)
+    codebook = np.array([-0.75, -0.25, 0.5, 1.0], np.float32)
+    assert np.array_equal(tensors["fc.weight"].numpy(), dense(indices, codebook))
+    assert np.array_equal(tensors["conv.weight"].numpy(), dense(indices, codebook).reshape(12, 5, 2, 2))
+    assert np.array_equal(tensors["fc.bias"].numpy(), np.arange(12, dtype=np.float32) / 8)
+    assert torch.equal(tensors["bn.running_var"], torch.ones(4))
+    assert inspect_file(FIXTURE_V3).file_bytes == len(data)
+
+
+def test_versions_past_4_are_refused(tmp_path):
     data = bytearray(FIXTURE_V1.read_bytes())
-    data[8:10] = (4).to_bytes(2, "little")
-    (tmp_path / "v4.dsz").write_bytes(bytes(data))
-    with pytest.raises(UnsupportedVersion, match="version 4"):
-        read_header(tmp_path / "v4.dsz")
-    assert fmt.VERSIONS == (1, 2, 3)
+    data[8:10] = (5).to_bytes(2, "little")
+    (tmp_path / "v5.dsz").write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersion, match="version 5"):
+        read_header(tmp_path / "v5.dsz")
+    assert fmt.VERSIONS == (1, 2, 3, 4)
+
+
+# --- version 4: the grid codec and the header's dictionary ----------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=300), bits=st.integers(2, 16))
+def test_grid_round_trip_moves_each_value_by_at_most_half_a_step(values, bits):
+    array = np.array(values, np.float32)
+    grid = encode_grid(array, bits)
+    if not np.abs(array).max() > np.finfo(np.float32).tiny:
+        assert grid is None  # no grid spans an all-zero tensor
+        return
+    decoded = decode_grid(grid)
+    assert decoded.dtype == np.float32 and decoded.shape == array.shape
+    top = (1 << (bits - 1)) - 1
+    levels = np.rint(decoded / np.float32(grid.step))
+    assert np.abs(levels).max() <= top and np.array_equal(decoded, levels.astype(np.float32) * np.float32(grid.step))
+    assert np.all(np.abs(decoded.astype(np.float64) - array) <= grid.step * (0.5 + 1e-6))
+    assert grid.num_nonzero == np.count_nonzero(levels)
+
+
+def test_grid_tensors_round_trip_through_a_file_and_need_version_4(tmp_path):
+    rng = np.random.default_rng(4)
+    grids = {"b": encode_grid(rng.normal(0, 0.1, 200), 8), "z": encode_grid(np.array([0.0, 0.0, 1e-3]), 3),
+             "m": encode_grid(rng.normal(0, 1.0, (3, 40)), 6)}  # the format takes any shape: rows of 40
+    assert grids["m"].coder_params["row_length"] == 40 and grids["z"].num_nonzero == 1
+    path = write_file(tmp_path / "grid.dsz", grids)
+    header, tensors = read_file(path)
+    assert header["version"] == 4 and {e["codec"] for e in header["tensors"].values()} == {"grid"}
+    for name, grid in grids.items():
+        assert np.array_equal(tensors[name].numpy(), decode_grid(grid))
+    report = inspect_file(path)
+    assert report.totals["grid_bytes"] == sum(len(g.stream) for g in grids.values()) and report.totals["coded_tensors"] == 0
+    with pytest.raises(ConfigError, match="grid needs version 4"):
+        serialize(grids, version=3)
+
+
+def test_grid_bits_put_biases_on_a_grid_where_that_is_smaller(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+    plain, gridded = tmp_path / "plain.dsz", tmp_path / "grid.dsz"
+    compress_model(model, plain, EncodeConfig(raw_dtype="float16"))
+    compress_model(model, gridded, EncodeConfig(raw_dtype="float16", grid_bits=6))
+    codecs = {n: e["codec"] for n, e in read_header(gridded)["tensors"].items()}
+    assert codecs == {"0.bias": "grid", "0.weight": "raw", "2.bias": "raw", "2.weight": "raw"}  # 3 biases: raw is smaller
+    assert gridded.stat().st_size < plain.stat().st_size - 100  # 256 float16 biases: 512 B raw
+    bias = model[0].bias.detach()
+    loaded = load(gridded)  # no model spec: the state dict
+    step = read_header(gridded)["tensors"]["0.bias"]["step"]
+    assert step == pytest.approx(float(bias.abs().max()) / 31, rel=1e-6)
+    assert torch.all((loaded["0.bias"] - bias).abs() <= step / 2 * (1 + 1e-6))
+    assert torch.equal(loaded["2.bias"], model[2].bias.detach().half().float())
+    with pytest.raises(ConfigError, match="grid_bits"):
+        EncodeConfig(grid_bits=1)
+
+
+def test_the_header_dictionary_shrinks_the_header(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    sizes = {}
+    for version in (3, 4):
+        chunks = serialize({n: RawTensor(t.detach().numpy()) for n, t in model.state_dict().items()},
+                           {"arch": "mlp"}, {"encode": {"coder": "auto"}}, version=version)
+        sizes[version] = len(chunks[0])
+    assert sizes[4] < 0.8 * sizes[3]
+    assert fmt.HEADER_DICTIONARY.isascii() and len(fmt.HEADER_DICTIONARY) <= 32768  # deflate's window
+
+
+def test_docs_state_the_header_dictionary_byte_for_byte():
+    # another implementation reads the dictionary off docs/format.md: it must be the code's
+    text = (Path(__file__).parents[1] / "docs" / "format.md").read_text()
+    section = text[text.index("**The preset dictionary**"):]
+    start = section.index("```text\n") + 8
+    block = section[start : section.index("\n```", start)]
+    assert "".join(block.split("\n")).encode("ascii") == fmt.HEADER_DICTIONARY
+    assert f"{len(fmt.HEADER_DICTIONARY):,} ASCII bytes" in section and f"`{zlib.adler32(fmt.HEADER_DICTIONARY):#010x}`" in section
 
 
 def test_coded_tensor_classes_are_distinct():

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .coding import entropy_bits
-from .encode import (DTYPES, CabacTensor, CodedTensor, ConstantTensor, Encoded, RawTensor, decode_levels, decode_symbols,
-                     levels_entropy)
+from .encode import (DTYPES, CabacTensor, CodedTensor, ConstantTensor, Encoded, GridTensor, RawTensor, decode_grid,
+                     decode_levels, decode_symbols, levels_entropy)
 
 
 @dataclass(frozen=True)
@@ -116,20 +116,24 @@ def account(tensors: dict[str, Encoded], *, path: str, file_bytes: int, header_b
         encoded = tensors[name]
         numel, dense = _dense_bytes(encoded)
         dense_bytes += dense
-        codec = {RawTensor: "raw", ConstantTensor: "constant", CabacTensor: "cabac"}.get(type(encoded),
-                                                                                        "deep_compression")
+        codec = {RawTensor: "raw", ConstantTensor: "constant", CabacTensor: "cabac",
+                 GridTensor: "grid"}.get(type(encoded), "deep_compression")
         row = {"name": name, "codec": codec, "shape": list(encoded.shape), "numel": numel,
                **dict.fromkeys(_CODED_COLUMNS)}
         if isinstance(encoded, RawTensor):
             row.update(_raw_row(encoded.array))
         elif isinstance(encoded, ConstantTensor):  # the value is in the header: no payload bytes
             row.update(nonzero=numel if encoded.value else 0, stored_bytes=0)
+        elif isinstance(encoded, GridTensor):  # a bias or norm scale: stored like a raw tensor, not a weight
+            if encoded.levels_entropy_bits is None:  # read from a file: verify the stream as for coded tensors
+                decode_grid(encoded, f"{path}: tensor {name!r}")
+            row.update(nonzero=encoded.num_nonzero, stored_bytes=len(encoded.stream))
         elif isinstance(encoded, CabacTensor):
             row.update(_cabac_row(encoded, f"{path}: tensor {name!r}"))
         else:
             row.update(_coded_row(encoded, f"{path}: tensor {name!r}"))
         rows.append(row)
-    coded_rows = [r for r in rows if r["codec"] not in ("raw", "constant")]
+    coded_rows = [r for r in rows if r["codec"] not in ("raw", "constant", "grid")]
     totals = {
         "tensors": len(rows),
         "coded_tensors": len(coded_rows),
@@ -143,6 +147,7 @@ def account(tensors: dict[str, Encoded], *, path: str, file_bytes: int, header_b
         "position_entropy_bits": sum(r["position_entropy_bits"] for r in coded_rows),
         "codebook_bytes": sum(r["codebook_bytes"] for r in coded_rows),
         "raw_bytes": sum(r["stored_bytes"] for r in rows if r["codec"] == "raw"),
+        "grid_bytes": sum(r["stored_bytes"] for r in rows if r["codec"] == "grid"),
         "header_bytes": header_bytes,
         "padding_bytes": file_bytes - header_bytes - sum(r["stored_bytes"] for r in rows),
     }

@@ -416,7 +416,7 @@ def cmd_encode(args) -> None:
     config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
                           codebook_dtype=args.codebook_dtype, raw_dtype=args.raw_dtype,
                           include=tuple(args.include) if args.include else None,
-                          exclude=tuple(args.exclude), fold_batchnorm=args.fold_batchnorm)
+                          exclude=tuple(args.exclude), fold_batchnorm=args.fold_batchnorm, grid_bits=args.grid_bits)
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
     _print_file_report(file_report)
 
@@ -493,7 +493,8 @@ def cmd_sweep(args) -> None:
     from .encode import EncodeConfig
     from .sweep import run_sweep
 
-    encode = EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype, fold_batchnorm=args.fold_batchnorm)
+    encode = EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype, fold_batchnorm=args.fold_batchnorm,
+                          grid_bits=args.grid_bits)
     rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian,
             "encode": encode, "reassign_epochs": args.reassign_epochs,
             "reassign_lr": args.reassign_lr} if args.kind == "rate" else {}
@@ -507,6 +508,8 @@ def cmd_sweep(args) -> None:
 
 FOLD_BATCHNORM_HELP = ("store BatchNorm as scale and shift (same eval-mode outputs; running statistics reset, "
                        "so fine-tuning the loaded model is not the same)")
+GRID_BITS_HELP = ("store each 1-D float tensor (biases, norm scales) as context-coded levels on a grid of 2^B-1 "
+                  "steps spanning its largest magnitude, where that is smaller than raw (lossy; default: raw)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -630,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-dtype", choices=_values(StoredFloat), default=encode_defaults.codebook_dtype.value)
     p.add_argument("--raw-dtype", choices=_values(StoredFloat), default=encode_defaults.raw_dtype.value,
                    help="how biases and BatchNorm statistics are stored")
+    p.add_argument("--grid-bits", type=int, default=encode_defaults.grid_bits, help=GRID_BITS_HELP)
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
     p.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
@@ -678,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder, help="coder of the files")
     g.add_argument("--raw-dtype", choices=[d.value for d in StoredFloat], default=encode_defaults.raw_dtype.value,
                    help="how the files store biases and BatchNorm statistics")
+    g.add_argument("--grid-bits", type=int, default=encode_defaults.grid_bits, help=GRID_BITS_HELP)
     g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
     g.add_argument("--reassign-epochs", type=int, default=0,
                    help="quantization-aware retraining per point before the centroids train (the point's lambda)")

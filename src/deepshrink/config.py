@@ -29,10 +29,10 @@ def enum_value(enum: type[Enum], value, what: str) -> str:
 MAX_BITS = 16  # cluster bits and index bits: alphabets up to 65,536 symbols; beyond that sharing saves nothing
 
 
-def check_bits(bits, what: str = "bits") -> int:
-    """``bits`` as an int after checking it is an integer in 1..MAX_BITS (ConfigError otherwise)."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
+def check_bits(bits, what: str = "bits", low: int = 1) -> int:
+    """``bits`` as an int after checking it is an integer in low..MAX_BITS (ConfigError otherwise)."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not low <= bits <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer in {low}..{MAX_BITS}, got {bits!r}")
     return int(bits)
 
 

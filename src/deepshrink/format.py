@@ -1,14 +1,14 @@
 """Stage 4: the container that holds ``encode.py``'s coded and raw tensors, and its safe reader.
 
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
-length N, N bytes of zlib-compressed JSON header, then the payload: the sections (raw tensors,
-codebooks, coded streams) back to back in tensor-name order, their lengths in the header and one
-CRC32 over the payload. A quantized weight is stored as the paper describes (codec
-``deep_compression``: for each non-zero, its cluster index and the zero-run before it in
-``index_bits`` bits, with filler entries for longer runs) or as one context-coded stream of signed
-levels (codec ``cabac``); a tensor of one repeated value is that value (codec ``constant``).
-Versions 1 and 2 (8-byte aligned sections with stated offsets and a CRC32 each, no ``constant``)
-are still read, and written on request for older readers.
+length N, N bytes of zlib-compressed JSON header (with a preset dictionary from version 4), then the
+payload: the sections (raw tensors, codebooks, coded streams) back to back in tensor-name order,
+their lengths in the header and one CRC32 over the payload. A quantized weight is stored as the
+paper describes (codec ``deep_compression``: for each non-zero, its cluster index and the zero-run
+before it in ``index_bits`` bits, with filler entries for longer runs) or as one context-coded stream
+of signed levels (codec ``cabac``); a tensor of one repeated value is that value (codec
+``constant``); a float tensor on a uniform grid is its step and its context-coded levels (codec
+``grid``). Versions 1 to 3 are still read, and written on request for older readers.
 
 The reader treats every file as hostile: all checks that need no decoding run first, in a fixed
 order, and each failure raises its own ``FormatError`` subclass (see ``read_header``).
@@ -41,6 +41,7 @@ from .encode import (
     CodedTensor,
     ConstantTensor,
     Encoded,
+    GridTensor,
     RawTensor,
     decode_tensor,
     is_int,
@@ -69,11 +70,14 @@ MAGIC = b"DSHRINK\0"
 #: section and adds the ``constant`` codec: on ResNet-20 the version-2 header was 7% of the file,
 #: most of it offsets and CRCs, which are incompressible. ``write_file(..., version=2)`` still
 #: writes the old layout (the lowest of 1 and 2 that holds the file's codecs) for older readers.
-VERSION = 3
-VERSIONS = (1, 2, 3)
+#: Version 4 deflates the header with a preset dictionary (``HEADER_DICTIONARY``) and adds the ``grid``
+#: codec: on a 50K-weight MLP the header was a tenth of the file and the float16 biases a sixth.
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)
 LEGACY_VERSIONS = (1, 2)
 CODECS_BY_VERSION = {1: ("raw", "deep_compression"), 2: ("raw", "deep_compression", "cabac"),
-                     3: ("raw", "constant", "deep_compression", "cabac")}
+                     3: ("raw", "constant", "deep_compression", "cabac"),
+                     4: ("raw", "constant", "deep_compression", "cabac", "grid")}
 _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 #: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
 #: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
@@ -110,7 +114,36 @@ CODED_KEYS = {
 CABAC_KEYS = {
     "codec", "dtype", "shape", "bits", "num_negative", "num_nonzero", "coder_params", "codebook", "levels_stream",
 }
-TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" in version 3
+GRID_KEYS = {"codec", "dtype", "shape", "step", "num_nonzero", "coder_params", "levels_stream"}
+TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
+
+#: Version 4's preset dictionary for the header's zlib stream (RFC 1950 FDICT): the JSON a header is
+#: made of, so that deflate codes each key and stock value as a back-reference. It must never change
+#: (a version-4 reader needs these exact bytes; docs/format.md states its length and Adler-32). Deflate
+#: codes near matches in fewer bits, so the commonest text comes last.
+HEADER_DICTIONARY = "".join((
+    '{"factory":"kwargs":{},"tied_weights":{"model":{"arch":"lenet300","lenet5","resnet20","mlp"},',
+    '"dataset":{"augment":"shift","image_shape":[3,32,32],"mean":[0.485,0.456,0.406],"name":"imagefolder",',
+    '"num_classes":10,"std":[0.229,0.224,0.225],"validation":5000},"image_shape":[1,28,28],"mean":[0.1307],',
+    '"name":"mnist","std":[0.3081]},"recipe":"',
+    '"codec":"deep_compression","coder":"ans","coder_params":{"frequencies":[,"model_precision":24,',
+    '"perfect":false,"precision":"state_bits":64,"symbol_offset":1,"word_bits":32},',
+    '.num_batches_tracked":{"codec":"constant","dtype":"int64","shape":[],"value":0},',
+    '.running_mean":.running_var":{"codec":"constant","dtype":"float32","shape":[],"value":1.0},',
+    '{"format":"deepshrink","meta":{"encode":{"codebook_dtype":"float16","coder":"auto","exclude":[],',
+    '"fold_batchnorm":false,"grid_bits":null,"include":null,"index_bits_by_pattern":[],"index_bits_conv":8,',
+    '"index_bits_fc":5,"raw_dtype":"float16"},"model":{"arch":"payload_crc32":"tensors":{"version":4}',
+    '"codec":"deep_compression","coder":"huffman","coder_params":{"positions":{"bit_order":"msb",',
+    '"code_lengths":"weights":{"bit_order":"msb","code_lengths":"},"dtype":"float32","index_bits":8,',
+    '"num_entries":"num_nonzero":"positions_stream":{"bytes":"shape":["weights_stream":{"bytes":',
+    '.bias":{"codec":"raw","dtype":"float16","shape":[',
+    '.bias":{"codec":"grid","coder_params":{"context_model":"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,',
+    '"max_abs":127,"num_gt":32,"prob_bits":15,"row_length":"shifts":[4,7]},"dtype":"float32",',
+    '"levels_stream":{"bytes":"num_nonzero":"shape":["step":',
+    '.weight":{"bits":4,"codebook":{"dtype":"float32","size":"codec":"cabac","coder_params":{"context_model":',
+    '"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,"max_abs":"num_gt":32,"prob_bits":15,"row_length":',
+    '"shifts":[4,7]},"dtype":"float32","levels_stream":{"bytes":"num_negative":"num_nonzero":"shape":[',
+)).encode("ascii")
 
 
 # ---------------------------------------------------------------- writing
@@ -129,11 +162,12 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
 
     ``version`` 1 or 2 writes the aligned layout with offsets and CRCs per section (the lowest of the
-    two that holds the codecs; constants stored raw) for readers older than version 3.
+    two that holds the codecs; constants stored raw) for readers older than version 3; ``version`` 3
+    the packed layout with a header deflated without the preset dictionary, for readers older than 4.
 
     Raises:
         ConfigError: a tensor name is empty, the spec/meta is not JSON (NaN, non-string keys...), or
-            ``version`` is unknown or cannot hold the tensors (cabac needs 2).
+            ``version`` is unknown or cannot hold the tensors (cabac needs 2, grid 4).
     """
     if model_spec is not None and not isinstance(model_spec, dict):
         raise ConfigError(f"model_spec must be a dict or None, got {type(model_spec).__name__}")
@@ -180,6 +214,13 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
                 "num_nonzero": enc.num_nonzero, "num_entries": enc.num_entries, "codebook": codebook,
                 "weights_stream": add(enc.weights_stream, True), "positions_stream": add(enc.positions_stream, True),
             }
+        elif isinstance(enc, GridTensor):
+            if version < 4:
+                raise ConfigError(f"{name}: format version {version} cannot hold codec 'grid' (grid needs version 4)")
+            entries[name] = {
+                "codec": "grid", "dtype": "float32", "shape": list(enc.shape), "step": enc.step,
+                "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params, "levels_stream": add(enc.stream, True),
+            }
         elif isinstance(enc, CabacTensor):
             if not packed and enc.coder_params["context_model"] != cabac.LEGACY_CONTEXT_MODEL:
                 enc = _with_legacy_contexts(enc)
@@ -189,8 +230,8 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
                 "codebook": _codebook_entry(name, enc.codebook, add), "levels_stream": add(enc.stream, True),
             }
         else:
-            raise ConfigError(f"{name}: expected a RawTensor, ConstantTensor, CodedTensor or CabacTensor, "
-                              f"got {type(enc).__name__}")
+            raise ConfigError(f"{name}: expected a RawTensor, ConstantTensor, CodedTensor, CabacTensor or "
+                              f"GridTensor, got {type(enc).__name__}")
     if not packed:
         codecs = {entry["codec"] for entry in entries.values()}
         fits = [v for v in LEGACY_VERSIONS if v <= version and codecs <= set(CODECS_BY_VERSION[v])]
@@ -206,7 +247,8 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
         raise ConfigError(f"model spec, meta or coder params are not plain JSON ({e})") from None
     if len(text) > MAX_HEADER_BYTES:
         raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
-    raw = zlib.compress(text.encode("utf-8"), 9)
+    deflate = zlib.compressobj(9, zdict=HEADER_DICTIONARY) if version >= 4 else zlib.compressobj(9)
+    raw = deflate.compress(text.encode("utf-8")) + deflate.flush()
     if not packed:
         raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
     return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
@@ -369,7 +411,8 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
     # 3. inflate (bounded), strict UTF-8, JSON without duplicate keys or NaN, then the schema
     header_bytes = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
     if flags & FLAG_DEFLATED_HEADER:
-        header_bytes = _inflate_header(header_bytes, where, padded=version in LEGACY_VERSIONS)
+        header_bytes = _inflate_header(header_bytes, where, padded=version in LEGACY_VERSIONS,
+                                       dictionary=version >= 4)
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -396,10 +439,11 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
     return _Parsed(path, len(data), PREFIX_SIZE + header_len, header, payload, {s.label: s for s in sections.items})
 
 
-def _inflate_header(data: bytes, where: str, padded: bool) -> bytes:
+def _inflate_header(data: bytes, where: str, padded: bool, dictionary: bool) -> bytes:
     """Decompress a deflated header without ever producing more than MAX_HEADER_BYTES (no zip bomb);
-    ``padded``: zero bytes may follow the stream (versions 1-2 align the payload)."""
-    inflater = zlib.decompressobj()
+    ``padded``: zero bytes may follow the stream (versions 1-2 align the payload); ``dictionary``: the
+    stream may use ``HEADER_DICTIONARY`` (version 4; zlib checks its Adler-32 against the stream's)."""
+    inflater = zlib.decompressobj(zdict=HEADER_DICTIONARY) if dictionary else zlib.decompressobj()
     try:
         text = inflater.decompress(data, MAX_HEADER_BYTES + 1)
     except zlib.error as e:
@@ -490,6 +534,8 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
             raw_bytes += numel * DTYPES[entry["dtype"]][0].itemsize
         elif entry["codec"] == "cabac":
             coded_elements += _check_cabac(entry, name, at, sections)
+        elif entry["codec"] == "grid":
+            coded_elements += _check_grid(entry, name, at, sections)
         else:
             coded_elements += _check_coded(entry, name, at, sections)
     limit = EXPANSION_ALLOWANCE + max_expansion * file_bytes
@@ -591,6 +637,29 @@ def _check_cabac(entry: dict, name: str, at: str, sections: _Sections) -> int:
     widest = max(num_negative, size - num_negative)
     _expect(max_abs <= widest, at, f"cabac max_abs {max_abs} exceeds the codebook's widest side ({widest} values)",
             TensorInfoMismatch)
+    _expect((max_abs == 0) == (num_nonzero == 0), at, f"cabac max_abs {max_abs} disagrees with num_nonzero "
+            f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
+    _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
+            TensorInfoMismatch)
+    return numel
+
+
+def _check_grid(entry: dict, name: str, at: str, sections: _Sections) -> int:
+    _check_keys(entry, GRID_KEYS, at)
+    _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
+    numel = _shape(entry, at)
+    step = entry["step"]
+    _expect(type(step) is float and math.isfinite(step) and step > 0 and float(np.float32(step)) == step, at,
+            f"grid step {step!r} is not a positive float32 value", TensorInfoMismatch)
+    num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel)
+    _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
+    length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
+    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    _expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
+            f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
+    expected_row = row_length_of(tuple(entry["shape"]))
+    _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
+            f"{expected_row}", TensorInfoMismatch)
     _expect((max_abs == 0) == (num_nonzero == 0), at, f"cabac max_abs {max_abs} disagrees with num_nonzero "
             f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
     _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
@@ -735,6 +804,10 @@ def _encoded(parsed: _Parsed) -> dict[str, Encoded]:
             out[name] = ConstantTensor(tuple(entry["shape"]), DTYPES[entry["dtype"]][0], entry["value"])
         elif entry["codec"] == "cabac":
             out[name] = _cabac_view(name, entry, parsed)
+        elif entry["codec"] == "grid":
+            out[name] = GridTensor(shape=tuple(entry["shape"]), step=entry["step"], num_nonzero=entry["num_nonzero"],
+                                   stream=bytes(parsed.span(f"{name}/levels_stream")),
+                                   coder_params=entry["coder_params"])
         else:
             out[name] = _coded_view(name, entry, parsed)
     return out

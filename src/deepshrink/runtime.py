@@ -140,14 +140,14 @@ def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
     # The one place this module touches the file format: the loader's parse (every check before
     # any decoding), then each coded tensor decoded to cluster symbols and positions.
     from . import format as fmt
-    from .encode import (CabacTensor, ConstantTensor, RawTensor, decode_levels, decode_symbols, decode_tensor,
-                         entries_to_positions)
+    from .encode import (CabacTensor, ConstantTensor, GridTensor, RawTensor, decode_levels, decode_symbols,
+                         decode_tensor, entries_to_positions)
 
     parsed = fmt._parse(path, fmt.DEFAULT_MAX_EXPANSION if max_expansion is None else max_expansion)
     tensors: dict[str, CsrCodebook | torch.Tensor] = {}
     for name, encoded in fmt._encoded(parsed).items():
         at = f"{parsed.path}: tensor {name!r}"
-        if isinstance(encoded, (RawTensor, ConstantTensor)):
+        if isinstance(encoded, (RawTensor, ConstantTensor, GridTensor)):  # not a weight: dense
             array = decode_tensor(encoded, at)
             tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
             continue

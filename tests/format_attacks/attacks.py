@@ -23,8 +23,9 @@ import numpy as np
 from deepshrink import errors
 from deepshrink.coding import get_coder
 from deepshrink.coding import cabac
-from deepshrink.encode import CabacTensor, CodedTensor, ConstantTensor, RawTensor, encode_levels, encode_quantized
-from deepshrink.format import FLAG_DEFLATED_HEADER, MAGIC, PREFIX_SIZE, VERSIONS, serialize
+from deepshrink.encode import (CabacTensor, CodedTensor, ConstantTensor, RawTensor, encode_grid, encode_levels,
+                               encode_quantized)
+from deepshrink.format import FLAG_DEFLATED_HEADER, HEADER_DICTIONARY, MAGIC, PREFIX_SIZE, VERSIONS, serialize
 
 
 def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman") -> CodedTensor:
@@ -33,7 +34,7 @@ def _coded(shape, positions, symbols, codebook, bits, index_bits, coder="huffman
     return encode_quantized(indices.reshape(shape), np.asarray(codebook, np.float32), bits, index_bits, coder)
 
 
-def base_tensors() -> dict:
+def base_tensors(version: int = 2) -> dict:
     """The valid file's tensors; each one is there for some attack (see comments)."""
     rng = np.random.default_rng(0)
     dense = rng.random((8, 50)) < 0.2
@@ -52,12 +53,15 @@ def base_tensors() -> dict:
         # ANS, named last so that its positions stream is the payload's last section
         "z.weight": _coded((6, 40), ans_positions, rng.integers(0, 4, len(ans_positions)), [0.1, 0.2, 0.3, 0.4],
                            2, 4, "ans"),
+        # a grid (version 4): 30 values on an 8-bit grid, some exactly zero
+        **({"g.bias": encode_grid(np.where(rng.random(30) < 0.2, 0, rng.normal(0, 0.1, 30)), 8)} if version >= 4 else {}),
     }
 
 
 def base_file(version: int = 2) -> bytes:
-    """The valid file the attacks edit: version 2 (stated offsets, a CRC32 per section) or 3 (packed)."""
-    return b"".join(serialize(base_tensors(), None, {"dataset": "synthetic"}, version=version))
+    """The valid file the attacks edit: version 2 (stated offsets, a CRC32 per section), 3 (packed) or 4
+    (the header deflated with the preset dictionary, and a grid tensor)."""
+    return b"".join(serialize(base_tensors(version), None, {"dataset": "synthetic"}, version=version))
 
 
 # ---------------------------------------------------------------- editing helpers
@@ -65,10 +69,10 @@ def base_file(version: int = 2) -> bytes:
 
 def split(data: bytes) -> tuple[dict, bytes]:
     """(header dict, payload) of a valid file."""
-    flags, header_len = struct.unpack_from("<HQ", data, 10)
+    version, flags, header_len = struct.unpack_from("<HHQ", data, 8)
     header = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
     if flags & FLAG_DEFLATED_HEADER:
-        header = zlib.decompressobj().decompress(header)
+        header = zlib.decompressobj(**({"zdict": HEADER_DICTIONARY} if version >= 4 else {})).decompress(header)
     return json.loads(header), data[PREFIX_SIZE + header_len :]
 
 
@@ -221,7 +225,7 @@ ATTACKS: dict[str, Attack] = {
     "empty_file": Attack(E.HeaderTooSmall, "header", lambda d: b"", "no prefix at all"),
     "shorter_than_prefix": Attack(E.HeaderTooSmall, "header", lambda d: d[: PREFIX_SIZE - 1], "truncated prefix"),
     "bad_magic": Attack(E.BadMagic, "header", lambda d: b"PK\x03\x04" + d[4:], "another format (a zip)"),
-    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=4), "a future version"),
+    "bad_version": Attack(E.UnsupportedVersion, "header", prefix(version=5), "a future version"),
     "unknown_flags": Attack(E.UnsupportedVersion, "header", prefix(flags=2), "reserved flags set"),
     "deflated_header_corrupt": Attack(E.InvalidHeader, "header", prefix(flags=1), "plain JSON flagged as deflated"),
     "deflated_header_bomb": Attack(E.HeaderTooLarge, "header", _deflated(lambda h: zlib.compress(b" " * (17 << 20), 9)),
@@ -444,15 +448,62 @@ ATTACKS.update({
 })
 
 
+def _v4(error: type[Exception], craft: Callable[[bytes], bytes], abuse: str, stage: str = "header") -> Attack:
+    return Attack(error, stage, craft, abuse, version=4)
+
+
+def _deflated_with(zdict: bytes | None, version: int) -> Callable[[bytes], bytes]:
+    """Craft function: the header deflated with ``zdict`` (None: no dictionary), stamped ``version``."""
+
+    def compress(text: bytes) -> bytes:
+        deflate = zlib.compressobj(9, **({"zdict": zdict} if zdict is not None else {}))
+        return deflate.compress(text) + deflate.flush()
+
+    def craft(data: bytes) -> bytes:
+        header, payload = split(data)
+        header["version"] = version
+        raw = compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        return struct.pack("<8sHHQ", MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw + payload
+
+    return craft
+
+
+ATTACKS.update({
+    # version 4: the header's preset dictionary, grid tensors
+    "v4_header_other_dictionary": _v4(E.InvalidHeader, _deflated_with(b'{"format":"other"}', 4),
+                                      "a header deflated with another preset dictionary"),
+    "v4_dictionary_in_version_3": _v4(E.InvalidHeader, _deflated_with(HEADER_DICTIONARY, 3),
+                                      "version 4's dictionary in a version-3 file"),
+    "v4_grid_in_version_3": _v4(E.InvalidHeader, _deflated_with(None, 3), "the grid codec in a version-3 file"),
+    "v4_grid_step_not_float32": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", 0.1)),
+                                    "a step float32 cannot hold (the decoded values would depend on rounding)"),
+    "v4_grid_step_negative": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", -0.5)), "a negative step"),
+    "v4_grid_step_integer": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", 1)), "an integer step"),
+    "v4_grid_dependent_contexts": _v4(E.InvalidHeader, edit(_set("g.bias/coder_params/context_model",
+                                                                 cabac.DEPENDENT_CONTEXT_MODEL)),
+                                      "dependent quantization's context model on a grid"),
+    "v4_grid_row_length": _v4(E.TensorInfoMismatch, edit(_set("g.bias/coder_params/row_length", 10)),
+                              "a context geometry other than the shape's"),
+    "v4_grid_all_zero_with_bytes": _v4(E.TensorInfoMismatch, edit(lambda h: (
+        _set("g.bias/num_nonzero", 0)(h), _set("g.bias/coder_params/max_abs", 0)(h))),
+        "an all-zero grid whose stream still has bytes"),
+    "v4_grid_nonzero_count": _v4(E.TensorInfoMismatch, edit(_set("g.bias/num_nonzero", lambda n: n - 1)),
+                                 "one non-zero more than the header says", stage="decode"),
+    "v4_grid_huge": _v4(E.TensorInfoMismatch, edit(lambda h: (_set("g.bias/shape", [1 << 31])(h),
+                                                              _set("g.bias/coder_params/row_length", 1 << 31)(h))),
+                        "a tiny file claiming 2**31 grid elements"),
+})
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bases = {version: base_file(version) for version in (2, 3)}
+    bases = {version: base_file(version) for version in (2, 3, 4)}
     for version, data in bases.items():
         (out / f"valid-v{version}.dsz").write_bytes(data)
     for name, attack in ATTACKS.items():
         (out / f"{name}.dsz").write_bytes(attack.craft(bases[attack.version]))
-    print(f"wrote {len(ATTACKS) + 2} files to {out}")
+    print(f"wrote {len(ATTACKS) + len(bases)} files to {out}")
 
 
 if __name__ == "__main__":
