@@ -9,8 +9,10 @@ layers (9%, 9% and 25% of weights kept, 5-bit shared weights). Any product over 
 one column index per kept weight and gathers ``x[col]``; this bench times that work alone (``gather
 sum``: sum of ``x[col]``, no weights at all), the same loop with float32 values (``float values``:
 one more load per weight, no codebook), and the shipped kernel (``runtime.codebook_matmul``: the
-uint8 cluster index and the codebook lookup on top), on one thread and on ``--threads``, beside the
-dense product (``torch.nn.functional.linear``) in the same process, interleaved, median of repeats.
+uint8 cluster index and the codebook lookup on top, its indices read 8 per 64-bit load; ``unpacked``:
+the same kernel reading one index per load), on one thread and on ``--threads``, beside the
+dense product (``torch.nn.functional.linear``) in the same process, interleaved, each timed on its
+second of two calls in a row (operands warm in the caches), median of repeats.
 ``bound`` is the dense time over the gather sum's time divided by the threads: the speed-up no CSR
 kernel can exceed here, even with perfect scaling over threads.
 
@@ -86,11 +88,14 @@ def random_layer(rows: int, cols: int, kept: float, rng: np.random.Generator):
 def measure(form, weight: torch.Tensor, threads: int, repeats: int, rng: np.random.Generator) -> dict:
     x = torch.from_numpy(rng.standard_normal(form.cols).astype(np.float32))
     xt, xn, out = x.reshape(-1, 1), x.numpy(), np.empty(form.rows, dtype=np.float32)
-    values = form.values()
+    values, no_bias = form.values(), np.zeros(0, dtype=np.float32)
     fns = {
         "dense": lambda: torch.nn.functional.linear(x, weight),
         "codebook": lambda: runtime.codebook_matmul(form, xt),
         "codebook_1t": lambda: runtime.codebook_matmul(form, xt, max_threads=1),
+        # the same product reading one index per load: what packing 8 indices per load saves
+        "unpacked_1t": lambda: runtime._codebook_matvec(form.crow, form.col, form.codes, form.codebook, no_bias, xn,
+                                                        out, 0, form.rows),
         "float_values_1t": lambda: float_values(form.crow, form.col, values, xn, out),
         "gather_sum_1t": lambda: gather_sum(form.crow, form.col, xn, out),
     }
@@ -102,6 +107,7 @@ def measure(form, weight: torch.Tensor, threads: int, repeats: int, rng: np.rand
     times = {name: [] for name in fns}
     for _ in range(repeats):  # interleaved: every candidate sees the same machine state
         for name, fn in fns.items():
+            fn()  # warm: otherwise whichever runs right after the dense product finds its operands evicted
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -117,6 +123,7 @@ COLUMNS = [
     ("dense_ms", "dense ms", "{:.3f}".format),
     ("codebook_ms", "codebook ms", "{:.3f}".format), ("codebook_speedup", "speed-up", "{:.2f}x".format),
     ("codebook_1t_ms", "codebook 1 thread ms", "{:.3f}".format), ("codebook_1t_ns_per_weight", "ns/weight", "{:.2f}".format),
+    ("unpacked_1t_ns_per_weight", "unpacked 1 thread ns/weight", "{:.2f}".format),
     ("float_values_1t_ns_per_weight", "float values 1 thread ns/weight", "{:.2f}".format),
     ("gather_sum_1t_ns_per_weight", "gather sum 1 thread ns/weight", "{:.2f}".format),
     ("bound", "bound", "{:.2f}x".format),

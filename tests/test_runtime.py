@@ -50,7 +50,10 @@ def mlp_file(tmp_path_factory):
 # ---------------------------------------------------------------- the kernels (functional core)
 
 
-@pytest.mark.parametrize("rows,cols,k,batch", [(5, 9, 4, 1), (33, 70, 300, 1), (33, 70, 300, 7), (3, 70_000, 2, 2)])
+# batch 1 with uint16 columns and uint8 codes runs the packed kernel (rows of 40x300 span many whole words,
+# starting anywhere in one); uint32 columns, uint16 codes or a batch run the plain ones
+@pytest.mark.parametrize("rows,cols,k,batch", [(5, 9, 4, 1), (40, 300, 32, 1), (33, 70, 300, 1), (33, 70, 300, 7),
+                                               (3, 70_000, 2, 1), (3, 70_000, 2, 2)])
 def test_codebook_kernel_matches_dense_product(rows, cols, k, batch):
     rng = np.random.default_rng(rows + cols)
     keep = rng.random(rows * cols) < 0.2
@@ -60,6 +63,7 @@ def test_codebook_kernel_matches_dense_product(rows, cols, k, batch):
                                       rng.standard_normal(k).astype(np.float32))
     assert form.codes.dtype == (np.uint8 if k <= 256 else np.uint16)
     assert form.col.dtype == (np.uint16 if cols <= 1 << 16 else np.uint32)
+    assert form.nnz == len(positions) and len(form.col) == len(form.codes) == -(-len(positions) // runtime.PACK) * runtime.PACK
     bias = torch.randn(rows)
     xt = torch.randn(cols, batch)
     got = runtime.codebook_matmul(form, xt, bias)
