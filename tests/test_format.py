@@ -49,7 +49,9 @@ from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
 
 CODER_NAMES = list(CODERS)  # every registered coder
 MODEL_CODERS = [*CODER_NAMES, "cabac"]  # EncodeConfig coders whose files the fuzz tests attack
-STREAMS = {"deep_compression": ("weights_stream", "positions_stream"), "cabac": ("levels_stream",)}
+FUZZED = [*MODEL_CODERS, "grid"]  # and a file with grid biases
+STREAMS = {"deep_compression": ("weights_stream", "positions_stream"), "cabac": ("levels_stream",),
+           "grid": ("levels_stream",)}
 
 
 def _import_attacks():
@@ -389,10 +391,10 @@ def test_writer_is_deterministic(coder, tmp_path):
 
 def test_index_bits_follow_kind_then_pattern(tmp_path):
     model = quantized_tiny()
-    config = EncodeConfig(index_bits_conv=7, index_bits_fc=3)
+    config = EncodeConfig(coder="huffman", index_bits_conv=7, index_bits_fc=3)  # index bits: the paper's layout
     entries = read_header(compress_model(model, tmp_path / "a.dsz", config).path)["tensors"]
     assert (entries["0.weight"]["index_bits"], entries["4.weight"]["index_bits"]) == (7, 3)
-    config = EncodeConfig(index_bits_conv=7, index_bits_fc=3, index_bits_by_pattern=(("4.*", 2),))
+    config = EncodeConfig(coder="huffman", index_bits_conv=7, index_bits_fc=3, index_bits_by_pattern=(("4.*", 2),))
     entries = read_header(compress_model(model, tmp_path / "b.dsz", config).path)["tensors"]
     assert entries["4.weight"]["index_bits"] == 2 and entries["0.bias"]["codec"] == "raw"
 
@@ -665,6 +667,14 @@ def model_files(tmp_path_factory):
         path = tmp_path_factory.mktemp(coder) / "m.dsz"
         compress_model(quantized_tiny(), path, EncodeConfig(coder=coder, index_bits_conv=4, index_bits_fc=3))
         out[coder] = path.read_bytes()
+    torch.manual_seed(1)
+    wide = nn.Sequential(nn.Linear(8, 200), nn.ReLU(), nn.Linear(200, 3))  # 200 biases: a grid is smaller
+    prune_model(wide, PruneConfig(method="percentile", q=70))
+    quantize_model(wide, QuantizeConfig(bits=3))
+    path = tmp_path_factory.mktemp("grid") / "m.dsz"
+    compress_model(wide, path, EncodeConfig(grid_bits=6))
+    assert read_header(path)["tensors"]["0.bias"]["codec"] == "grid"
+    out["grid"] = path.read_bytes()
     return out
 
 
@@ -696,7 +706,7 @@ def _with(header: dict, path: tuple, value) -> dict:
     return header
 
 
-@pytest.mark.parametrize("coder", MODEL_CODERS)
+@pytest.mark.parametrize("coder", FUZZED)
 def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
     data = model_files[coder]
     rng = np.random.default_rng(1234)
@@ -707,7 +717,7 @@ def test_fuzz_byte_flips(coder, model_files, tmp_path, traced):
         _assert_bounded(bytes(mutated), tmp_path / "f.dsz", f"flip case {case}")
 
 
-@pytest.mark.parametrize("coder", MODEL_CODERS)
+@pytest.mark.parametrize("coder", FUZZED)
 def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path, traced):
     # a hostile writer recomputes CRCs: the decoders themselves must reject or bound the damage
     header, payload, start = _split(model_files[coder])
@@ -747,7 +757,7 @@ def _write(tmp_path: Path, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("coder", MODEL_CODERS)
+@pytest.mark.parametrize("coder", FUZZED)
 def test_fuzz_inflated_numbers_in_the_header(coder, model_files, tmp_path, traced):
     header, payload, _ = _split(model_files[coder])
     paths = list(_int_fields(header))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Union
@@ -42,8 +43,35 @@ from .layers import as_patterns, tied_weights
 MAX_TENSOR_ELEMENTS = 1 << 31  # per tensor; also bounds every symbol count
 CABAC = "cabac"  # the one-stream layout's coder name (not a symbol coder of deepshrink.coding.CODERS)
 AUTO = "auto"  # per tensor, the smallest of every layout and coder
+#: Format version 4's preset dictionary for the header's zlib stream (RFC 1950 FDICT; ``format.py``
+#: deflates the header with it, ``header_share`` estimates with it): the JSON a header is made of, so that deflate codes each key and stock value as a back-reference. It must never change
+#: (a version-4 reader needs these exact bytes; docs/format.md states its length and Adler-32). Deflate
+#: codes near matches in fewer bits, so the commonest text comes last.
+HEADER_DICTIONARY = "".join((
+    '{"factory":"kwargs":{},"tied_weights":{"model":{"arch":"lenet300","lenet5","resnet20","mlp"},',
+    '"dataset":{"augment":"shift","image_shape":[3,32,32],"mean":[0.485,0.456,0.406],"name":"imagefolder",',
+    '"num_classes":10,"std":[0.229,0.224,0.225],"validation":5000},"image_shape":[1,28,28],"mean":[0.1307],',
+    '"name":"mnist","std":[0.3081]},"recipe":"',
+    '"codec":"deep_compression","coder":"ans","coder_params":{"frequencies":[,"model_precision":24,',
+    '"perfect":false,"precision":"state_bits":64,"symbol_offset":1,"word_bits":32},',
+    '.num_batches_tracked":{"codec":"constant","dtype":"int64","shape":[],"value":0},',
+    '.running_mean":.running_var":{"codec":"constant","dtype":"float32","shape":[],"value":1.0},',
+    '{"format":"deepshrink","meta":{"encode":{"codebook_dtype":"float16","coder":"auto","exclude":[],',
+    '"fold_batchnorm":false,"grid_bits":null,"include":null,"index_bits_by_pattern":[],"index_bits_conv":8,',
+    '"index_bits_fc":5,"raw_dtype":"float16"},"model":{"arch":"payload_crc32":"tensors":{"version":4}',
+    '"codec":"deep_compression","coder":"huffman","coder_params":{"positions":{"bit_order":"msb",',
+    '"code_lengths":"weights":{"bit_order":"msb","code_lengths":"},"dtype":"float32","index_bits":8,',
+    '"num_entries":"num_nonzero":"positions_stream":{"bytes":"shape":["weights_stream":{"bytes":',
+    '.bias":{"codec":"raw","dtype":"float16","shape":[',
+    '.bias":{"codec":"grid","coder_params":{"context_model":"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,',
+    '"max_abs":127,"num_gt":32,"prob_bits":15,"row_length":"shifts":[4,7]},"dtype":"float32",',
+    '"levels_stream":{"bytes":"num_nonzero":"shape":["step":',
+    '.weight":{"bits":4,"codebook":{"dtype":"float32","size":"codec":"cabac","coder_params":{"context_model":',
+    '"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,"max_abs":"num_gt":32,"prob_bits":15,"row_length":',
+    '"shifts":[4,7]},"dtype":"float32","levels_stream":{"bytes":"num_negative":"num_nonzero":"shape":[',
+)).encode("ascii")
 #: A grid tensor's header entry deflates to about this many bytes more than the same tensor's raw
-#: entry (45-47 measured with format version 4's dictionary, 10 to 256 elements)
+#: entry (45-47 measured with the dictionary, 10 to 256 elements)
 GRID_HEADER_BYTES = 48
 
 #: Stored dtype name -> (little-endian numpy dtype, torch dtype).
@@ -483,15 +511,26 @@ def decode_cabac(coded: CabacTensor, where: str = "tensor") -> np.ndarray:
     return levels_to_values(levels, np.asarray(coded.codebook), coded.num_negative).reshape(coded.shape)
 
 
+def header_share(params: dict) -> int:
+    """About the bytes ``params`` add to a header: their JSON deflated with ``HEADER_DICTIONARY``, less
+    an empty stream's. A Huffman table costs its code lengths; a cabac entry's constants almost nothing."""
+    return _deflated_size(json.dumps(jsonable(params), sort_keys=True, separators=(",", ":"))) - _deflated_size("")
+
+
+def _deflated_size(text: str) -> int:
+    deflate = zlib.compressobj(9, zdict=HEADER_DICTIONARY)
+    return len(deflate.compress(text.encode("ascii")) + deflate.flush())
+
+
 def stored_bytes(encoded: Encoded) -> int:
-    """Bytes a coded tensor adds to a file: its sections plus its coder params as JSON (the header's share)."""
+    """Bytes a coded tensor adds to a file: its sections plus its coder params' share of the header."""
     if isinstance(encoded, CabacTensor):
-        return encoded.codebook.nbytes + len(encoded.stream) + len(json.dumps(encoded.coder_params))
+        return encoded.codebook.nbytes + len(encoded.stream) + header_share(encoded.coder_params)
     if isinstance(encoded, GridTensor):  # compared with the same tensor raw: only the header's extra share
         return len(encoded.stream) + GRID_HEADER_BYTES
     if isinstance(encoded, CodedTensor):
         return (encoded.codebook.nbytes + len(encoded.weights_stream) + len(encoded.positions_stream)
-                + len(json.dumps(encoded.coder_params)))
+                + header_share(encoded.coder_params))
     return encoded.array.nbytes
 
 

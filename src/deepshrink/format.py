@@ -40,6 +40,7 @@ from .encode import (
     CabacTensor,
     CodedTensor,
     ConstantTensor,
+    HEADER_DICTIONARY,
     Encoded,
     GridTensor,
     RawTensor,
@@ -117,33 +118,6 @@ CABAC_KEYS = {
 GRID_KEYS = {"codec", "dtype", "shape", "step", "num_nonzero", "coder_params", "levels_stream"}
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
 
-#: Version 4's preset dictionary for the header's zlib stream (RFC 1950 FDICT): the JSON a header is
-#: made of, so that deflate codes each key and stock value as a back-reference. It must never change
-#: (a version-4 reader needs these exact bytes; docs/format.md states its length and Adler-32). Deflate
-#: codes near matches in fewer bits, so the commonest text comes last.
-HEADER_DICTIONARY = "".join((
-    '{"factory":"kwargs":{},"tied_weights":{"model":{"arch":"lenet300","lenet5","resnet20","mlp"},',
-    '"dataset":{"augment":"shift","image_shape":[3,32,32],"mean":[0.485,0.456,0.406],"name":"imagefolder",',
-    '"num_classes":10,"std":[0.229,0.224,0.225],"validation":5000},"image_shape":[1,28,28],"mean":[0.1307],',
-    '"name":"mnist","std":[0.3081]},"recipe":"',
-    '"codec":"deep_compression","coder":"ans","coder_params":{"frequencies":[,"model_precision":24,',
-    '"perfect":false,"precision":"state_bits":64,"symbol_offset":1,"word_bits":32},',
-    '.num_batches_tracked":{"codec":"constant","dtype":"int64","shape":[],"value":0},',
-    '.running_mean":.running_var":{"codec":"constant","dtype":"float32","shape":[],"value":1.0},',
-    '{"format":"deepshrink","meta":{"encode":{"codebook_dtype":"float16","coder":"auto","exclude":[],',
-    '"fold_batchnorm":false,"grid_bits":null,"include":null,"index_bits_by_pattern":[],"index_bits_conv":8,',
-    '"index_bits_fc":5,"raw_dtype":"float16"},"model":{"arch":"payload_crc32":"tensors":{"version":4}',
-    '"codec":"deep_compression","coder":"huffman","coder_params":{"positions":{"bit_order":"msb",',
-    '"code_lengths":"weights":{"bit_order":"msb","code_lengths":"},"dtype":"float32","index_bits":8,',
-    '"num_entries":"num_nonzero":"positions_stream":{"bytes":"shape":["weights_stream":{"bytes":',
-    '.bias":{"codec":"raw","dtype":"float16","shape":[',
-    '.bias":{"codec":"grid","coder_params":{"context_model":"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,',
-    '"max_abs":127,"num_gt":32,"prob_bits":15,"row_length":"shifts":[4,7]},"dtype":"float32",',
-    '"levels_stream":{"bytes":"num_nonzero":"shape":["step":',
-    '.weight":{"bits":4,"codebook":{"dtype":"float32","size":"codec":"cabac","coder_params":{"context_model":',
-    '"sig24-sign27-gt12k-eg0-warmup","init_prob":32768,"max_abs":"num_gt":32,"prob_bits":15,"row_length":',
-    '"shifts":[4,7]},"dtype":"float32","levels_stream":{"bytes":"num_negative":"num_nonzero":"shape":[',
-)).encode("ascii")
 
 
 # ---------------------------------------------------------------- writing
