@@ -351,8 +351,8 @@ def test_encode_fold_batchnorm_flag_reaches_the_file(tmp_path, monkeypatch):
 
     seen = {}  # the rate sweep's files are written with the same option
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **kw: seen.update(kw) or sweep.SweepResult([], [], "r"))
-    assert main(["sweep", "rate", str(ckpt), "--out", str(tmp_path / "s"), "--fold-batchnorm"]) == 0
-    assert seen["encode"].fold_batchnorm is True
+    assert main(["sweep", "rate", str(ckpt), "--out", str(tmp_path / "s"), "--fold-batchnorm", "--grid-bits", "6"]) == 0
+    assert seen["encode"].fold_batchnorm is True and seen["encode"].grid_bits == 6
 
 
 def test_run_prints_each_stage_with_its_validation_accuracy(tmp_path, capsys):

@@ -36,11 +36,11 @@ from .coding import CODERS, cabac, get_coder
 from .config import MAX_BITS
 from .encode import (
     DTYPES,
+    HEADER_DICTIONARY,
     MAX_TENSOR_ELEMENTS,
     CabacTensor,
     CodedTensor,
     ConstantTensor,
-    HEADER_DICTIONARY,
     Encoded,
     GridTensor,
     RawTensor,
@@ -117,7 +117,6 @@ CABAC_KEYS = {
 }
 GRID_KEYS = {"codec", "dtype", "shape", "step", "num_nonzero", "coder_params", "levels_stream"}
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
-
 
 
 # ---------------------------------------------------------------- writing
@@ -600,20 +599,11 @@ def _check_cabac(entry: dict, name: str, at: str, sections: _Sections) -> int:
     size = _check_codebook(entry["codebook"], bits, name, at, sections)
     num_negative = _int_field(entry, "num_negative", at, 0, size)
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
-    _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
-    length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
-    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    max_abs = _check_levels_stream(entry, name, at, sections, num_nonzero)
     _expect(sections.packed or entry["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL, at,
             f"cabac context model {entry['coder_params']['context_model']!r} needs format version 3")
-    expected_row = row_length_of(tuple(entry["shape"]))
-    _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
-            f"{expected_row}", TensorInfoMismatch)
     widest = max(num_negative, size - num_negative)
     _expect(max_abs <= widest, at, f"cabac max_abs {max_abs} exceeds the codebook's widest side ({widest} values)",
-            TensorInfoMismatch)
-    _expect((max_abs == 0) == (num_nonzero == 0), at, f"cabac max_abs {max_abs} disagrees with num_nonzero "
-            f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
-    _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
             TensorInfoMismatch)
     return numel
 
@@ -626,11 +616,18 @@ def _check_grid(entry: dict, name: str, at: str, sections: _Sections) -> int:
     _expect(type(step) is float and math.isfinite(step) and step > 0 and float(np.float32(step)) == step, at,
             f"grid step {step!r} is not a positive float32 value", TensorInfoMismatch)
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel)
+    _check_levels_stream(entry, name, at, sections, num_nonzero)
+    _expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
+            f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
+    return numel
+
+
+def _check_levels_stream(entry: dict, name: str, at: str, sections: _Sections, num_nonzero: int) -> int:
+    """A ``cabac`` or ``grid`` entry's levels stream: its section, coder params, the shape's context
+    geometry, and an empty stream exactly for an all-zero tensor; returns max_abs."""
     _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
     length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
     row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
-    _expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
-            f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
     expected_row = row_length_of(tuple(entry["shape"]))
     _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
             f"{expected_row}", TensorInfoMismatch)
@@ -638,7 +635,7 @@ def _check_grid(entry: dict, name: str, at: str, sections: _Sections) -> int:
             f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
     _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
             TensorInfoMismatch)
-    return numel
+    return max_abs
 
 
 def _max_symbols(coder, stream_bytes: int) -> int | None:
