@@ -616,9 +616,13 @@ def _check_grid(entry: dict, name: str, at: str, sections: _Sections) -> int:
     _expect(type(step) is float and math.isfinite(step) and step > 0 and float(np.float32(step)) == step, at,
             f"grid step {step!r} is not a positive float32 value", TensorInfoMismatch)
     num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel)
-    _check_levels_stream(entry, name, at, sections, num_nonzero)
+    max_abs = _check_levels_stream(entry, name, at, sections, num_nonzero)
     _expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
             f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
+    with np.errstate(over="ignore"):
+        largest = np.float32(max_abs) * np.float32(step)
+    _expect(bool(np.isfinite(largest)), at, f"grid step {step!r} x max_abs {max_abs} overflows float32",
+            TensorInfoMismatch)
     return numel
 
 

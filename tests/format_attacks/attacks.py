@@ -489,6 +489,8 @@ ATTACKS.update({
         "an all-zero grid whose stream still has bytes"),
     "v4_grid_nonzero_count": _v4(E.TensorInfoMismatch, edit(_set("g.bias/num_nonzero", lambda n: n - 1)),
                                  "one non-zero more than the header says", stage="decode"),
+    "v4_grid_overflows": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", float(np.finfo(np.float32).max))),
+                             "a step whose largest level overflows float32 (the tensor would hold inf)"),
     "v4_grid_huge": _v4(E.TensorInfoMismatch, edit(lambda h: (_set("g.bias/shape", [1 << 31])(h),
                                                               _set("g.bias/coder_params/row_length", 1 << 31)(h))),
                         "a tiny file claiming 2**31 grid elements"),
