@@ -9,6 +9,8 @@ import deepshrink
 from deepshrink import runtime
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 from deepshrink.compress import compress_model
+from deepshrink.encode import EncodeConfig
+from deepshrink.format import read_header
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
@@ -244,6 +246,26 @@ def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
     rep = runtime.report(runtime.load(path, model=arch(), repeats=1, min_sparse_bytes=0)).layers
     assert set(rep["0"].times_ms) - {runtime.ONE_THREAD} == {"codebook", "torch_csr", "dense"}
     assert set(rep["2"].times_ms) == set(rep["4"].times_ms) == {"torch_csr", "dense"}
+
+
+def test_grid_biases_run_as_dense_tensors(tmp_path):
+    def arch():
+        return nn.Sequential(nn.Linear(24, 300), nn.ReLU(), nn.Linear(300, 6))
+
+    torch.manual_seed(3)
+    model = arch()
+    prune_model(model, PruneConfig(method="percentile", q=80))
+    quantize_model(model, QuantizeConfig(bits=4))
+    path = tmp_path / "grid.dsz"
+    compress_model(model, path, EncodeConfig(grid_bits=6))
+    assert read_header(path)["tensors"]["0.bias"]["codec"] == "grid"
+    _, stored = runtime.read_compressed(path)
+    assert torch.equal(stored["0.bias"], deepshrink.load(path)["0.bias"])
+    for batch in (1, 7):
+        sparse = runtime.load(path, batch_size=batch, model=arch(), kernels=("codebook",), repeats=1,
+                              min_sparse_bytes=0)
+        assert isinstance(sparse[0], SparseLinear)
+        _assert_close(sparse, _dense_reference(path, arch()), torch.randn(batch, 24))
 
 
 def _conv_net():

@@ -19,7 +19,7 @@ from . import report
 from .errors import ConfigError, DataError, DeepShrinkError
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
-console = Console(width=None if sys.stdout.isatty() else 140)
+console = Console(width=None if sys.stdout.isatty() else 170)
 
 
 error_console = Console(stderr=True)

@@ -150,6 +150,7 @@ STAGE_COLUMNS: list[Column] = [
 #: Columns for ``format.FileReport.rows``: each coded stream's size beside its entropy.
 FILE_COLUMNS: list[Column] = [
     ("name", "tensor", None),
+    ("codec", "codec", None),
     ("shape", "shape", lambda v: "x".join(map(str, v)) or "scalar"),
     ("nonzero", "non-zero", None),
     ("bits", "bits", None),
