@@ -362,7 +362,7 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
             train(model, fit, config)
         seconds = round(time.perf_counter() - start, 1)
         for grid_bits, config in encodes:
-            path = work / recipe["name"] / f"{method}-{lam:g}{'-fisher' if hessian else ''}-grid{grid_bits}.dsz"
+            path = work / recipe["name"] / f"{method}-{lam:g}{'-fisher' if hessian else ''}{f'-grid{grid_bits}' if grid_bits else ''}.dsz"
             path.parent.mkdir(parents=True, exist_ok=True)
             compress_model(model, path, config, model_spec=recipe["model"])
             decoded = load(path)
