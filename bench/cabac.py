@@ -4,10 +4,10 @@ Usage: ``python bench/cabac.py [--quick]``. Prints tables and writes bench/resul
 (machine, versions, date, git SHA, every figure).
 
 Per tensor, the bytes of:
-  * huffman / ans layout: ``deepshrink.encode.encode_quantized`` (relative position entries + cluster
+  * huffman / ans layout: ``deepshrink.codecs.deep_compression.encode_quantized`` (relative position entries + cluster
     symbols, two streams; fc 5-bit and conv 8-bit entries as in the paper), payload plus the JSON of
     the coder params (code lengths / frequency tables) that the file header carries;
-  * cabac: one stream of signed levels (``encode.indices_to_levels``; row = one output row/filter),
+  * cabac: one stream of signed levels (``codecs.cabac.indices_to_levels``; row = one output row/filter),
     payload plus its params JSON;
   * bound: the empirical entropy of the two layout streams (what a memoryless coder of today's
     symbols could at best reach) and of the signed level stream (memoryless, zeros included).
@@ -43,7 +43,8 @@ from coding import CHECKPOINT, ROOT, best_time, machine_info  # noqa: E402
 from common import write_json  # noqa: E402
 
 from deepshrink.coding import cabac, entropy_bits  # noqa: E402
-from deepshrink.encode import decode_quantized, encode_quantized, indices_to_levels  # noqa: E402
+from deepshrink.codecs.cabac import indices_to_levels  # noqa: E402
+from deepshrink.codecs.deep_compression import decode_quantized, encode_quantized  # noqa: E402
 from deepshrink.quantize import dependent_1d  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "cabac.json"
@@ -115,7 +116,7 @@ def sizes(name: str, indices: np.ndarray, codebook: np.ndarray, bits: int, index
         row[f"{coder}_params"] = len(json.dumps(coded.coder_params))
         if coder == "huffman":
             symbols = indices.reshape(-1)[indices.reshape(-1) != 0] - 1
-            from deepshrink.encode import positions_to_entries
+            from deepshrink.codecs.deep_compression import positions_to_entries
 
             entries = positions_to_entries(np.flatnonzero(indices.reshape(-1)), index_bits)
             row["layout_entropy"] = (entropy_bits(symbols, len(codebook)) + entropy_bits(entries, 1 << index_bits)) / 8

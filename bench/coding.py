@@ -9,7 +9,7 @@ Data:
       centroids (4 bits) by ``deepshrink.quantize.kmeans_1d`` (uniform bins if that is missing),
       giving two streams concatenated over layers: the cluster indices (alphabet 16) and the
       relative-position entries (8-bit for conv, 5-bit for fc, filler = all ones;
-      ``deepshrink.encode.positions_to_entries``, as the file format stores them).
+      ``deepshrink.codecs.deep_compression.positions_to_entries``, as the file format stores them).
       Per-layer coding, which is what the file format does, is reported separately with its table
       overhead.
   (b) a synthetic 5,000,000-non-zero layer at 5 bits: Laplace weights, the 50% smallest pruned, the
@@ -41,7 +41,7 @@ import zstandard
 
 from deepshrink.coding import entropy_bits, get_coder, histogram
 from deepshrink.coding.huffman import canonical_codes, lengths_from_text
-from deepshrink.encode import positions_to_entries
+from deepshrink.codecs.deep_compression import positions_to_entries
 
 from common import ROOT, machine_info, write_json
 

@@ -66,7 +66,8 @@ import yaml
 
 from deepshrink.checkpoint import load_checkpoint
 from deepshrink.coding import cabac
-from deepshrink.encode import EncodeConfig, row_length_of
+from deepshrink.codecs.common import row_length_of
+from deepshrink.encode import EncodeConfig
 from deepshrink.compress import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
 from deepshrink.compression import strip

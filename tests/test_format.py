@@ -28,20 +28,13 @@ from deepshrink.errors import (
     FormatError,
     TensorInfoMismatch,
 )
+from deepshrink.accounting import account
+from deepshrink.codecs.deep_compression import (decode_quantized, encode_quantized, entries_to_positions,
+                                               positions_to_entries)
+from deepshrink.codecs.raw import ConstantTensor, RawTensor, encode_raw
 from deepshrink.compress import compress_model, load
 from deepshrink.compression import plain_state_dict, strip
-from deepshrink.encode import (
-    ConstantTensor,
-    EncodeConfig,
-    RawTensor,
-    decode_quantized,
-    encode_quantized,
-    encode_model,
-    encode_raw,
-    entries_to_positions,
-    positions_to_entries,
-)
-from deepshrink.accounting import account
+from deepshrink.encode import EncodeConfig, encode_model
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model

@@ -12,23 +12,12 @@ from hypothesis import strategies as st
 
 from deepshrink import format as fmt
 from deepshrink.coding import cabac
-from deepshrink.encode import (
-    CabacTensor,
-    CodedTensor,
-    EncodeConfig,
-    GridTensor,
-    RawTensor,
-    decode_cabac,
-    decode_grid,
-    encode_grid,
-    encode_levels,
-    encode_quantized,
-    encode_weight,
-    indices_to_levels,
-    levels_to_values,
-    row_length_of,
-    stored_bytes,
-)
+from deepshrink.codecs.cabac import CabacTensor, decode_cabac, encode_levels, indices_to_levels, levels_to_values
+from deepshrink.codecs.common import row_length_of
+from deepshrink.codecs.deep_compression import CodedTensor, encode_quantized
+from deepshrink.codecs.grid import GridTensor, decode_grid, encode_grid
+from deepshrink.codecs.raw import RawTensor
+from deepshrink.encode import EncodeConfig, encode_weight, stored_bytes
 from deepshrink.errors import ConfigError, UnsupportedVersion
 from deepshrink.compress import compress_model, load
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file

@@ -564,7 +564,7 @@ def index_entropy_bits(indices: torch.Tensor) -> float:
 
 
 def huffman_bytes(centroids: torch.Tensor, indices: torch.Tensor, bits: int) -> int:
-    from deepshrink.encode import encode_quantized
+    from deepshrink.codecs.deep_compression import encode_quantized
 
     coded = encode_quantized(indices.numpy(), centroids.numpy(), bits, index_bits=5, coder="huffman")
     return len(coded.weights_stream) + len(coded.positions_stream) + coded.codebook.nbytes
@@ -754,7 +754,8 @@ def test_dependent_quantization_beats_the_uniform_grid_at_equal_error():
 
 
 def test_dependent_quantize_weight_stores_a_grid_codebook_the_coder_follows():
-    from deepshrink.encode import decode_cabac, encode_levels, encode_weight
+    from deepshrink.codecs.cabac import decode_cabac, encode_levels
+    from deepshrink.encode import encode_weight
 
     w = pruned_layer(seed=9)
     centroids, indices = quantize_weight(w, bits=5, method="dq", lam=0.01)
@@ -771,7 +772,7 @@ def test_dependent_quantize_weight_stores_a_grid_codebook_the_coder_follows():
 
 
 def test_a_reordered_grid_keeps_its_own_order_in_the_file():
-    from deepshrink.encode import decode_cabac, encode_levels
+    from deepshrink.codecs.cabac import decode_cabac, encode_levels
 
     w = pruned_layer(seed=10)
     centroids, indices = quantize_weight(w, bits=5, method="dq", lam=0.01)

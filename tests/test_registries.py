@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -12,12 +13,16 @@ import deepshrink
 from deepshrink import format as fmt
 from deepshrink.checkpoint import save_checkpoint
 from deepshrink.cli import main
+from deepshrink.codecs import CODECS, TensorCodec, register_codec
+from deepshrink.codecs.common import check_entry, expect
+from deepshrink.codecs.deep_compression import _max_symbols
 from deepshrink.coding import CODERS, register
 from deepshrink.compress import compress_model
 from deepshrink.compression import masks, strip
 from deepshrink.encode import EncodeConfig
-from deepshrink.errors import CodecError, ConfigError
-from deepshrink.format import read_header
+from deepshrink.encode import encode_model
+from deepshrink.errors import CodecError, ConfigError, InvalidHeader, TensorInfoMismatch
+from deepshrink.format import inspect_file, read_file, read_header, write_file
 from deepshrink.models import build_model
 from deepshrink.prune import PRUNERS, PruneConfig, prune_model, register_pruner
 from deepshrink.quantize import QuantizeConfig, quantize_model
@@ -100,7 +105,7 @@ def test_the_loader_bounds_a_stream_by_the_coders_cheapest_symbol(registries, tm
     parsed = fmt._parse(tmp_path / "m.dsz", fmt.DEFAULT_MAX_EXPANSION)
     entry = parsed.header["tensors"]["fc3.weight"]
     length = entry["weights_stream"]["bytes"]
-    assert fmt._max_symbols(CODERS["fixed16"], length) == entry["num_nonzero"]  # 16 bits each, exactly
+    assert _max_symbols(CODERS["fixed16"], length) == entry["num_nonzero"]  # 16 bits each, exactly
 
 
 def test_registering_a_taken_name_or_a_bad_rule_is_a_config_error(registries):
@@ -114,3 +119,99 @@ def test_registering_a_taken_name_or_a_bad_rule_is_a_config_error(registries):
         register_pruner("g", scope="global", per_layer="first-q-global")
     with pytest.raises(ConfigError, match="unknown prune method 'nope'; valid: std, percentile, global, first-q"):
         PruneConfig(method="nope")
+
+
+# ---------------------------------------------------------------- a tensor codec from outside the package
+
+
+@dataclass(frozen=True)
+class Int8Tensor:
+    """A float tensor as int8 levels times one float32 scale (symmetric linear quantization)."""
+
+    levels: np.ndarray  # int8, shaped like the tensor
+    scale: float
+
+    shape = property(lambda self: self.levels.shape)
+    dtype = np.dtype("<f4")
+
+
+def int8_tensor(values: np.ndarray) -> Int8Tensor:
+    scale = float(np.float32(np.abs(values).max() / 127))
+    return Int8Tensor(np.rint(values / scale).astype(np.int8), scale)
+
+
+class Int8Codec(TensorCodec):
+    name = "int8"
+    tensor_type = Int8Tensor
+    first_version = 4
+
+    def entry(self, name, tensor, add, version):
+        return {"codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "scale": tensor.scale,
+                **add(tensor.levels.tobytes())}
+
+    def check(self, entry, name, at, sections):
+        numel = check_entry(entry, sections.keys({"codec", "dtype", "shape", "scale"}), at)
+        expect(isinstance(entry["scale"], float) and entry["scale"] > 0, at, "scale must be a float > 0",
+               TensorInfoMismatch)
+        sections.add(entry, at, name, numel)
+        return 0, numel
+
+    def view(self, name, entry, span, at):
+        return Int8Tensor(np.frombuffer(span(name), np.int8).reshape(entry["shape"]), entry["scale"])
+
+    def decode(self, tensor, where):
+        return tensor.levels.astype(np.float32) * np.float32(tensor.scale)
+
+    def stored_bytes(self, tensor):
+        return tensor.levels.nbytes
+
+    def account(self, tensor, where):
+        return {"nonzero": int(np.count_nonzero(tensor.levels)), "stored_bytes": tensor.levels.nbytes}
+
+
+@pytest.fixture
+def int8_codec():
+    register_codec(Int8Codec)
+    yield CODECS["int8"]
+    del CODECS["int8"]
+
+
+def _file_with_int8_bias(path):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    quantize_model(model, QuantizeConfig(bits=3))
+    tensors = encode_model(model, EncodeConfig(coder="cabac"))
+    bias = strip(model).state_dict()["fc1.bias"].numpy()
+    tensors["fc1.bias"] = int8_tensor(bias)
+    write_file(path, tensors, SPEC)
+    return model, tensors["fc1.bias"]
+
+
+def test_a_registered_tensor_codec_is_written_checked_loaded_and_accounted(int8_codec, tmp_path):
+    model, int8 = _file_with_int8_bias(tmp_path / "m.dsz")
+    assert read_header(tmp_path / "m.dsz")["tensors"]["fc1.bias"] == {
+        "codec": "int8", "dtype": "float32", "shape": [int8.shape[0]], "scale": int8.scale}
+    _, tensors = read_file(tmp_path / "m.dsz")
+    assert torch.equal(tensors["fc1.bias"], torch.from_numpy(int8.levels.astype(np.float32) * np.float32(int8.scale)))
+    loaded = deepshrink.load(tmp_path / "m.dsz")  # the model loads, this bias within half a scale step
+    bias = strip(model).state_dict()["fc1.bias"]
+    assert (loaded.state_dict()["fc1.bias"] - bias).abs().max() <= int8.scale / 2 + 1e-7
+    sparse = deepshrink.load(tmp_path / "m.dsz", runtime="sparse")  # the runtime reads it dense, weights sparse
+    x = torch.randn(4, 64)
+    assert torch.allclose(sparse(x), loaded(x), atol=1e-5)
+    row = next(r for r in inspect_file(tmp_path / "m.dsz").rows if r["name"] == "fc1.bias")
+    assert row["codec"] == "int8" and row["stored_bytes"] == int8.levels.nbytes
+
+
+def test_a_registered_codec_is_held_to_its_checks_and_unknown_without_it(int8_codec, tmp_path):
+    _file_with_int8_bias(tmp_path / "m.dsz")
+    with pytest.raises(ConfigError, match="codec name 'int8' is empty or already registered"):
+        register_codec(Int8Codec)
+    del CODECS["int8"]  # a reader without the codec refuses the file by name, before decoding
+    with pytest.raises(InvalidHeader, match="'codec' must be one of .* in a version-4 file"):
+        read_header(tmp_path / "m.dsz")
+    CODECS["int8"] = int8_codec
+    with pytest.raises(ConfigError, match="format version 3 cannot hold codec 'int8' \\(int8 needs version 4\\)"):
+        write_file(tmp_path / "v3.dsz", {"b": int8_tensor(np.ones(3))}, version=3)
+    with pytest.raises(ConfigError, match="expected one of RawTensor, .*Int8Tensor, got ndarray"):
+        write_file(tmp_path / "x.dsz", {"b": np.ones(3)})

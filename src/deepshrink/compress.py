@@ -17,7 +17,8 @@ from torch import nn
 
 from . import models
 from .accounting import FileReport, account
-from .encode import EncodeConfig, encode_model, jsonable
+from .codecs.common import jsonable
+from .encode import EncodeConfig, encode_model
 from .errors import ConfigError, DeepShrinkError, FormatError, TensorInfoMismatch
 from .format import (DEFAULT_MAX_EXPANSION, TIED_KEY, inspect_file, read_file, serialize, tied_aliases, with_aliases,
                      write_chunks)

@@ -18,42 +18,23 @@ the bytes go (``inspect_file`` here reads a file for it).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
 from .accounting import FileReport, account
-from .coding import CODERS, cabac, get_coder
-from .config import MAX_BITS
-from .encode import (
-    DTYPES,
-    HEADER_DICTIONARY,
-    MAX_TENSOR_ELEMENTS,
-    CabacTensor,
-    CodedTensor,
-    ConstantTensor,
-    Encoded,
-    GridTensor,
-    RawTensor,
-    decode_tensor,
-    is_int,
-    row_length_of,
-    untrusted_call,
-)
+from .codecs import CODECS, EncodedTensor, codec_of, codecs_in
+from .codecs.common import HEADER_DICTIONARY, check_keys, expect, is_int, one_of
 from .errors import (
     BadMagic,
     ChecksumMismatch,
     ConfigError,
-    DeepShrinkError,
     FormatError,
     HeaderTooLarge,
     HeaderTooSmall,
@@ -76,9 +57,6 @@ MAGIC = b"DSHRINK\0"
 VERSION = 4
 VERSIONS = (1, 2, 3, 4)
 LEGACY_VERSIONS = (1, 2)
-CODECS_BY_VERSION = {1: ("raw", "deep_compression"), 2: ("raw", "deep_compression", "cabac"),
-                     3: ("raw", "constant", "deep_compression", "cabac"),
-                     4: ("raw", "constant", "deep_compression", "cabac", "grid")}
 _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 #: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
 #: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
@@ -90,7 +68,6 @@ ALIGN = 8  # versions 1-2: every section and the payload start on a multiple of 
 
 MAX_HEADER_BYTES = 16 << 20  # a header larger than this is an attack, not a model
 MAX_SPEC_BYTES = 16 << 10  # model spec as JSON: real ones are a name and a few kwargs
-MAX_NDIM = 32
 #: Decoded elements of coded tensors allowed per byte of file, plus a fixed allowance: a tiny file
 #: must not make the loader allocate gigabytes of zeros (raise it for files you trust). Measured by
 #: bench/expansion.py: the demo file needs 6.6 elements per byte, a layer pruned 99% 62-65 (either
@@ -102,20 +79,8 @@ EXPANSION_ALLOWANCE = 1 << 16
 #: 12.8-16.9 on unpruned layers and 4.0 on 99%-pruned ones, so 24 is an upper bound.
 DECODE_BYTES_PER_ELEMENT = 24
 
-CODED_DTYPES = ("float32",)  # dtype of a decoded deep_compression tensor
-CODEBOOK_DTYPES = ("float32", "float16")
 
 SECTION_KEYS = {"offsets", "crc32"}  # versions 1-2: where each section lies, and its checksum
-RAW_KEYS = {"codec", "dtype", "shape"}  # + SECTION_KEYS in versions 1-2
-CONSTANT_KEYS = {"codec", "dtype", "shape", "value"}
-CODED_KEYS = {
-    "codec", "dtype", "shape", "bits", "index_bits", "coder", "coder_params", "num_nonzero",
-    "num_entries", "codebook", "weights_stream", "positions_stream",
-}
-CABAC_KEYS = {
-    "codec", "dtype", "shape", "bits", "num_negative", "num_nonzero", "coder_params", "codebook", "levels_stream",
-}
-GRID_KEYS = {"codec", "dtype", "shape", "step", "num_nonzero", "coder_params", "levels_stream"}
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
 
 
@@ -130,12 +95,12 @@ def _crc(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None,
+def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None, meta: dict | None = None,
               version: int = VERSION) -> list[bytes]:
     """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
 
     ``version`` 1 or 2 writes the aligned layout with offsets and CRCs per section (the lowest of the
-    two that holds the codecs; constants stored raw) for readers older than version 3; ``version`` 3
+    two that holds the codecs; constants stored raw, cabac streams recoded with version 2's contexts) for readers older than version 3; ``version`` 3
     the packed layout with a header deflated without the preset dictionary, for readers older than 4.
 
     Raises:
@@ -170,47 +135,14 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     for name in sorted(tensors):
         if not isinstance(name, str) or not name:
             raise ConfigError(f"tensor names must be non-empty strings, got {name!r}")
-        enc = tensors[name]
-        if isinstance(enc, ConstantTensor) and packed:
-            entries[name] = {"codec": "constant", "dtype": _dtype_name(enc.dtype, name),
-                             "shape": [int(d) for d in enc.shape], "value": enc.value}
-        elif isinstance(enc, (RawTensor, ConstantTensor)):
-            arr = enc.array
-            dtype = _dtype_name(arr.dtype, name)
-            data = arr.astype(DTYPES[dtype][0], order="C").tobytes()
-            entries[name] = {"codec": "raw", "dtype": dtype, "shape": [int(d) for d in arr.shape], **add(data)}
-        elif isinstance(enc, CodedTensor):
-            codebook = _codebook_entry(name, enc.codebook, add)
-            entries[name] = {
-                "codec": "deep_compression", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
-                "index_bits": enc.index_bits, "coder": enc.coder, "coder_params": enc.coder_params,
-                "num_nonzero": enc.num_nonzero, "num_entries": enc.num_entries, "codebook": codebook,
-                "weights_stream": add(enc.weights_stream, True), "positions_stream": add(enc.positions_stream, True),
-            }
-        elif isinstance(enc, GridTensor):
-            if version < 4:
-                raise ConfigError(f"{name}: format version {version} cannot hold codec 'grid' (grid needs version 4)")
-            entries[name] = {
-                "codec": "grid", "dtype": "float32", "shape": list(enc.shape), "step": enc.step,
-                "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params, "levels_stream": add(enc.stream, True),
-            }
-        elif isinstance(enc, CabacTensor):
-            if not packed and enc.coder_params["context_model"] != cabac.LEGACY_CONTEXT_MODEL:
-                enc = _with_legacy_contexts(enc)
-            entries[name] = {
-                "codec": "cabac", "dtype": "float32", "shape": list(enc.shape), "bits": enc.bits,
-                "num_negative": enc.num_negative, "num_nonzero": enc.num_nonzero, "coder_params": enc.coder_params,
-                "codebook": _codebook_entry(name, enc.codebook, add), "levels_stream": add(enc.stream, True),
-            }
-        else:
-            raise ConfigError(f"{name}: expected a RawTensor, ConstantTensor, CodedTensor, CabacTensor or "
-                              f"GridTensor, got {type(enc).__name__}")
-    if not packed:
-        codecs = {entry["codec"] for entry in entries.values()}
-        fits = [v for v in LEGACY_VERSIONS if v <= version and codecs <= set(CODECS_BY_VERSION[v])]
-        if not fits:
-            raise ConfigError(f"format version {version} cannot hold codecs {sorted(codecs)} (cabac needs version 2)")
-        version = fits[0]
+        codec = codec_of(tensors[name], name)
+        entries[name] = entry = codec.entry(name, tensors[name], add, version)
+        first = CODECS[entry["codec"]].first_version
+        if first > version:
+            raise ConfigError(f"{name}: format version {version} cannot hold codec {entry['codec']!r} "
+                              f"({entry['codec']} needs version {first})")
+    if not packed:  # the lowest of versions 1-2 that holds every codec of the file
+        version = max((CODECS[entry["codec"]].first_version for entry in entries.values()), default=1)
     header = {"format": "deepshrink", "version": version, "model": model_spec, "meta": meta or {}, "tensors": entries}
     if packed:
         header["payload_crc32"] = _crc_chunks(sections)
@@ -227,14 +159,6 @@ def serialize(tensors: dict[str, Encoded], model_spec: dict | None = None, meta:
     return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
 
 
-def _with_legacy_contexts(enc: CabacTensor) -> CabacTensor:
-    """The same levels coded with the context model format version 2 readers know."""
-    params = enc.coder_params
-    levels = cabac.decode(enc.stream, params, math.prod(enc.shape))
-    stream, legacy = cabac.encode(levels, params["row_length"], params["num_gt"], cabac.LEGACY_CONTEXT_MODEL)
-    return dataclasses.replace(enc, stream=stream, coder_params=legacy)
-
-
 def _crc_chunks(chunks) -> int:
     crc = 0
     for chunk in chunks:
@@ -242,22 +166,8 @@ def _crc_chunks(chunks) -> int:
     return crc & 0xFFFFFFFF
 
 
-def _dtype_name(dtype: np.dtype, name: str) -> str:
-    found = next((n for n, (d, _) in DTYPES.items() if d == dtype.newbyteorder("<")), None)
-    if found is None:
-        raise ConfigError(f"{name}: numpy dtype {dtype} is not storable; supported: {', '.join(DTYPES)}")
-    return found
-
-
-def _codebook_entry(name: str, codebook: np.ndarray, add: Callable[[bytes], dict]) -> dict:
-    cb_name = next((n for n in CODEBOOK_DTYPES if DTYPES[n][0] == codebook.dtype.newbyteorder("<")), None)
-    if cb_name is None:
-        raise ConfigError(f"{name}: codebook dtype {codebook.dtype}, expected one of {CODEBOOK_DTYPES}")
-    return {"dtype": cb_name, "size": len(codebook), **add(codebook.astype(DTYPES[cb_name][0]).tobytes())}
-
-
 def write_file(
-    path: str | os.PathLike, tensors: dict[str, Encoded], model_spec: dict | None = None, meta: dict | None = None,
+    path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None, meta: dict | None = None,
     version: int = VERSION,
 ) -> Path:
     """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes.
@@ -319,19 +229,19 @@ class _Sections:
         if self.packed:
             if length is None:
                 length = part["bytes"]
-                _expect(is_int(length) and length >= 0, where, f"section {label}: 'bytes' must be an integer >= 0, "
-                        f"got {length!r}")
+                expect(is_int(length) and length >= 0, where, f"section {label}: 'bytes' must be an integer >= 0, "
+                       f"got {length!r}")
             begin = self.items[-1].end if self.items else 0
             self.items.append(_Section(begin, begin + length, None, label))
             return length
-        _expect(is_int(part.get("crc32")) and 0 <= part["crc32"] < 1 << 32, where,
-                f"section {label}: 'crc32' must be a u32")
+        expect(is_int(part.get("crc32")) and 0 <= part["crc32"] < 1 << 32, where,
+               f"section {label}: 'crc32' must be a u32")
         offsets = part.get("offsets")
-        _expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets), where,
-                f"section {label}: 'offsets' must be [begin, end] integers, got {offsets!r}")
+        expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets), where,
+               f"section {label}: 'offsets' must be [begin, end] integers, got {offsets!r}")
         begin, end = offsets
-        _expect(0 <= begin <= end, where, f"section {label}: offsets [{begin}, {end}] are not 0 <= begin <= end",
-                InvalidOffset)
+        expect(0 <= begin <= end, where, f"section {label}: offsets [{begin}, {end}] are not 0 <= begin <= end",
+               InvalidOffset)
         self.items.append(_Section(begin, end, part["crc32"], label))
         return end - begin
 
@@ -431,90 +341,38 @@ def _inflate_header(data: bytes, where: str, padded: bool, dictionary: bool) -> 
     return text
 
 
-def _one_of(value: Any, allowed) -> bool:
-    return isinstance(value, str) and value in allowed  # a JSON list/object is unhashable: no TypeError
-
-
-def _expect(cond: bool, where: str, message: str, error: type[DeepShrinkError] = InvalidHeader) -> None:
-    if not cond:
-        raise error(f"{where}: {message}")
-
-
-def _check_keys(obj: Any, keys: set[str], where: str) -> None:
-    _expect(isinstance(obj, dict), where, f"expected a JSON object, got {type(obj).__name__}")
-    unknown, missing = set(obj) - keys, keys - set(obj)
-    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}")
-    _expect(not missing, where, f"missing key(s) {sorted(missing)}")
-
-
-def _int_field(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
-    v = obj[key]
-    _expect(is_int(v), where, f"{key!r} must be an integer, got {v!r}")
-    _expect(lo <= v <= hi, where, f"{key!r}={v} outside {lo}..{hi}", TensorInfoMismatch)
-    return int(v)
-
-
-def _shape(entry: dict, where: str) -> int:
-    shape = entry["shape"]
-    _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM, where,
-            f"'shape' must be a list of at most {MAX_NDIM} integers, got {shape!r}")
-    _expect(all(is_int(d) and d >= 0 for d in shape), where,
-            f"'shape' entries must be non-negative integers: {shape!r}")
-    _expect(all(d <= MAX_TENSOR_ELEMENTS for d in shape), where,
-            f"shape {shape} has a dimension over {MAX_TENSOR_ELEMENTS}", TensorInfoMismatch)
-    numel = math.prod(shape)
-    _expect(numel <= MAX_TENSOR_ELEMENTS, where, f"shape {shape} has {numel} elements, over the limit "
-            f"{MAX_TENSOR_ELEMENTS}", TensorInfoMismatch)
-    return numel
-
-
 def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, version: int,
                   max_memory: int | None = None) -> _Sections:
     """Known keys, types, allowlists and bounds; returns every section the entries claim."""
     sections = _Sections(version)
-    _check_keys(header, TOP_KEYS | ({"payload_crc32"} if sections.packed else set()), f"{where}: header")
-    _expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
-    _expect(is_int(header["version"]) and header["version"] == version, where,
-            f"header version {header['version']!r} disagrees with the prefix version {version}", UnsupportedVersion)
-    _expect(header["model"] is None or isinstance(header["model"], dict), where, "'model' must be an object or null")
+    check_keys(header, TOP_KEYS | ({"payload_crc32"} if sections.packed else set()), f"{where}: header")
+    expect(header["format"] == "deepshrink", where, f"'format' is {header['format']!r}, expected 'deepshrink'")
+    expect(is_int(header["version"]) and header["version"] == version, where,
+           f"header version {header['version']!r} disagrees with the prefix version {version}", UnsupportedVersion)
+    expect(header["model"] is None or isinstance(header["model"], dict), where, "'model' must be an object or null")
     spec_bytes = len(json.dumps(header["model"]))
-    _expect(spec_bytes <= MAX_SPEC_BYTES, where, f"model spec of {spec_bytes} bytes exceeds {MAX_SPEC_BYTES} (its "
-            "kwargs could ask for millions of modules)", HeaderTooLarge)
-    _expect(isinstance(header["meta"], dict), where, "'meta' must be an object")
-    _expect(isinstance(header["tensors"], dict), where, "'tensors' must be an object")
+    expect(spec_bytes <= MAX_SPEC_BYTES, where, f"model spec of {spec_bytes} bytes exceeds {MAX_SPEC_BYTES} (its "
+           "kwargs could ask for millions of modules)", HeaderTooLarge)
+    expect(isinstance(header["meta"], dict), where, "'meta' must be an object")
+    expect(isinstance(header["tensors"], dict), where, "'tensors' must be an object")
     if sections.packed:
-        _expect(is_int(header["payload_crc32"]) and 0 <= header["payload_crc32"] < 1 << 32, where,
-                "'payload_crc32' must be a u32")
+        expect(is_int(header["payload_crc32"]) and 0 <= header["payload_crc32"] < 1 << 32, where,
+               "'payload_crc32' must be a u32")
     coded_elements = raw_bytes = 0
     for name in sorted(header["tensors"]):  # the order sections are packed in
         entry = header["tensors"][name]
         at = f"{where}: tensor {name!r}"
-        _expect(bool(name), where, "empty tensor name")
-        codecs = CODECS_BY_VERSION[version]
-        _expect(isinstance(entry, dict) and _one_of(entry.get("codec"), codecs), at,
-                f"'codec' must be one of {codecs} in a version-{version} file")
-        if entry["codec"] == "raw":
-            _check_keys(entry, sections.keys(RAW_KEYS), at)
-            _expect(_one_of(entry["dtype"], DTYPES), at, f"dtype {entry['dtype']!r} not in {sorted(DTYPES)}")
-            expected = _shape(entry, at) * DTYPES[entry["dtype"]][0].itemsize
-            length = sections.add(entry, at, name, expected)
-            _expect(length == expected, at, f"section holds {length} bytes, shape {entry['shape']} of "
-                    f"{entry['dtype']} needs {expected}", TensorInfoMismatch)
-            raw_bytes += expected
-        elif entry["codec"] == "constant":  # no bytes in the file: counts against max_expansion like a coded tensor
-            numel = _check_constant(entry, at)
-            coded_elements += numel
-            raw_bytes += numel * DTYPES[entry["dtype"]][0].itemsize
-        elif entry["codec"] == "cabac":
-            coded_elements += _check_cabac(entry, name, at, sections)
-        elif entry["codec"] == "grid":
-            coded_elements += _check_grid(entry, name, at, sections)
-        else:
-            coded_elements += _check_coded(entry, name, at, sections)
+        expect(bool(name), where, "empty tensor name")
+        codecs = codecs_in(version)
+        expect(isinstance(entry, dict) and one_of(entry.get("codec"), codecs), at,
+               f"'codec' must be one of {codecs} in a version-{version} file")
+        elements, copied = CODECS[entry["codec"]].check(entry, name, at, sections)
+        coded_elements += elements  # a constant has no bytes in the file: its elements count too
+        raw_bytes += copied
     limit = EXPANSION_ALLOWANCE + max_expansion * file_bytes
-    _expect(coded_elements <= limit, where, f"coded and constant tensors decode to {coded_elements} elements, more than "
-            f"{limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
-            "files you trust)", TensorInfoMismatch)
+    expect(coded_elements <= limit, where, f"coded and constant tensors decode to {coded_elements} elements, more than "
+           f"{limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
+           "files you trust)", TensorInfoMismatch)
     need = decode_memory(coded_elements, raw_bytes)
     if max_memory is not None and need > max_memory:
         raise TensorInfoMismatch(f"{where}: decoding needs about {need:,} bytes ({coded_elements:,} coded elements x "
@@ -526,127 +384,6 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
 def decode_memory(coded_elements: int, raw_bytes: int) -> int:
     """Bytes ``read_file`` may hold at its peak beyond the file itself: what ``max_memory`` is compared with."""
     return DECODE_BYTES_PER_ELEMENT * coded_elements + raw_bytes
-
-
-def _check_constant(entry: dict, at: str) -> int:
-    """A constant's dtype, shape and value (a number the dtype holds exactly); returns its element count."""
-    _check_keys(entry, CONSTANT_KEYS, at)
-    _expect(_one_of(entry["dtype"], DTYPES), at, f"dtype {entry['dtype']!r} not in {sorted(DTYPES)}")
-    numel = _shape(entry, at)
-    value, dtype = entry["value"], DTYPES[entry["dtype"]][0]
-    kind = bool if dtype.kind == "b" else float if dtype.kind == "f" else int
-    exact = type(value) is kind and (kind is not float or math.isfinite(value))
-    if exact and kind is int:
-        exact = np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
-    if exact and kind is float:
-        with np.errstate(over="ignore"):  # 1e300 as float16 is inf: not exact, and no warning for it
-            exact = np.array(value, dtype=dtype).item() == value
-    _expect(exact, at, f"constant value {value!r} is not a {entry['dtype']} (the type and the exact value must fit)",
-            TensorInfoMismatch)
-    return numel
-
-
-def _check_coded(entry: dict, name: str, at: str, sections: _Sections) -> int:
-    _check_keys(entry, CODED_KEYS, at)
-    _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
-    numel = _shape(entry, at)
-    bits = _int_field(entry, "bits", at, 1, MAX_BITS)
-    index_bits = _int_field(entry, "index_bits", at, 1, MAX_BITS)
-    _expect(_one_of(entry["coder"], CODERS), at, f"coder {entry['coder']!r} not in {sorted(CODERS)}")
-    size = _check_codebook(entry["codebook"], bits, name, at, sections)
-    num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
-    filler = (1 << index_bits) - 1
-    # fillers cover at least F zeros each, and the writer never ends with one
-    most_entries = num_nonzero + (numel - num_nonzero) // filler if num_nonzero else 0
-    num_entries = _int_field(entry, "num_entries", at, num_nonzero, most_entries)
-    params = entry["coder_params"]
-    _check_keys(params, {"weights", "positions"}, f"{at}: coder_params")
-    coder = get_coder(entry["coder"])
-    for label, count, alphabet in (("weights", num_nonzero, size), ("positions", num_entries, 1 << index_bits)):
-        stream = entry[f"{label}_stream"]
-        _check_keys(stream, sections.keys(set(), stream=True), f"{at}: {label}_stream")
-        length = sections.add(stream, at, f"{name}/{label}_stream")
-        _expect(isinstance(params[label], dict), at, f"coder_params[{label!r}] must be an object")
-        if count == 0:
-            _expect(length == 0 and params[label] == {}, at, f"empty {label} stream must have 0 bytes and {{}} "
-                    f"params, got {length} bytes", TensorInfoMismatch)
-            continue
-        untrusted_call(coder.validate_params, f"{at}: {label} coder params", params[label], alphabet)
-        bound = _max_symbols(coder, length)
-        _expect(bound is None or count <= bound, at, f"{label} stream of {length} bytes cannot hold {count} "
-                f"{entry['coder']} symbols (at most {bound})", TensorInfoMismatch)
-    return numel
-
-
-def _check_codebook(codebook: Any, bits: int, name: str, at: str, sections: _Sections) -> int:
-    """Check a codebook part (keys, dtype, K <= 2**bits, section length); returns K."""
-    _check_keys(codebook, sections.keys({"dtype", "size"}), f"{at}: codebook")
-    _expect(_one_of(codebook["dtype"], CODEBOOK_DTYPES), at,
-            f"codebook dtype {codebook['dtype']!r} not in {CODEBOOK_DTYPES}")
-    size = _int_field(codebook, "size", f"{at}: codebook", 0, 1 << bits)
-    expected = size * DTYPES[codebook["dtype"]][0].itemsize
-    length = sections.add(codebook, at, f"{name}/codebook", expected)
-    _expect(length == expected, at, f"codebook section holds {length} bytes, {size} {codebook['dtype']} "
-            f"values need {expected}", TensorInfoMismatch)
-    return size
-
-
-def _check_cabac(entry: dict, name: str, at: str, sections: _Sections) -> int:
-    _check_keys(entry, CABAC_KEYS, at)
-    _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
-    numel = _shape(entry, at)
-    bits = _int_field(entry, "bits", at, 1, MAX_BITS)
-    size = _check_codebook(entry["codebook"], bits, name, at, sections)
-    num_negative = _int_field(entry, "num_negative", at, 0, size)
-    num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel if size else 0)
-    max_abs = _check_levels_stream(entry, name, at, sections, num_nonzero)
-    _expect(sections.packed or entry["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL, at,
-            f"cabac context model {entry['coder_params']['context_model']!r} needs format version 3")
-    widest = max(num_negative, size - num_negative)
-    _expect(max_abs <= widest, at, f"cabac max_abs {max_abs} exceeds the codebook's widest side ({widest} values)",
-            TensorInfoMismatch)
-    return numel
-
-
-def _check_grid(entry: dict, name: str, at: str, sections: _Sections) -> int:
-    _check_keys(entry, GRID_KEYS, at)
-    _expect(_one_of(entry["dtype"], CODED_DTYPES), at, f"dtype {entry['dtype']!r} not in {CODED_DTYPES}")
-    numel = _shape(entry, at)
-    step = entry["step"]
-    _expect(type(step) is float and math.isfinite(step) and step > 0 and float(np.float32(step)) == step, at,
-            f"grid step {step!r} is not a positive float32 value", TensorInfoMismatch)
-    num_nonzero = _int_field(entry, "num_nonzero", at, 0, numel)
-    max_abs = _check_levels_stream(entry, name, at, sections, num_nonzero)
-    _expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
-            f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
-    with np.errstate(over="ignore"):
-        largest = np.float32(max_abs) * np.float32(step)
-    _expect(bool(np.isfinite(largest)), at, f"grid step {step!r} x max_abs {max_abs} overflows float32",
-            TensorInfoMismatch)
-    return numel
-
-
-def _check_levels_stream(entry: dict, name: str, at: str, sections: _Sections, num_nonzero: int) -> int:
-    """A ``cabac`` or ``grid`` entry's levels stream: its section, coder params, the shape's context
-    geometry, and an empty stream exactly for an all-zero tensor; returns max_abs."""
-    _check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
-    length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
-    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
-    expected_row = row_length_of(tuple(entry["shape"]))
-    _expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
-            f"{expected_row}", TensorInfoMismatch)
-    _expect((max_abs == 0) == (num_nonzero == 0), at, f"cabac max_abs {max_abs} disagrees with num_nonzero "
-            f"{num_nonzero} (one is 0, the other is not)", TensorInfoMismatch)
-    _expect(max_abs > 0 or length == 0, at, f"an all-zero levels stream has 0 bytes, got {length}",
-            TensorInfoMismatch)
-    return max_abs
-
-
-def _max_symbols(coder, stream_bytes: int) -> int | None:
-    """Most symbols a stream of ``stream_bytes`` can decode to, where the coder bounds it (None: no bound)."""
-    if coder.min_bits_per_symbol <= 0:
-        return None
-    return math.floor(8 * stream_bytes / coder.min_bits_per_symbol)
 
 
 def _check_tiling(sections: list[_Section], payload: memoryview, where: str, align: int) -> None:
@@ -685,37 +422,6 @@ def read_header(
     return _parse(path, max_expansion, max_memory).header
 
 
-def _coded_view(name: str, entry: dict, parsed: _Parsed) -> CodedTensor:
-    cb = entry["codebook"]
-    return CodedTensor(
-        shape=tuple(entry["shape"]), bits=entry["bits"], index_bits=entry["index_bits"], coder=entry["coder"],
-        codebook=np.frombuffer(parsed.span(f"{name}/codebook"), dtype=DTYPES[cb["dtype"]][0]),
-        num_nonzero=entry["num_nonzero"], num_entries=entry["num_entries"],
-        weights_stream=bytes(parsed.span(f"{name}/weights_stream")),
-        positions_stream=bytes(parsed.span(f"{name}/positions_stream")),
-        coder_params=entry["coder_params"],
-    )
-
-
-def _cabac_view(name: str, entry: dict, parsed: _Parsed) -> CabacTensor:
-    cb = entry["codebook"]
-    return CabacTensor(
-        shape=tuple(entry["shape"]), bits=entry["bits"],
-        codebook=np.frombuffer(parsed.span(f"{name}/codebook"), dtype=DTYPES[cb["dtype"]][0]),
-        num_negative=entry["num_negative"], num_nonzero=entry["num_nonzero"],
-        stream=bytes(parsed.span(f"{name}/levels_stream")), coder_params=entry["coder_params"],
-    )
-
-
-def _raw_array(entry: dict, data: memoryview, at: str) -> np.ndarray:
-    dtype = DTYPES[entry["dtype"]][0]
-    if entry["dtype"] == "bool":
-        as_bytes = np.frombuffer(data, dtype=np.uint8)
-        if len(as_bytes) and int(as_bytes.max()) > 1:
-            raise TensorInfoMismatch(f"{at}: bool tensor holds byte {int(as_bytes.max())}, expected 0 or 1")
-    return np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
-
-
 def read_file(
     path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION, max_memory: int | None = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -737,7 +443,7 @@ def read_file(
     parsed = _parse(path, max_expansion, max_memory)
     tensors: dict[str, torch.Tensor] = {}
     for name, encoded in _encoded(parsed).items():
-        array = decode_tensor(encoded, f"{parsed.path}: tensor {name!r}")
+        array = codec_of(encoded).decode(encoded, f"{parsed.path}: tensor {name!r}")
         tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
     return parsed.header, tensors
 
@@ -752,11 +458,11 @@ def tied_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "f
         InvalidHeader: not a map of names, an alias that is also stored, or a first name not stored.
     """
     tied = (header.get("meta") or {}).get(TIED_KEY, {})
-    _expect(isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
-            where, f"meta {TIED_KEY!r} must map tensor names to tensor names")
+    expect(isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
+           where, f"meta {TIED_KEY!r} must map tensor names to tensor names")
     for alias, first in tied.items():
-        _expect(alias not in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is stored and also tied to {first!r}")
-        _expect(first in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is tied to {first!r}, which is not stored")
+        expect(alias not in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is stored and also tied to {first!r}")
+        expect(first in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is tied to {first!r}, which is not stored")
     return tied
 
 
@@ -767,24 +473,11 @@ def with_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "f
     return {k: full[k] for k in sorted(full)}
 
 
-def _encoded(parsed: _Parsed) -> dict[str, Encoded]:
+def _encoded(parsed: _Parsed) -> dict[str, EncodedTensor]:
     """The file's tensors as encoded objects viewing its payload (nothing decoded)."""
-    out: dict[str, Encoded] = {}
-    for name in sorted(parsed.header["tensors"]):
-        entry = parsed.header["tensors"][name]
-        at = f"{parsed.path}: tensor {name!r}"
-        if entry["codec"] == "raw":
-            out[name] = RawTensor(_raw_array(entry, parsed.span(name), at))
-        elif entry["codec"] == "constant":
-            out[name] = ConstantTensor(tuple(entry["shape"]), DTYPES[entry["dtype"]][0], entry["value"])
-        elif entry["codec"] == "cabac":
-            out[name] = _cabac_view(name, entry, parsed)
-        elif entry["codec"] == "grid":
-            out[name] = GridTensor(shape=tuple(entry["shape"]), step=entry["step"], num_nonzero=entry["num_nonzero"],
-                                   stream=bytes(parsed.span(f"{name}/levels_stream")),
-                                   coder_params=entry["coder_params"])
-        else:
-            out[name] = _coded_view(name, entry, parsed)
+    out: dict[str, EncodedTensor] = {}
+    for name, entry in sorted(parsed.header["tensors"].items()):
+        out[name] = CODECS[entry["codec"]].view(name, entry, parsed.span, f"{parsed.path}: tensor {name!r}")
     return out
 
 

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from . import trellis
 from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
 from .config import check_bits, check_lam, check_patterns_match, enum_value, first_match, pattern_values
-from .encode import row_length_of
+from .codecs.common import row_length_of
 from .errors import ConfigError
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
                      tie_parametrizations)

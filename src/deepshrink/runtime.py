@@ -150,28 +150,18 @@ def read_compressed(path: str | os.PathLike, *, max_expansion: int | None = None
     # The one place this module touches the file format: the loader's parse (every check before
     # any decoding), then each coded tensor decoded to cluster symbols and positions.
     from . import format as fmt
-    from .encode import (CabacTensor, ConstantTensor, GridTensor, RawTensor, decode_levels, decode_symbols,
-                         decode_tensor, entries_to_positions)
+    from .codecs import codec_of
 
     parsed = fmt._parse(path, fmt.DEFAULT_MAX_EXPANSION if max_expansion is None else max_expansion)
     tensors: dict[str, CsrCodebook | torch.Tensor] = {}
     for name, encoded in fmt._encoded(parsed).items():
         at = f"{parsed.path}: tensor {name!r}"
-        if isinstance(encoded, (RawTensor, ConstantTensor, GridTensor)):  # not a weight: dense
-            array = decode_tensor(encoded, at)
+        codec = codec_of(encoded, at)
+        if not codec.weight:  # biases, statistics, grids: dense
+            array = codec.decode(encoded, at)
             tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
             continue
-        if isinstance(encoded, CabacTensor):  # signed levels over the sorted codebook
-            levels = decode_levels(encoded, at)
-            positions = np.flatnonzero(levels)
-            nonzero = levels[positions].astype(np.int64)
-            symbols = nonzero + encoded.num_negative - (nonzero > 0)
-        else:
-            symbols, entries = decode_symbols(encoded, at)
-            positions = entries_to_positions(entries, encoded.index_bits, math.prod(encoded.shape), at)
-        if len(positions) != encoded.num_nonzero:
-            raise TensorInfoMismatch(f"{at}: the streams place {len(positions)} weights, "
-                                     f"header says num_nonzero={encoded.num_nonzero}")
+        positions, symbols = codec.nonzeros(encoded, at)
         tensors[name] = csr_from_positions(encoded.shape, positions, symbols, encoded.codebook)
     return parsed.header, tensors
 

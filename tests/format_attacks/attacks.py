@@ -23,8 +23,10 @@ import numpy as np
 from deepshrink import errors
 from deepshrink.coding import get_coder
 from deepshrink.coding import cabac
-from deepshrink.encode import (CabacTensor, CodedTensor, ConstantTensor, RawTensor, encode_grid, encode_levels,
-                               encode_quantized)
+from deepshrink.codecs.cabac import CabacTensor, encode_levels
+from deepshrink.codecs.deep_compression import CodedTensor, encode_quantized
+from deepshrink.codecs.grid import encode_grid
+from deepshrink.codecs.raw import ConstantTensor, RawTensor
 from deepshrink.format import FLAG_DEFLATED_HEADER, HEADER_DICTIONARY, MAGIC, PREFIX_SIZE, VERSIONS, serialize
 
 

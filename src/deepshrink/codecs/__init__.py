@@ -1,0 +1,145 @@
+"""Stage 4: tensor codecs, the ways one tensor can lie in a ``.dsz`` file (a header entry's ``"codec"``).
+
+A codec is a class in its own module, registered with ``@register_codec``. It pairs a frozen dataclass
+(the encoded tensor, made by the module's own ``encode_*`` function) with what the container and the
+reports ask of every tensor (`TensorCodec`): its header entry and payload sections, the loader's
+checks of that entry before anything is decoded, a view of the file's bytes, the decoded array, and
+its bytes for choosing and accounting. ``format.py`` lays entries out and knows no codec by name;
+``encode.py`` chooses a codec per tensor; a new codec is one module here, and a test registers one
+from outside the package (``tests/test_registries.py``).
+
+Built in: ``raw`` and ``constant`` (``raw.py``), ``deep_compression`` (the paper's relative indices and
+cluster symbols, ``deep_compression.py``), ``cabac`` (one context-coded stream of signed levels over a
+codebook, ``cabac.py``) and ``grid`` (levels times a step, ``grid.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Protocol
+
+import numpy as np
+
+from deepshrink.errors import ConfigError
+
+
+class EncodedTensor(Protocol):
+    """What every encoded tensor has: the decoded tensor's shape and dtype."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+
+#: ``add(data, stream=False) -> dict``: appends a payload section and returns what the header entry
+#: says of it (its length for a stream in a packed file; offsets and CRC32 in versions 1-2)
+AddSection = Callable[..., dict]
+
+
+class Sections(Protocol):
+    """The loader's record of the payload sections entries claim (``format._Sections``)."""
+
+    packed: bool  # version 3 on: sections back to back, only streams state a length
+
+    def keys(self, keys: set[str], stream: bool = False) -> set[str]:
+        """The key set of a header part holding a section."""
+
+    def add(self, part: dict, where: str, label: str, length: int | None = None) -> int:
+        """Record ``part``'s section (``length``: what the header implies; None for a stream); its length."""
+
+
+class TensorCodec:
+    """One codec. Subclasses set the class attributes and implement every method; one instance is registered.
+
+    ``first_version``: the first format version that holds the codec (a file of version v admits the
+    codecs whose first_version <= v). ``weight``: it stores a quantized weight over a codebook (counted
+    as coded in reports, read sparse by the runtime through ``nonzeros``); otherwise it stores a tensor
+    as it is or nearly (biases, statistics).
+    """
+
+    name: ClassVar[str]
+    tensor_type: ClassVar[type]
+    first_version: ClassVar[int]
+    weight: ClassVar[bool] = False
+
+    def entry(self, name: str, tensor: Any, add: AddSection, version: int) -> dict:
+        """Tensor ``name``'s header entry, its bytes appended with ``add``. The entry's ``codec`` may be another
+        codec's where this one is newer than ``version`` (a constant is written raw in versions 1-2)."""
+        raise NotImplementedError
+
+    def check(self, entry: dict, name: str, at: str, sections: Sections) -> tuple[int, int]:
+        """Every check of an untrusted header entry that needs no decoding; its sections recorded.
+
+        Returns:
+            (elements decoding creates, counted against ``max_expansion``; bytes it copies from the payload).
+        Raises:
+            FormatError subclasses (InvalidHeader for the schema, TensorInfoMismatch for values that
+            disagree), CodecError for coder params the coder rejects.
+        """
+        raise NotImplementedError
+
+    def view(self, name: str, entry: dict, span: Callable[[str], memoryview], at: str) -> Any:
+        """The encoded tensor of a checked entry; ``span(label)`` gives a section's payload bytes (TensorInfoMismatch,
+        naming ``at``, for bytes no tensor of the entry can hold)."""
+        raise NotImplementedError
+
+    def decode(self, tensor: Any, where: str) -> np.ndarray:
+        """The dense array, in the stored dtype, in memory of its own (CodecError / TensorInfoMismatch
+        for a malformed stream)."""
+        raise NotImplementedError
+
+    def stored_bytes(self, tensor: Any) -> int:
+        """Bytes the tensor adds to a file (its sections and its share of the header): what choices compare."""
+        raise NotImplementedError
+
+    def account(self, tensor: Any, where: str) -> dict:
+        """Its row of ``accounting.account``: ``nonzero``, ``stored_bytes`` and, for a weight, the stream columns."""
+        raise NotImplementedError
+
+    def nonzeros(self, tensor: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """A weight codec's non-zeros, checked: (flat positions, indices into ``tensor.codebook``), the
+        runtime's sparse form."""
+        raise NotImplementedError(f"codec {self.name!r} does not store a weight over a codebook")
+
+
+CODECS: dict[str, TensorCodec] = {}  # by name, in registration order (the order error messages list them)
+
+
+def register_codec(cls: type[TensorCodec]) -> type[TensorCodec]:
+    """Class decorator: add one instance of ``cls`` to `CODECS` under ``cls.name``.
+
+    Raises:
+        ConfigError: the name or the tensor type is taken, or a class attribute is missing.
+    """
+    missing = [a for a in ("name", "tensor_type", "first_version") if not hasattr(cls, a)]
+    if missing:
+        raise ConfigError(f"{cls.__name__} does not set {', '.join(missing)}")
+    if not isinstance(cls.name, str) or not cls.name or cls.name in CODECS:
+        raise ConfigError(f"codec name {cls.name!r} is empty or already registered")
+    if any(c.tensor_type is cls.tensor_type for c in CODECS.values()):
+        raise ConfigError(f"{cls.tensor_type.__name__} already has a codec")
+    CODECS[cls.name] = cls()
+    return cls
+
+
+def codec_of(tensor: Any, where: str = "tensor") -> TensorCodec:
+    """The codec of an encoded tensor (by its exact type).
+
+    Raises:
+        ConfigError: ``tensor`` is no registered codec's tensor type.
+    """
+    found = next((c for c in CODECS.values() if type(tensor) is c.tensor_type), None)
+    if found is None:
+        types = ", ".join(c.tensor_type.__name__ for c in CODECS.values())
+        raise ConfigError(f"{where}: expected one of {types}, got {type(tensor).__name__}")
+    return found
+
+
+def codecs_in(version: int) -> tuple[str, ...]:
+    """The codecs a file of format ``version`` may hold, in registration order."""
+    return tuple(name for name, codec in CODECS.items() if codec.first_version <= version)
+
+
+# the built-in codecs register themselves on import (after the registry exists)
+from deepshrink.codecs import raw, deep_compression, cabac, grid  # noqa: E402,F401
