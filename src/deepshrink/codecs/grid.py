@@ -1,7 +1,7 @@
 """Codec ``grid``: a float tensor on a uniform grid, each element a signed level times one float32 step,
-the levels coded by ``deepshrink.coding.cabac`` with its standard context model. No codebook: a bias needs
-hundreds of levels. ``encode.EncodeConfig(grid_bits=b)`` stores 1-D float tensors (biases, norm scales)
-this way where it is smaller than raw.
+the levels coded by ``deepshrink.coding.cabac`` with its standard context model.
+``encode.EncodeConfig(grid_bits=b)`` stores 1-D float tensors (biases, norm scales) this way where it is
+smaller than raw.
 """
 
 from __future__ import annotations
