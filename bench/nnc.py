@@ -354,12 +354,14 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
         importance = fisher_diagonal(model, fit, include=config.include, exclude=config.exclude,
                                      kinds=config.kinds) if hessian else None  # training images only
         quantize_model(model, config, importance)
+        seed = {} if args.seed is None else {"seed": args.seed}  # shuffling seed of both trainings
         if args.reassign_epochs > 0:  # quantization-aware retraining at the point's own lambda
             config = make_config(TrainConfig, {**finetune, "epochs": args.reassign_epochs, "lr": args.reassign_lr,
-                                               "weight_decay": 0.0, "reassign_lam": lam, "progress": False}, "reassign")
+                                               "weight_decay": 0.0, "reassign_lam": lam, "progress": False, **seed},
+                                 "reassign")
             train(model, fit, config)
         if args.epochs > 0:
-            config = make_config(TrainConfig, {**finetune, "epochs": args.epochs, "progress": False}, "finetune")
+            config = make_config(TrainConfig, {**finetune, "epochs": args.epochs, "progress": False, **seed}, "finetune")
             train(model, fit, config)
         seconds = round(time.perf_counter() - start, 1)
         for grid_bits, config in encodes:
@@ -370,6 +372,7 @@ def run_case(run_dir: Path, args, nnc_python: str | None, work: Path) -> dict:
             sparsity = summary_totals(layer_summary(decoded))["sparsity"]
             add({"who": "ours", "setting": f"{method}{' Fisher' if hessian else ''} lambda {lam:g}"
                     + (f" +{args.reassign_epochs} reassign" if args.reassign_epochs else "")
+                    + (f" seed {args.seed}" if args.seed is not None else "")
                     + (f" +{args.epochs} ep" if args.epochs else "") + (f" grid {grid_bits}" if grid_bits else ""),
                  "method": method, "lam": lam, "hessian": hessian, "epochs": args.epochs,
                  "reassign_epochs": args.reassign_epochs, "grid_bits": config.grid_bits, "bytes": path.stat().st_size,
@@ -552,6 +555,9 @@ def main() -> int:
     parser.add_argument("--reassign-epochs", type=int, default=0,
                         help="quantization-aware retraining epochs per point of ours, before its centroid training")
     parser.add_argument("--reassign-lr", type=float, default=0.01, help="its learning rate (cosine schedule)")
+    parser.add_argument("--seed", type=int,
+                        help="training seed of our points' retraining (default: the recipe's finetune seed); for "
+                             "checking that a pick does not hang on one shuffle")
     parser.add_argument("--levels", action="store_true",
                         help="compare the coders alone on equal levels (NNCodec's own, without dependent quantization)")
     parser.add_argument("--nnc-bnf", action="store_true",

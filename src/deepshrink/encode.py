@@ -114,15 +114,6 @@ def encode_weight(
     return min(candidates, key=stored_bytes)  # min keeps the first of equal sizes
 
 
-def decode_tensor(encoded: Encoded, where: str = "tensor") -> np.ndarray:
-    """The dense array an encoded tensor stands for, in its stored dtype, in memory of its own.
-
-    Raises:
-        CodecError, TensorInfoMismatch: a coded tensor's streams are malformed.
-    """
-    return codec_of(encoded, where).decode(encoded, where)
-
-
 def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
     """Encode every tensor of the model's plain state dict: SharedWeights ones coded (those that
     ``config.include``/``exclude`` select), the rest raw. A tied tensor is encoded once, under its first
