@@ -100,8 +100,9 @@ def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
     """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
 
     ``version`` 1 or 2 writes the aligned layout with offsets and CRCs per section (the lowest of the
-    two that holds the codecs; constants stored raw, cabac streams recoded with version 2's contexts) for readers older than version 3; ``version`` 3
-    the packed layout with a header deflated without the preset dictionary, for readers older than 4.
+    two that holds the codecs; constants stored raw, cabac streams recoded with version 2's contexts)
+    for readers older than version 3; ``version`` 3 the packed layout with a header deflated without
+    the preset dictionary, for readers older than 4.
 
     Raises:
         ConfigError: a tensor name is empty, the spec/meta is not JSON (NaN, non-string keys...), or
@@ -167,8 +168,8 @@ def _crc_chunks(chunks) -> int:
 
 
 def write_file(
-    path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None, meta: dict | None = None,
-    version: int = VERSION,
+    path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
+    meta: dict | None = None, version: int = VERSION,
 ) -> Path:
     """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes.
     ``version`` < 3 writes the older layout (see ``serialize``)."""

@@ -250,7 +250,8 @@ def check_levels_stream(entry: dict, name: str, at: str, sections, num_nonzero: 
     geometry, and an empty stream exactly for an all-zero tensor; returns max_abs."""
     check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
     length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
-    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", entry["coder_params"])
+    params = entry["coder_params"]
+    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", params)
     expected_row = row_length_of(tuple(entry["shape"]))
     expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
            f"{expected_row}", TensorInfoMismatch)
