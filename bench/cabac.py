@@ -1,6 +1,6 @@
-"""Context-adaptive coder (``deepshrink.coding.cabac``) vs today's layout, tensor by tensor, and its speed.
+"""Context-adaptive coder (``deepshrink.coding.level_coder``) vs today's layout, tensor by tensor, and its speed.
 
-Usage: ``python bench/cabac.py [--quick]``. Prints tables and writes bench/results/cabac.json
+Usage: ``python bench/level_coder.py [--quick]``. Prints tables and writes bench/results/level_coder.json
 (machine, versions, date, git SHA, every figure).
 
 Per tensor, the bytes of:
@@ -25,7 +25,7 @@ Data:
       MB/s count 4 bytes per weight (fp32-equivalent); best of several runs after a warm-up (numba
       compile excluded), single thread. The same layer also through dependent quantization
       (``quantize.dependent_1d``, 62 levels, lambda 0.01: the trellis's own speed, one run) and its
-      context model (``cabac.DEPENDENT_CONTEXT_MODEL``): its bytes, encode and decode speed.
+      context model (``level_coder.DEPENDENT_CONTEXT_MODEL``): its bytes, encode and decode speed.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coding import CHECKPOINT, ROOT, best_time, machine_info  # noqa: E402
 from common import write_json  # noqa: E402
 
-from deepshrink.coding import cabac, entropy_bits  # noqa: E402
+from deepshrink.coding import entropy_bits, level_coder  # noqa: E402
 from deepshrink.codecs.cabac import indices_to_levels  # noqa: E402
 from deepshrink.codecs.deep_compression import decode_quantized, encode_quantized  # noqa: E402
 from deepshrink.quantize import dependent_1d  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "cabac.json"
+RESULTS = ROOT / "bench" / "results" / "level_coder.json"
 MNIST = ROOT.parent / "shared" / "datasets"
 LENET_PRUNE = {"fc1.weight": 0.92, "fc2.weight": 0.91, "fc3.weight": 0.74}
 
@@ -122,8 +122,8 @@ def sizes(name: str, indices: np.ndarray, codebook: np.ndarray, bits: int, index
             row["layout_entropy"] = (entropy_bits(symbols, len(codebook)) + entropy_bits(entries, 1 << index_bits)) / 8
     levels, _, _ = indices_to_levels(indices, codebook)
     row_length = int(np.prod(indices.shape[1:])) if indices.ndim > 1 else indices.size
-    payload, params = cabac.encode(levels.reshape(-1), row_length)
-    assert np.array_equal(cabac.decode(payload, params, levels.size), levels.reshape(-1))
+    payload, params = level_coder.encode(levels.reshape(-1), row_length)
+    assert np.array_equal(level_coder.decode(payload, params, levels.size), levels.reshape(-1))
     row["cabac"] = len(payload)
     row["cabac_params"] = len(json.dumps(params))
     shifted = (levels.reshape(-1) + params["max_abs"]).astype(np.int64)
@@ -143,9 +143,9 @@ def speed(count: int, density: float, quick: bool) -> dict:
     flat = levels.reshape(-1)
     runs, budget = (2, 0.3) if quick else (3, 1.0)
     mb = 4 * flat.size / 1e6
-    payload, params = cabac.encode(flat, 784)
-    enc = best_time(lambda: cabac.encode(flat, 784), runs, budget)
-    dec = best_time(lambda: cabac.decode(payload, params, flat.size), runs, budget)
+    payload, params = level_coder.encode(flat, 784)
+    enc = best_time(lambda: level_coder.encode(flat, 784), runs, budget)
+    dec = best_time(lambda: level_coder.decode(payload, params, flat.size), runs, budget)
     coded = encode_quantized(indices, codebook, 6, 5, "huffman")
     huff_enc = best_time(lambda: encode_quantized(indices, codebook, 6, 5, "huffman"), runs, budget)
     huff_dec = best_time(lambda: decode_quantized(coded), runs, budget)
@@ -155,10 +155,10 @@ def speed(count: int, density: float, quick: bool) -> dict:
     t0 = time.perf_counter()
     dependent = dependent_1d(pruned, 62, 0.01, row_length=784)[1]
     trellis = time.perf_counter() - t0
-    dq = cabac.DEPENDENT_CONTEXT_MODEL
-    dq_payload, dq_params = cabac.encode(dependent, 784, context_model=dq)
-    dq_enc = best_time(lambda: cabac.encode(dependent, 784, context_model=dq), runs, budget)
-    dq_dec = best_time(lambda: cabac.decode(dq_payload, dq_params, dependent.size), runs, budget)
+    dq = level_coder.DEPENDENT_CONTEXT_MODEL
+    dq_payload, dq_params = level_coder.encode(dependent, 784, context_model=dq)
+    dq_enc = best_time(lambda: level_coder.encode(dependent, 784, context_model=dq), runs, budget)
+    dq_dec = best_time(lambda: level_coder.decode(dq_payload, dq_params, dependent.size), runs, budget)
     return {
         "weights": int(flat.size), "density": density, "cabac_bytes": len(payload),
         "huffman_bytes": len(coded.weights_stream) + len(coded.positions_stream),
@@ -194,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     results: dict = {"machine": machine_info(), "quick": args.quick, "datasets": {}}
-    cabac.decode(*cabac.encode(np.array([0, 1, -2, 0, 3]), 2)[:2], 5)  # compile
+    level_coder.decode(*level_coder.encode(np.array([0, 1, -2, 0, 3]), 2)[:2], 5)  # compile
 
     for label, source in (("lenet300-mnist", lambda: lenet300_tensors(1 if args.quick else 3)),
                           ("resnet20", resnet20_tensors)):

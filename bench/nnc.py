@@ -65,12 +65,12 @@ import torch
 import yaml
 
 from deepshrink.checkpoint import load_checkpoint
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.codecs.common import row_length_of
 from deepshrink.encode import EncodeConfig
 from deepshrink.compress import compress_model, load
 from deepshrink.pipeline import load_splits, make_config
-from deepshrink.compression import strip
+from deepshrink.parametrizations import strip
 from deepshrink.quantize import QuantizeConfig, fisher_diagonal, quantize_model
 from deepshrink.report import layer_summary, summary_totals
 from deepshrink.train import TrainConfig, evaluate, train
@@ -273,17 +273,17 @@ def equal_levels(run_dir: Path, args, nnc_python: str, work: Path) -> dict:
     rows = []
     for qp in args.qps:
         row = {"qp": qp, **{f"nnc {name}": runs[name][qp]["bytes"] for name in NNC_SETTINGS}}
-        for model in (m for m in cabac.CONTEXT_MODELS if m != cabac.DEPENDENT_CONTEXT_MODEL):
+        for model in (m for m in level_coder.CONTEXT_MODELS if m != level_coder.DEPENDENT_CONTEXT_MODEL):
             row[f"ours {model}"] = sum(
-                len(cabac.encode(signed_ranks(values), row_length_of(values.shape), context_model=model)[0])
+                len(level_coder.encode(signed_ranks(values), row_length_of(values.shape), context_model=model)[0])
                 for values in runs["no DQ, no param opt"][qp]["state"].values())
         # NNCodec's dependent levels with our dependent context model, where they follow our state machine
         # (the same 8-state table and scan): the coders alone on dependent quantization's levels
         grids = [(grid_levels(values), values.shape) for values in runs["defaults"][qp]["state"].values()]
-        if all(j is not None and (not j.any() or cabac.is_dependent(j)) for j, _ in grids):
-            row[f"ours {cabac.DEPENDENT_CONTEXT_MODEL} (NNCodec's DQ levels)"] = sum(
-                len(cabac.encode(j, row_length_of(shape), context_model=cabac.DEPENDENT_CONTEXT_MODEL if j.any()
-                                 else cabac.CONTEXT_MODEL)[0]) for j, shape in grids)
+        if all(j is not None and (not j.any() or level_coder.is_dependent(j)) for j, _ in grids):
+            row[f"ours {level_coder.DEPENDENT_CONTEXT_MODEL} (NNCodec's DQ levels)"] = sum(
+                len(level_coder.encode(j, row_length_of(shape), context_model=level_coder.DEPENDENT_CONTEXT_MODEL if j.any()
+                                 else level_coder.CONTEXT_MODEL)[0]) for j, shape in grids)
         rows.append(row)
         print("  " + "  ".join(f"{k} {v:,}" for k, v in row.items()), flush=True)
     return {"recipe": recipe["name"], "checkpoint": str(pruned_ckpt), "rows": rows}

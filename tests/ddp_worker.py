@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from deepshrink.compression import Masked
+from deepshrink.parametrizations import Masked
 from deepshrink.data import ImageData
 from deepshrink.models import build_model
 from deepshrink.train import TrainConfig, distributed, end_process, seed_everything, train

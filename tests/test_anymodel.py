@@ -12,7 +12,7 @@ from torch import nn
 
 import deepshrink
 from deepshrink.compress import compress_model
-from deepshrink.compression import masks, plain_state_dict
+from deepshrink.parametrizations import masks, plain_state_dict
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 from deepshrink.format import read_file, read_header, with_aliases
 from deepshrink.layers import select_weights, tied_weights

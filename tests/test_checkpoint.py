@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepshrink.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from deepshrink.compression import masks
+from deepshrink.parametrizations import masks
 from deepshrink.errors import CheckpointError, DeepShrinkError, WriteError
 from deepshrink.models import build_model
 from deepshrink.files import atomic_write, sweep_temp_files

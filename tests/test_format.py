@@ -34,7 +34,7 @@ from deepshrink.codecs.deep_compression import (decode_quantized, encode_quantiz
                                                positions_to_entries)
 from deepshrink.codecs.raw import ConstantTensor, RawTensor, encode_raw
 from deepshrink.compress import compress_model, load
-from deepshrink.compression import plain_state_dict, strip
+from deepshrink.parametrizations import plain_state_dict, strip
 from deepshrink.encode import EncodeConfig, encode_model
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepshrink import format as fmt
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.codecs.cabac import CabacTensor, decode_cabac, encode_levels, indices_to_levels, levels_to_values
 from deepshrink.codecs.common import row_length_of
 from deepshrink.codecs.deep_compression import CodedTensor, encode_quantized
@@ -167,8 +167,8 @@ def test_older_layouts_stamp_the_lowest_version_that_holds_the_codecs(tmp_path):
     # version 2 readers know only the first context model: the writer re-codes the same levels with it
     write_file(tmp_path / "levels-v2.dsz", levels, version=2)
     header, tensors = read_file(tmp_path / "levels-v2.dsz")
-    assert header["tensors"]["w"]["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL
-    assert levels["w"].coder_params["context_model"] == cabac.CONTEXT_MODEL != cabac.LEGACY_CONTEXT_MODEL
+    assert header["tensors"]["w"]["coder_params"]["context_model"] == level_coder.LEGACY_CONTEXT_MODEL
+    assert levels["w"].coder_params["context_model"] == level_coder.CONTEXT_MODEL != level_coder.LEGACY_CONTEXT_MODEL
     assert torch.equal(tensors["w"], torch.from_numpy(dense(indices, codebook)))
     decoded = []
     for version in (1, 2, 3, 4):  # every layout reads back the same tensors

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import deepshrink
-from deepshrink.compression import masks, plain_state_dict
+from deepshrink.parametrizations import masks, plain_state_dict
 from deepshrink.compress import compress_model
 from deepshrink.format import read_file, with_aliases
 from deepshrink.layers import select_weights

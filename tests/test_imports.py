@@ -23,23 +23,23 @@ _reachable = _load_script().reachable
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
     found = _load_script().import_graph()
-    assert {"prune", "quantize", "compression", "data", "format", "coding.ans"} <= set(found)
-    assert "compression" in found["checkpoint"] and "coding.huffman" in found["coding"]  # the reader sees imports
+    assert {"prune", "quantize", "parametrizations", "data", "format", "coding.ans"} <= set(found)
+    assert "parametrizations" in found["checkpoint"] and "coding.huffman" in found["coding"]  # the reader sees imports
     return found
 
 
 def test_pruning_and_quantization_are_siblings(graph):
     assert "quantize" not in graph["prune"] and "prune" not in graph["quantize"]
-    assert "compression" in graph["prune"] and "compression" in graph["quantize"]
+    assert "parametrizations" in graph["prune"] and "parametrizations" in graph["quantize"]
 
 
-def test_compression_state_depends_on_no_stage(graph):
+def test_parametrizations_depend_on_no_stage(graph):
     stages = {"prune", "quantize", "encode", "format", "checkpoint", "train", "pipeline"}
-    assert not _reachable(graph, "compression") & stages
+    assert not _reachable(graph, "parametrizations") & stages
 
 
 def test_loading_a_dataset_imports_no_compression_stage(graph):
-    assert not _reachable(graph, "data") & {"prune", "quantize", "checkpoint", "compression", "encode", "format"}
+    assert not _reachable(graph, "data") & {"prune", "quantize", "checkpoint", "parametrizations", "encode", "format"}
 
 
 def test_no_import_cycles_outside_the_coder_registry(graph):

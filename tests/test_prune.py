@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink import checkpoint
-from deepshrink.compression import Masked, SharedWeights, masks, restore_compression, strip
+from deepshrink.parametrizations import Masked, SharedWeights, masks, restore_compression, strip
 from deepshrink.errors import ConfigError
 from deepshrink.prune import (
     PruneConfig,

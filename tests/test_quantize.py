@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from deepshrink.checkpoint import read_checkpoint, save_checkpoint
 from deepshrink.compress import compress_model, load
-from deepshrink.compression import Masked, SharedWeights, compression_state, masks, restore_compression
+from deepshrink.parametrizations import Masked, SharedWeights, compression_state, masks, restore_compression
 from deepshrink.errors import ConfigError
 from deepshrink.layers import WeightRef
 from deepshrink.prune import sparsity
@@ -665,7 +665,7 @@ def test_uniform_rate_term_lowers_the_entropy():
 
 def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_bits):
     """The cheapest cost over every level sequence the state machine allows, by exhaustive search (tiny inputs)."""
-    from deepshrink.coding import cabac
+    from deepshrink.coding import level_coder
 
     def search(i, state, left, cost):
         if i == x.size:
@@ -679,7 +679,7 @@ def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_
             k = abs(j + q) // 2 if j > 0 else abs(j - q) // 2
             rate = sig_bits[q, nz, 1] + mag_bits[q, min(k, mag_bits.shape[1] - 1)] if k else sig_bits[q, nz, 0]
             here = cost + h[i] * (x[i] - j * step) ** 2 + lam * rate
-            best = min(best, search(i + 1, cabac._DQ_NEXT[state, k & 1], int(j != 0), here))
+            best = min(best, search(i + 1, level_coder._DQ_NEXT[state, k & 1], int(j != 0), here))
         return best
 
     return search(0, 0, 0, 0.0)
@@ -702,9 +702,9 @@ def test_the_trellis_finds_the_cheapest_level_sequence(seed):
 
 
 def cabac_follows(levels) -> bool:
-    from deepshrink.coding import cabac
+    from deepshrink.coding import level_coder
 
-    return not np.any(levels) or cabac.is_dependent(levels)
+    return not np.any(levels) or level_coder.is_dependent(levels)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.01, 0.1])
@@ -718,13 +718,13 @@ def test_dependent_levels_follow_the_state_machine_and_keep_pruned_zeros(lam):
 
 
 def test_the_dependent_rate_term_lowers_the_coded_size_monotonically():
-    from deepshrink.coding import cabac
+    from deepshrink.coding import level_coder
 
     w = pruned_layer(seed=7).numpy().reshape(-1)
     sizes, errors = [], []
     for lam in (0.0, 0.03, 0.3, 3.0):
         step, j = dependent_1d(w, 30, lam, row_length=150, step=0.01, iters=1)
-        sizes.append(len(cabac.encode(j, 150, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0]))
+        sizes.append(len(level_coder.encode(j, 150, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)[0]))
         errors.append(float(np.square(w - j * step).sum()))
     assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
     assert all(a < b for a, b in zip(errors, errors[1:])), errors
@@ -733,20 +733,20 @@ def test_the_dependent_rate_term_lowers_the_coded_size_monotonically():
 def test_dependent_quantization_beats_the_uniform_grid_at_equal_error():
     # the same uniform grid, coded with and without the trellis: at about equal squared error the
     # dependent levels take fewer bytes (the point of trellis-coded quantization)
-    from deepshrink.coding import cabac
+    from deepshrink.coding import level_coder
 
     w = pruned_layer(seed=8).numpy().reshape(-1)
     nz = w != 0
 
     def uniform(step):
         q = np.rint(w / step).astype(np.int64)
-        return len(cabac.encode(q, 150)[0]), float(np.square(w - q * step)[nz].mean())
+        return len(level_coder.encode(q, 150)[0]), float(np.square(w - q * step)[nz].mean())
 
     steps = 0.004 * 1.15 ** np.arange(12)
     grid = sorted(uniform(s) for s in steps)
     for step in (0.006, 0.008):
         j_step, j = dependent_1d(w, 1000, 0.003, row_length=150, step=step, iters=2)
-        size = len(cabac.encode(j, 150, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0])
+        size = len(level_coder.encode(j, 150, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)[0])
         error = float(np.square(w - j * j_step)[nz].mean())
         sizes, errors = zip(*grid)
         at_equal_error = np.exp(np.interp(np.log(error), np.log(errors[::-1]), np.log(sizes[::-1])))
@@ -806,7 +806,7 @@ def test_weights_sent_to_the_zero_level_are_pruned_and_stay_zero_through_trainin
     model, masks = masked_net(sparsity=0.3)
     before = {f: (getattr(model, f.split(".")[0]).weight != 0).clone() for f in masks}
     info = quantize_model(model, QuantizeConfig(bits=4, method="ecsq", lam=0.3))
-    from deepshrink.compression import masks as current_masks
+    from deepshrink.parametrizations import masks as current_masks
 
     zeroed = 0
     for fqn, mask in current_masks(model).items():

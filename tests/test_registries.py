@@ -18,7 +18,7 @@ from deepshrink.codecs.common import check_entry, expect
 from deepshrink.codecs.deep_compression import _max_symbols
 from deepshrink.coding import CODERS, register
 from deepshrink.compress import compress_model
-from deepshrink.compression import masks, strip
+from deepshrink.parametrizations import masks, strip
 from deepshrink.encode import EncodeConfig
 from deepshrink.encode import encode_model
 from deepshrink.errors import CodecError, ConfigError, InvalidHeader, TensorInfoMismatch

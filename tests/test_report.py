@@ -12,7 +12,7 @@ from rich.console import Console
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.compression import SharedWeights
+from deepshrink.parametrizations import SharedWeights
 from deepshrink.errors import ConfigError
 from deepshrink.prune import apply_mask
 from deepshrink.report import (

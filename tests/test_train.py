@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.compression import Masked, SharedWeights
+from deepshrink.parametrizations import Masked, SharedWeights
 from deepshrink.data import Batches, ImageData
 from deepshrink.errors import ConfigError, DataError, DeepShrinkError
 from deepshrink.models import build_model

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compression import compression_state, restore_compression
+from .parametrizations import compression_state, restore_compression
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write
 

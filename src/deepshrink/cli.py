@@ -203,6 +203,8 @@ def cmd_run(args) -> None:
     from .pipeline import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.seed is not None:  # the same recipe with another seed: how a headline's spread is measured
+        recipe = dataclasses.replace(recipe, seed=args.seed)
     out = Path(args.out or f"runs/{recipe.name}")
     _run(recipe, out, args)
 
@@ -534,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue after the last completed stage")
+    p.add_argument("--seed", type=int, default=None,
+                   help="replace the recipe's seed (shuffling, augmentation, initialisation; the validation split "
+                        "stays the same)")
     _add_trust_arg(p)
     p.set_defaults(func=cmd_run)
 

@@ -27,7 +27,7 @@ from .codecs.deep_compression import encode_quantized
 from .codecs.grid import encode_grid
 from .codecs.raw import RawTensor, encode_raw
 from .coding import CODERS
-from .compression import fold_zero_centroids, plain_state_dict
+from .parametrizations import fold_zero_centroids, plain_state_dict
 from .config import check_bits, check_patterns_match, first_match, pattern_values
 from .errors import ConfigError
 from .layers import as_patterns, tied_weights

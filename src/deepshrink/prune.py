@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import Masked, SharedWeights, parametrizations_of, parametrized_tensors
+from .parametrizations import Masked, SharedWeights, parametrizations_of, parametrized_tensors
 from .config import check_patterns_match, enum_value, first_match, pattern_values
 from .errors import ConfigError
 from .layers import MIN_DIMS, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights, tie_parametrizations

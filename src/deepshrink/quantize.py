@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import trellis
-from .compression import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
+from .parametrizations import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
 from .config import check_bits, check_lam, check_patterns_match, enum_value, first_match, pattern_values
 from .codecs.common import row_length_of
 from .errors import ConfigError
@@ -662,7 +662,7 @@ def dependent_1d(
 
     Returns:
         (step, j): the step (> 0; 1.0 for an all-zero input) and the int64 reconstruction levels, a
-        sequence ``coding.cabac.coded_levels`` accepts; j == 0 wherever the input is 0.
+        sequence ``coding.level_coder.coded_levels`` accepts; j == 0 wherever the input is 0.
 
     Raises:
         ConfigError: bad values, num_levels, lam, weights, row_length, step or iters.
@@ -790,7 +790,7 @@ def quantize_weight(
         distinct non-zero values or levels dropped out; 0 for an all-zero weight), and integer indices
         shaped like ``weight``: 0 = zero (pruned), 1..K elsewhere. Both on ``weight``'s device. A
         centroid that lands exactly on 0 is dropped and its weights get index 0: they are pruned
-        (``compression.fold_zero_centroids``).
+        (``parametrizations.fold_zero_centroids``).
 
     Raises:
         ConfigError: bits outside 1..16, NaN/inf entries, unknown init or method, bad lam or importance.

@@ -21,7 +21,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import SharedWeights
+from .parametrizations import SharedWeights
 from .errors import ConfigError
 from .files import atomic_write
 from .layers import resolve, select_weights

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import reassigning
+from .parametrizations import reassigning
 from .config import check_lam, enum_value
 from .data import Batches, ImageData
 from .errors import ConfigError, DataError, DeepShrinkError
@@ -87,7 +87,7 @@ class TrainConfig:
     distill_temperature: float = 4.0  # softens both models' outputs; Hinton et al. used 2-20
     # quantized layers: None trains their shared values, the assignments fixed (the paper's centroid
     # fine-tuning); a number trains their float weights instead, each moving to its cheapest level at
-    # every step for this rate weight (quantization-aware retraining, ``compression.reassigning``)
+    # every step for this rate weight (quantization-aware retraining, ``parametrizations.reassigning``)
     reassign_lam: float | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 Two uniform quantizers share one step: quantizer 0 makes the even multiples of the step, quantizer 1
 the odd multiples and zero. Which one quantizes a weight is the state of an 8-state machine that
 moves on the parity of the previous level k (NNC's, ISO/IEC 15938-17, and VVC's design); the context
-coder (``coding.cabac.DEPENDENT_CONTEXT_MODEL``) follows the same machine, so it codes k, about half
+coder (``coding.level_coder.DEPENDENT_CONTEXT_MODEL``) follows the same machine, so it codes k, about half
 of |j|, while the reconstruction levels j = 2k - sign(k) * quantizer are as fine as a grid of the
 step itself. The encoder chooses the whole sequence at once: a Viterbi search over the states
 minimises ``sum_i h_i (x_i - j_i step)^2 / s + lam * bits(k_i)``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .coding.cabac import _DQ_NEXT  # the state machine is the bitstream's: one definition
+from .coding.level_coder import _DQ_NEXT  # the state machine is the bitstream's: one definition
 
 _NO_PATH = np.inf
 _SMOOTHING = 0.5  # added to every count of the rate estimate, so an unseen event still has a finite cost

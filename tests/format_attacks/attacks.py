@@ -22,7 +22,7 @@ import numpy as np
 
 from deepshrink import errors
 from deepshrink.coding import get_coder
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.codecs.cabac import CabacTensor, encode_levels
 from deepshrink.codecs.deep_compression import CodedTensor, encode_quantized
 from deepshrink.codecs.grid import encode_grid
@@ -204,10 +204,10 @@ class Attack:
     version: int = 2  # the base file it edits
 
 
-def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", context_model: str = cabac.CONTEXT_MODEL,
+def _cabac_levels(levels: list[int], stream_suffix: bytes = b"", context_model: str = level_coder.CONTEXT_MODEL,
                   **changes) -> CabacTensor:
     """A cabac tensor over the codebook [-1, 1] with a hand-picked level stream (and header fields)."""
-    stream, params = cabac.encode(np.array(levels), len(levels), context_model=context_model)
+    stream, params = level_coder.encode(np.array(levels), len(levels), context_model=context_model)
     fields = dict(shape=(len(levels),), bits=1, codebook=np.array([-1.0, 1.0], np.float32), num_negative=1,
                   num_nonzero=int(np.count_nonzero(levels)), stream=stream + stream_suffix, coder_params=params)
     return CabacTensor(**{**fields, **changes})
@@ -385,11 +385,11 @@ ATTACKS: dict[str, Attack] = {
                               _own_file({"m": RawTensor(np.array([1, 2], np.uint8).view(np.bool_))}),
                               "bool byte 2"),
     "new_contexts_in_version_2": Attack(E.InvalidHeader, "header",
-                                        edit(_set("c.weight/coder_params/context_model", cabac.CONTEXT_MODEL)),
+                                        edit(_set("c.weight/coder_params/context_model", level_coder.CONTEXT_MODEL)),
                                         "version 3's cabac context model in a version-2 file"),
     "dependent_contexts_in_version_2": Attack(E.InvalidHeader, "header",
                                               edit(_set("c.weight/coder_params/context_model",
-                                                        cabac.DEPENDENT_CONTEXT_MODEL)),
+                                                        level_coder.DEPENDENT_CONTEXT_MODEL)),
                                               "the dependent-quantization context model in a version-2 file"),
     "constant_in_version_2": Attack(E.InvalidHeader, "header",
                                     edit(_entry("bn.running_var", {"codec": "constant", "dtype": "float16",
@@ -441,11 +441,11 @@ ATTACKS.update({
     "v3_constant_unknown_key": _v3(E.InvalidHeader, edit(_set("bn.running_var/crc32", 0)), "an unknown key"),
     # dependent quantization: max_abs bounds the coded k, and j = 2k - ... can reach past the codebook
     "v3_dependent_level_outside_codebook": _v3(
-        E.TensorInfoMismatch, _own_file({"w": _cabac_levels([0, 2, 0, 0], context_model=cabac.DEPENDENT_CONTEXT_MODEL)}),
+        E.TensorInfoMismatch, _own_file({"w": _cabac_levels([0, 2, 0, 0], context_model=level_coder.DEPENDENT_CONTEXT_MODEL)}),
         "a dependent stream whose k = 1 is the level j = 2 of a one-value side", stage="decode"),
     "v3_dependent_max_abs_too_large": _v3(
         E.CodecError, edit(lambda h: tensors(h)["c.weight"]["coder_params"].update(
-            context_model=cabac.DEPENDENT_CONTEXT_MODEL, max_abs=cabac.MAX_ABS)),
+            context_model=level_coder.DEPENDENT_CONTEXT_MODEL, max_abs=level_coder.MAX_ABS)),
         "a dependent stream whose levels j could pass 2**16"),
 })
 
@@ -482,7 +482,7 @@ ATTACKS.update({
     "v4_grid_step_negative": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", -0.5)), "a negative step"),
     "v4_grid_step_integer": _v4(E.TensorInfoMismatch, edit(_set("g.bias/step", 1)), "an integer step"),
     "v4_grid_dependent_contexts": _v4(E.InvalidHeader, edit(_set("g.bias/coder_params/context_model",
-                                                                 cabac.DEPENDENT_CONTEXT_MODEL)),
+                                                                 level_coder.DEPENDENT_CONTEXT_MODEL)),
                                       "dependent quantization's context model on a grid"),
     "v4_grid_row_length": _v4(E.TensorInfoMismatch, edit(_set("g.bias/coder_params/row_length", 10)),
                               "a context geometry other than the shape's"),

@@ -9,7 +9,7 @@ its bytes for choosing and accounting. ``format.py`` lays entries out and knows 
 from outside the package (``tests/test_registries.py``).
 
 Built in: ``raw`` and ``constant`` (``raw.py``), ``deep_compression`` (the paper's relative indices and
-cluster symbols, ``deep_compression.py``), ``cabac`` (one context-coded stream of signed levels over a
+cluster symbols, ``deep_parametrizations.py``), ``cabac`` (one context-coded stream of signed levels over a
 codebook, ``cabac.py``) and ``grid`` (levels times a step, ``grid.py``).
 """
 

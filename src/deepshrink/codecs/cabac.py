@@ -1,7 +1,7 @@
 """Codec ``cabac``: a quantized weight as one context-coded stream of signed levels, zeros included.
 
 The codebook is sorted and each weight's level is ordered like its value (``indices_to_levels``); the
-levels are coded by the context-adaptive coder ``deepshrink.coding.cabac`` with one output row/filter as
+levels are coded by the context-adaptive coder ``deepshrink.coding.level_coder`` with one output row/filter as
 the context geometry (and with its dependent-quantization context model when the levels follow that
 state machine, as those of ``quantize``'s "dq" method do). No frequency tables are stored.
 """
@@ -18,7 +18,7 @@ from deepshrink.codecs import TensorCodec, register_codec
 from deepshrink.codecs.common import (DTYPES, check_codebook, check_entry, check_levels_stream, check_quantized,
                                       codebook_entry, codebook_view, decode_levels_stream, expect, header_share,
                                       int_field, levels_entropy, row_length_of)
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.config import MAX_BITS
 from deepshrink.errors import TensorInfoMismatch
 
@@ -33,7 +33,7 @@ class CabacTensor:
     num_negative: int  # codebook[:num_negative] get levels -num_negative..-1; the rest 1..K-num_negative
     num_nonzero: int  # non-zero levels
     stream: bytes
-    coder_params: dict  # deepshrink.coding.cabac params (row_length, max_abs, num_gt and the constants)
+    coder_params: dict  # deepshrink.coding.level_coder params (row_length, max_abs, num_gt and the constants)
     # memoryless entropy of the levels (zeros included), in bits: known when encoding, None when read
     levels_entropy_bits: float | None = None
 
@@ -74,7 +74,7 @@ def encode_levels(
     """Encode a quantized weight (0 = pruned, k = codebook[k-1]) as one ``cabac`` stream of signed levels.
 
     Levels rank the codebook by value (``indices_to_levels``). Levels of dependent quantization
-    (``cabac.is_dependent``) are coded with its context model when that is smaller; if centroid
+    (``level_coder.is_dependent``) are coded with its context model when that is smaller; if centroid
     training has reordered such a codebook, its own index order still gives them (``_dependent_order``).
 
     Raises:
@@ -85,11 +85,11 @@ def encode_levels(
     levels, ordered, num_negative = indices_to_levels(indices, codebook)
     shape = tuple(int(d) for d in indices.shape)
     row_length = row_length_of(shape)
-    stream, params = cabac.encode(levels.reshape(-1), row_length)
-    dependent = (levels, ordered, num_negative) if cabac.is_dependent(levels.reshape(-1)) else _dependent_order(
+    stream, params = level_coder.encode(levels.reshape(-1), row_length)
+    dependent = (levels, ordered, num_negative) if level_coder.is_dependent(levels.reshape(-1)) else _dependent_order(
         indices, codebook)
     if dependent is not None:
-        coded = cabac.encode(dependent[0].reshape(-1), row_length, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+        coded = level_coder.encode(dependent[0].reshape(-1), row_length, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)
         if len(coded[0]) < len(stream):
             (stream, params), (levels, ordered, num_negative) = coded, dependent
     flat = levels.reshape(-1)
@@ -125,10 +125,10 @@ def _dependent_order(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.ndar
         # a dependent sequence is dependent (or all zero), so most splits are refused without mapping the
         # whole tensor
         start = lookup[head]
-        if start.any() and not cabac.is_dependent(start):
+        if start.any() and not level_coder.is_dependent(start):
             continue
         levels = lookup[indices]
-        if cabac.is_dependent(levels.reshape(-1)):
+        if level_coder.is_dependent(levels.reshape(-1)):
             return levels, codebook, n
     return None
 
@@ -159,8 +159,8 @@ def decode_cabac(coded: CabacTensor, where: str = "tensor") -> np.ndarray:
 def _with_legacy_contexts(enc: CabacTensor) -> CabacTensor:
     """The same levels coded with the context model format version 2 readers know."""
     params = enc.coder_params
-    levels = cabac.decode(enc.stream, params, math.prod(enc.shape))
-    stream, legacy = cabac.encode(levels, params["row_length"], params["num_gt"], cabac.LEGACY_CONTEXT_MODEL)
+    levels = level_coder.decode(enc.stream, params, math.prod(enc.shape))
+    stream, legacy = level_coder.encode(levels, params["row_length"], params["num_gt"], level_coder.LEGACY_CONTEXT_MODEL)
     return dataclasses.replace(enc, stream=stream, coder_params=legacy)
 
 
@@ -174,7 +174,7 @@ class CabacCodec(TensorCodec):
             "levels_stream"}
 
     def entry(self, name: str, tensor: CabacTensor, add, version: int) -> dict:
-        if version < 3 and tensor.coder_params["context_model"] != cabac.LEGACY_CONTEXT_MODEL:
+        if version < 3 and tensor.coder_params["context_model"] != level_coder.LEGACY_CONTEXT_MODEL:
             tensor = _with_legacy_contexts(tensor)
         return {
             "codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "bits": tensor.bits,
@@ -190,7 +190,7 @@ class CabacCodec(TensorCodec):
         num_negative = int_field(entry, "num_negative", at, 0, size)
         num_nonzero = int_field(entry, "num_nonzero", at, 0, numel if size else 0)
         max_abs = check_levels_stream(entry, name, at, sections, num_nonzero)
-        expect(sections.packed or entry["coder_params"]["context_model"] == cabac.LEGACY_CONTEXT_MODEL, at,
+        expect(sections.packed or entry["coder_params"]["context_model"] == level_coder.LEGACY_CONTEXT_MODEL, at,
                f"cabac context model {entry['coder_params']['context_model']!r} needs format version 3")
         widest = max(num_negative, size - num_negative)
         expect(max_abs <= widest, at, f"cabac max_abs {max_abs} exceeds the codebook's widest side ({widest} values)",

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from deepshrink.coding import cabac, entropy_bits
+from deepshrink.coding import entropy_bits, level_coder
 from deepshrink.config import check_bits, enum_value
 from deepshrink.errors import CodecError, ConfigError, DeepShrinkError, InvalidHeader, TensorInfoMismatch
 
@@ -161,7 +161,7 @@ def decode_levels_stream(stream: bytes, params: dict, numel: int, num_nonzero: i
     Raises:
         CodecError: a malformed stream; TensorInfoMismatch: a count other than the header's.
     """
-    levels = np.asarray(untrusted_call(cabac.decode, f"{where}: levels stream", stream, params, numel))
+    levels = np.asarray(untrusted_call(level_coder.decode, f"{where}: levels stream", stream, params, numel))
     if levels.shape != (numel,):
         raise TensorInfoMismatch(f"{where}: levels stream decoded {levels.shape} levels, shape needs {numel}")
     nonzero = int(np.count_nonzero(levels))
@@ -251,7 +251,7 @@ def check_levels_stream(entry: dict, name: str, at: str, sections, num_nonzero: 
     check_keys(entry["levels_stream"], sections.keys(set(), stream=True), f"{at}: levels_stream")
     length = sections.add(entry["levels_stream"], at, f"{name}/levels_stream")
     params = entry["coder_params"]
-    row_length, max_abs, _, _ = untrusted_call(cabac.validate_params, f"{at}: cabac coder params", params)
+    row_length, max_abs, _, _ = untrusted_call(level_coder.validate_params, f"{at}: cabac coder params", params)
     expected_row = row_length_of(tuple(entry["shape"]))
     expect(row_length == expected_row, at, f"cabac row_length {row_length}, shape {entry['shape']} has rows of "
            f"{expected_row}", TensorInfoMismatch)

@@ -1,5 +1,5 @@
 """Codec ``grid``: a float tensor on a uniform grid, each element a signed level times one float32 step,
-the levels coded by ``deepshrink.coding.cabac`` with its standard context model.
+the levels coded by ``deepshrink.coding.level_coder`` with its standard context model.
 ``encode.EncodeConfig(grid_bits=b)`` stores 1-D float tensors (biases, norm scales) this way where it is
 smaller than raw.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from deepshrink.codecs import TensorCodec, register_codec
 from deepshrink.codecs.common import (check_entry, check_levels_stream, decode_levels_stream, expect, int_field,
                                       levels_entropy, row_length_of)
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.config import check_bits
 from deepshrink.errors import TensorInfoMismatch
 
@@ -32,7 +32,7 @@ class GridTensor:
     step: float  # > 0, a float32 value
     num_nonzero: int  # non-zero levels
     stream: bytes
-    coder_params: dict  # deepshrink.coding.cabac params
+    coder_params: dict  # deepshrink.coding.level_coder params
     levels_entropy_bits: float | None = None  # as CabacTensor's
 
     dtype = np.dtype("<f4")  # of the decoded tensor
@@ -57,7 +57,7 @@ def encode_grid(array: np.ndarray, bits: int, where: str = "tensor") -> GridTens
         return None
     levels = np.clip(np.rint(values / float(step)), -top, top).astype(np.int32)
     shape = tuple(int(d) for d in np.shape(array))
-    stream, params = cabac.encode(levels, row_length_of(shape))
+    stream, params = level_coder.encode(levels, row_length_of(shape))
     return GridTensor(shape=shape, step=float(step), num_nonzero=int(np.count_nonzero(levels)), stream=stream,
                       coder_params=params, levels_entropy_bits=levels_entropy(levels))
 
@@ -93,8 +93,8 @@ class GridCodec(TensorCodec):
                f"grid step {step!r} is not a positive float32 value", TensorInfoMismatch)
         num_nonzero = int_field(entry, "num_nonzero", at, 0, numel)
         max_abs = check_levels_stream(entry, name, at, sections, num_nonzero)
-        expect(entry["coder_params"]["context_model"] == cabac.CONTEXT_MODEL, at,
-               f"grid context model {entry['coder_params']['context_model']!r}, expected {cabac.CONTEXT_MODEL!r}")
+        expect(entry["coder_params"]["context_model"] == level_coder.CONTEXT_MODEL, at,
+               f"grid context model {entry['coder_params']['context_model']!r}, expected {level_coder.CONTEXT_MODEL!r}")
         with np.errstate(over="ignore"):
             largest = np.float32(max_abs) * np.float32(step)
         expect(bool(np.isfinite(largest)), at, f"grid step {step!r} x max_abs {max_abs} overflows float32",

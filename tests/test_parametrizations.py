@@ -1,4 +1,4 @@
-"""Compression state (deepshrink.compression): quantization-aware retraining by reassignment."""
+"""Compression state (deepshrink.parametrizations): quantization-aware retraining by reassignment."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deepshrink.checkpoint import load_checkpoint, save_checkpoint
-from deepshrink.compression import Reassigned, SharedWeights, cheapest_level_bounds, parametrizations_of, reassigning
+from deepshrink.parametrizations import Reassigned, SharedWeights, cheapest_level_bounds, parametrizations_of, reassigning
 from deepshrink.errors import ConfigError
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model

@@ -7,22 +7,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepshrink.coding import cabac
+from deepshrink.coding import level_coder
 from deepshrink.errors import CodecError
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiled():
     """Compile the numba kernels once so per-example deadlines time the coder, not the compiler."""
-    payload, params = cabac.encode(np.array([0, 2, -40, 1]), 2, num_gt=2)
-    cabac.decode(payload, params, 4)
+    payload, params = level_coder.encode(np.array([0, 2, -40, 1]), 2, num_gt=2)
+    level_coder.decode(payload, params, 4)
 
 
-def round_trip(levels, row_length, num_gt=cabac.DEFAULT_NUM_GT):
+def round_trip(levels, row_length, num_gt=level_coder.DEFAULT_NUM_GT):
     levels = np.asarray(levels)
-    payload, params = cabac.encode(levels, row_length, num_gt)
+    payload, params = level_coder.encode(levels, row_length, num_gt)
     params = json.loads(json.dumps(params))  # what a file header gives back
-    decoded = cabac.decode(payload, params, levels.size)
+    decoded = level_coder.decode(payload, params, levels.size)
     assert decoded.dtype == np.int32
     assert np.array_equal(decoded, levels)
     return payload, params
@@ -47,7 +47,7 @@ def dependent(coded) -> np.ndarray:
 
 def levels_for(context_model, levels):
     """``levels`` as the context model takes them: the dependent model codes them as k."""
-    return dependent(levels) if context_model == cabac.DEPENDENT_CONTEXT_MODEL else np.asarray(levels)
+    return dependent(levels) if context_model == level_coder.DEPENDENT_CONTEXT_MODEL else np.asarray(levels)
 
 
 # --- round trips --------------------------------------------------------------------------------
@@ -72,15 +72,15 @@ def test_every_level_count_up_to_256():
     for max_abs in range(257):
         levels = sparse_levels(rng, 400, max_abs, 0.5)
         levels[rng.integers(0, 400)] = max_abs  # the extreme level is always present
-        round_trip(levels, 20, num_gt=cabac.DEFAULT_NUM_GT)
+        round_trip(levels, 20, num_gt=level_coder.DEFAULT_NUM_GT)
         round_trip(-levels, 400, num_gt=max_abs % 5)  # few flags: the Exp-Golomb remainder does the work
 
 
-@pytest.mark.parametrize("num_gt", [0, 1, 2, 16, cabac.MAX_NUM_GT])
+@pytest.mark.parametrize("num_gt", [0, 1, 2, 16, level_coder.MAX_NUM_GT])
 def test_flag_counts_and_extreme_levels(num_gt):
     rng = np.random.default_rng(num_gt)
-    levels = rng.integers(-cabac.MAX_ABS, cabac.MAX_ABS + 1, 3000)
-    levels[:4] = [cabac.MAX_ABS, -cabac.MAX_ABS, 1, -1]
+    levels = rng.integers(-level_coder.MAX_ABS, level_coder.MAX_ABS + 1, 3000)
+    levels[:4] = [level_coder.MAX_ABS, -level_coder.MAX_ABS, 1, -1]
     round_trip(levels, 50, num_gt)
 
 
@@ -95,16 +95,16 @@ def test_input_dtypes_and_levels_outside_the_limit():
     round_trip(np.array([0, 1, -1, 127, -128], dtype=np.int8), 2)
     round_trip(np.array([0, 1, 65535], dtype=np.uint16), 2)
     with pytest.raises(CodecError, match="1-D"):
-        cabac.encode(np.zeros((2, 2), dtype=np.int32), 2)
+        level_coder.encode(np.zeros((2, 2), dtype=np.int32), 2)
     with pytest.raises(CodecError, match="integer dtype"):
-        cabac.encode(np.array([0.0, 1.0]), 2)
+        level_coder.encode(np.array([0.0, 1.0]), 2)
     with pytest.raises(CodecError, match=r"\[-65536, 65536\]"):
-        cabac.encode(np.array([0, cabac.MAX_ABS + 1]), 2)
+        level_coder.encode(np.array([0, level_coder.MAX_ABS + 1]), 2)
     for row_length in (0, -1, 2.0, True):
         with pytest.raises(CodecError, match="row_length"):
-            cabac.encode(np.array([0, 1]), row_length)
+            level_coder.encode(np.array([0, 1]), row_length)
     with pytest.raises(CodecError, match="num_gt"):
-        cabac.encode(np.array([0, 1]), 2, num_gt=cabac.MAX_NUM_GT + 1)
+        level_coder.encode(np.array([0, 1]), 2, num_gt=level_coder.MAX_NUM_GT + 1)
 
 
 @settings(max_examples=80, deadline=None)
@@ -120,18 +120,18 @@ def test_round_trip_property(n, row_length, max_abs, density, num_gt, seed):
     round_trip(sparse_levels(np.random.default_rng(seed), n, max_abs, density), row_length, num_gt)
 
 
-@pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
+@pytest.mark.parametrize("context_model", level_coder.CONTEXT_MODELS)
 def test_bitstream_is_pinned(context_model):
     # golden bytes: a change here changes the format (docs/format.md, cabac); the legacy model's bytes
     # are the ones format version 2 files hold. The dependent model's levels repeat, so that both
     # quantizers' contexts see bins (with fresh contexts alone every model writes the same bytes)
     coded, golden = GOLDEN[context_model]
     levels = levels_for(context_model, coded)
-    payload, params = cabac.encode(levels, 4, num_gt=2, context_model=context_model)
+    payload, params = level_coder.encode(levels, 4, num_gt=2, context_model=context_model)
     assert payload.hex() == golden
     assert params == {"row_length": 4, "max_abs": 5, "num_gt": 2, "prob_bits": 15, "shifts": [4, 7],
                       "init_prob": 32768, "context_model": context_model}
-    assert cabac.decode(payload, params, len(levels)).tolist() == levels.tolist()
+    assert level_coder.decode(payload, params, len(levels)).tolist() == levels.tolist()
 
 
 _PINNED = [0, 0, 3, -1, 0, 0, 0, 2, 0, 0, 0, -5]
@@ -140,7 +140,7 @@ GOLDEN = {"sig12-sign9-gt6k-eg0-warmup": (_PINNED, "aa620f40"), "sig24-sign27-gt
 
 
 def test_the_encoder_writes_the_context_model_with_left_neighbours():
-    assert cabac.encode(np.array([1, 0]), 2)[1]["context_model"] == cabac.CONTEXT_MODEL == "sig24-sign27-gt12k-eg0-warmup"
+    assert level_coder.encode(np.array([1, 0]), 2)[1]["context_model"] == level_coder.CONTEXT_MODEL == "sig24-sign27-gt12k-eg0-warmup"
 
 
 def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
@@ -217,13 +217,13 @@ def reference_decode(payload: bytes, params: dict, count: int) -> list[int]:
     return dependent(out).tolist() if dq else out
 
 
-@pytest.mark.parametrize("context_model", cabac.CONTEXT_MODELS)
+@pytest.mark.parametrize("context_model", level_coder.CONTEXT_MODELS)
 @pytest.mark.parametrize("seed", range(6))
 def test_numba_coder_agrees_with_the_plain_python_reference(seed, context_model):
     rng = np.random.default_rng(seed)
     levels = levels_for(context_model, sparse_levels(rng, 2000, [1, 5, 40, 300, 3, 64][seed],
                                                      [0.05, 0.5, 1.0, 0.3, 0.9, 0.2][seed]))
-    payload, params = cabac.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
+    payload, params = level_coder.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
                                    context_model=context_model)
     assert reference_decode(payload, params, levels.size) == levels.tolist()
 
@@ -244,7 +244,7 @@ def test_contexts_beat_the_memoryless_entropy_on_structured_weights():
     memoryless = -(counts * np.log2(counts / levels.size)).sum()
     assert 8 * len(payload) < 0.9 * memoryless
     # the same levels without their geometry (one long row) lose the column contexts
-    assert len(payload) < 0.95 * len(cabac.encode(levels, levels.size)[0])
+    assert len(payload) < 0.95 * len(level_coder.encode(levels, levels.size)[0])
 
 
 def test_the_left_neighbour_pays_where_neighbouring_weights_are_alike():
@@ -254,8 +254,8 @@ def test_the_left_neighbour_pays_where_neighbouring_weights_are_alike():
     smooth = np.cumsum(rng.normal(size=(rows, cols)), axis=1) / 6
     levels = np.where(np.abs(smooth) > 1.5, np.clip(np.round(smooth), -15, 15), 0).astype(np.int32).reshape(-1)
     new = len(round_trip(levels, cols)[0])
-    legacy, params = cabac.encode(levels, cols, context_model=cabac.LEGACY_CONTEXT_MODEL)
-    assert np.array_equal(cabac.decode(legacy, params, levels.size), levels)
+    legacy, params = level_coder.encode(levels, cols, context_model=level_coder.LEGACY_CONTEXT_MODEL)
+    assert np.array_equal(level_coder.decode(legacy, params, levels.size), levels)
     assert new < 0.9 * len(legacy)
 
 
@@ -268,24 +268,24 @@ def test_the_left_neighbour_pays_where_neighbouring_weights_are_alike():
 def test_dependent_levels_round_trip(n, row_length, max_abs, density, num_gt, seed):
     coded = sparse_levels(np.random.default_rng(seed), n, max_abs, density)
     levels = dependent(coded)
-    payload, params = cabac.encode(levels, row_length, num_gt, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
+    payload, params = level_coder.encode(levels, row_length, num_gt, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)
     assert params["max_abs"] == (int(np.abs(coded).max()) if n else 0)  # the coded k, about half of |j|
-    assert np.array_equal(cabac.decode(payload, json.loads(json.dumps(params)), n), levels)
-    assert np.array_equal(cabac.coded_levels(levels), coded)
-    assert cabac.is_dependent(levels) == bool(np.any(coded))
+    assert np.array_equal(level_coder.decode(payload, json.loads(json.dumps(params)), n), levels)
+    assert np.array_equal(level_coder.coded_levels(levels), coded)
+    assert level_coder.is_dependent(levels) == bool(np.any(coded))
 
 
 def test_levels_off_the_state_machine_are_refused_by_the_dependent_model():
     # state 0 quantizes with quantizer 0 (even levels only); after k = 1 the machine is in state 2 (also
     # quantizer 0), after k = 1 twice in state 3 (odd levels and zero)
-    assert cabac.coded_levels([0, 2, 2, 1, 0]).tolist() == [0, 1, 1, 1, 0]
+    assert level_coder.coded_levels([0, 2, 2, 1, 0]).tolist() == [0, 1, 1, 1, 0]
     for bad, position in (([0, 1], 1), ([2, 2, 2], 2), ([2, 2, 0, 0, 4], 4)):
-        assert not cabac.is_dependent(bad)
+        assert not level_coder.is_dependent(bad)
         with pytest.raises(CodecError, match=f"at position {position} is not on the dependent quantizer"):
-            cabac.encode(np.array(bad), 2, context_model=cabac.DEPENDENT_CONTEXT_MODEL)
-    assert not cabac.is_dependent(np.zeros(5, dtype=np.int32))  # nothing to gain: the plain model codes it
+            level_coder.encode(np.array(bad), 2, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)
+    assert not level_coder.is_dependent(np.zeros(5, dtype=np.int32))  # nothing to gain: the plain model codes it
     with pytest.raises(CodecError, match="max_abs"):  # j = 2k - ... must stay within MAX_ABS
-        cabac.validate_params(cabac.make_params(4, 1, 2, cabac.DEPENDENT_CONTEXT_MODEL) | {"max_abs": cabac.MAX_ABS})
+        level_coder.validate_params(level_coder.make_params(4, 1, 2, level_coder.DEPENDENT_CONTEXT_MODEL) | {"max_abs": level_coder.MAX_ABS})
 
 
 def test_the_dependent_model_codes_trellis_levels_smaller_than_the_plain_models():
@@ -293,8 +293,8 @@ def test_the_dependent_model_codes_trellis_levels_smaller_than_the_plain_models(
     rng = np.random.default_rng(8)
     coded = np.where(rng.random(40_000) < 0.3, np.round(rng.laplace(scale=2.0, size=40_000)), 0).astype(np.int64)
     levels = dependent(coded)
-    dq = len(cabac.encode(levels, 400, context_model=cabac.DEPENDENT_CONTEXT_MODEL)[0])
-    assert dq < 0.95 * len(cabac.encode(levels, 400)[0])
+    dq = len(level_coder.encode(levels, 400, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)[0])
+    assert dq < 0.95 * len(level_coder.encode(levels, 400)[0])
 
 
 # --- hostile input ------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_the_dependent_model_codes_trellis_levels_smaller_than_the_plain_models(
 @pytest.fixture(scope="module")
 def stream():
     levels = sparse_levels(np.random.default_rng(7), 5000, 40, 0.2)
-    payload, params = cabac.encode(levels, 50)
+    payload, params = level_coder.encode(levels, 50)
     return payload, params, levels
 
 
@@ -312,26 +312,26 @@ def test_damaged_payloads_are_detected(stream):
     # bytes past what decoding reads are rejected (a byte within the zeros the encoder stripped
     # changes the levels instead: the file's CRC catches that)
     with pytest.raises(CodecError, match="trailing"):
-        cabac.decode(payload + b"\x01" * 64, params, levels.size)
+        level_coder.decode(payload + b"\x01" * 64, params, levels.size)
     with pytest.raises(CodecError, match="zero byte"):
-        cabac.decode(payload + b"\x00", params, levels.size)
+        level_coder.decode(payload + b"\x00", params, levels.size)
     with pytest.raises(CodecError, match="codes no bins"):
-        cabac.decode(payload, params, 0)
+        level_coder.decode(payload, params, 0)
     with pytest.raises(CodecError, match="codes no bins"):
-        cabac.decode(payload, {**params, "max_abs": 0}, levels.size)
+        level_coder.decode(payload, {**params, "max_abs": 0}, levels.size)
     with pytest.raises(CodecError, match="range"):
-        cabac.decode(b"\xff\xff\xff\xff\x01", params, levels.size)
+        level_coder.decode(b"\xff\xff\xff\xff\x01", params, levels.size)
     with pytest.raises(CodecError, match="bytes-like"):
-        cabac.decode("abc", params, levels.size)
+        level_coder.decode("abc", params, levels.size)
     for count in (-1, 2.0, True):
         with pytest.raises(CodecError, match="count"):
-            cabac.decode(payload, params, count)
+            level_coder.decode(payload, params, count)
 
 
 def test_levels_beyond_max_abs_are_rejected():
-    payload, params = cabac.encode(np.array([0, 100, -3, 0]), 2, num_gt=1)
+    payload, params = level_coder.encode(np.array([0, 100, -3, 0]), 2, num_gt=1)
     with pytest.raises(CodecError, match="max_abs"):
-        cabac.decode(payload, {**params, "max_abs": 50}, 4)
+        level_coder.decode(payload, {**params, "max_abs": 50}, 4)
 
 
 @pytest.mark.parametrize(
@@ -355,18 +355,18 @@ def test_levels_beyond_max_abs_are_rejected():
 def test_malformed_params_are_codec_errors(stream, change, message):
     payload, params, levels = stream
     with pytest.raises(CodecError, match=message):
-        cabac.decode(payload, {**params, **change}, levels.size)
+        level_coder.decode(payload, {**params, **change}, levels.size)
     with pytest.raises(CodecError, match="dict"):
-        cabac.validate_params([params])
+        level_coder.validate_params([params])
 
 
 def _decode_or_error(payload, params, count):
     try:
-        decoded = cabac.decode(payload, params, count)
+        decoded = level_coder.decode(payload, params, count)
     except CodecError:
         return None
     assert decoded.shape == (count,) and decoded.dtype == np.int32
-    widest = 2 * params["max_abs"] if params["context_model"] == cabac.DEPENDENT_CONTEXT_MODEL else params["max_abs"]
+    widest = 2 * params["max_abs"] if params["context_model"] == level_coder.DEPENDENT_CONTEXT_MODEL else params["max_abs"]
     assert decoded.size == 0 or int(np.abs(decoded.astype(np.int64)).max()) <= widest
     return decoded
 
@@ -376,13 +376,13 @@ def _decode_or_error(payload, params, count):
     garbage=st.binary(max_size=300),
     count=st.integers(0, 20_000),
     row_length=st.integers(1, 100),
-    max_abs=st.integers(0, cabac.MAX_ABS),
-    num_gt=st.integers(0, cabac.MAX_NUM_GT),
+    max_abs=st.integers(0, level_coder.MAX_ABS),
+    num_gt=st.integers(0, level_coder.MAX_NUM_GT),
     dependent=st.booleans(),
 )
 def test_garbage_payloads_decode_to_an_error_or_bounded_levels(garbage, count, row_length, max_abs, num_gt, dependent):
-    model = cabac.DEPENDENT_CONTEXT_MODEL if dependent else cabac.CONTEXT_MODEL
-    _decode_or_error(garbage, cabac.make_params(row_length, max_abs // 2 if dependent else max_abs, num_gt, model), count)
+    model = level_coder.DEPENDENT_CONTEXT_MODEL if dependent else level_coder.CONTEXT_MODEL
+    _decode_or_error(garbage, level_coder.make_params(row_length, max_abs // 2 if dependent else max_abs, num_gt, model), count)
 
 
 @settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -404,11 +404,11 @@ def test_hostile_count_costs_only_its_output_array():
     # a few garbage bytes may claim millions of levels: decoding allocates the int32 output and
     # the context table, nothing in proportion to the payload's claims beyond that
     count = 2_000_000
-    params = cabac.make_params(1, cabac.MAX_ABS, cabac.MAX_NUM_GT)
+    params = level_coder.make_params(1, level_coder.MAX_ABS, level_coder.MAX_NUM_GT)
     tracemalloc.start()
     try:
         try:
-            cabac.decode(b"\x12\x34\x56\x78\x9a", params, count)
+            level_coder.decode(b"\x12\x34\x56\x78\x9a", params, count)
         except CodecError:
             pass
         peak = tracemalloc.get_traced_memory()[1]
@@ -422,11 +422,11 @@ def test_zero_probability_never_occurs():
     # probability still stays in [35, 32732] of 2**15, so no bin ever gets an empty interval
     extremes = []
     for bit in (0, 1):
-        p, seen = [cabac.INIT_PROB, cabac.INIT_PROB], 0
-        lowest = highest = cabac.INIT_PROB >> 1
+        p, seen = [level_coder.INIT_PROB, level_coder.INIT_PROB], 0
+        lowest = highest = level_coder.INIT_PROB >> 1
         for _ in range(5000):
             rate = 1 + int(math.log2(seen + 1))
-            shifts = [min(rate, cap) for cap in cabac.SHIFTS]
+            shifts = [min(rate, cap) for cap in level_coder.SHIFTS]
             p = [q + ((65536 - q) >> s) if bit else q - (q >> s) for q, s in zip(p, shifts)]
             seen = min(seen + 1, 255)
             prob = (p[0] + p[1]) >> 2
