@@ -45,7 +45,7 @@ from common import write_json  # noqa: E402
 from deepshrink.coding import entropy_bits, level_coder  # noqa: E402
 from deepshrink.codecs.cabac import indices_to_levels  # noqa: E402
 from deepshrink.codecs.deep_compression import decode_quantized, encode_quantized  # noqa: E402
-from deepshrink.quantize import dependent_1d  # noqa: E402
+from deepshrink.quantizers import dependent_1d  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "level_coder.json"
 MNIST = ROOT.parent / "shared" / "datasets"
@@ -56,7 +56,7 @@ def prune_and_cluster(weight: np.ndarray, fraction: float, k: int) -> tuple[np.n
     """(indices shaped like ``weight`` with 0 = pruned and s = codebook[s-1], codebook (k,))."""
     flat = weight.reshape(-1)
     keep = np.abs(flat) > np.quantile(np.abs(flat), fraction)
-    from deepshrink.quantize import kmeans_1d
+    from deepshrink.kmeans import kmeans_1d
 
     codebook, labels = kmeans_1d(flat[keep].astype(np.float64), k, "linear")
     indices = np.zeros(flat.size, dtype=np.int64)

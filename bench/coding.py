@@ -57,7 +57,7 @@ ZSTD_LEVEL = 19
 def cluster(values: np.ndarray, k: int) -> tuple[np.ndarray, str]:
     """Cluster labels 0..k-1 of ``values`` and the method used."""
     try:
-        from deepshrink.quantize import kmeans_1d
+        from deepshrink.kmeans import kmeans_1d
 
         _, labels = kmeans_1d(values, k, "linear")
         return np.asarray(labels, dtype=np.uint32), "deepshrink.quantize.kmeans_1d(linear init)"

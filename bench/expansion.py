@@ -85,7 +85,7 @@ def measure(path: Path, label: str, peak: bool = True) -> dict:
 
 def synthetic(folder: Path, size: int, sparsity: float, coder: str, index_bits: int) -> Path:
     from deepshrink.encode import EncodeConfig
-    from deepshrink.format import compress_model
+    from deepshrink.compress import compress_model
     from deepshrink.prune import PruneConfig, prune_model
     from deepshrink.quantize import QuantizeConfig, quantize_model
 

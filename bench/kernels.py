@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from deepshrink import runtime
+from deepshrink.runtime import kernels as runtime
 from deepshrink.report import render_table
 
 from common import ROOT, machine_info, write_json

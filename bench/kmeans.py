@@ -75,7 +75,7 @@ def mse(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
 def compare(values: np.ndarray, bits: int, init: str, seed: int = 0) -> dict:
     from sklearn.cluster import KMeans
 
-    from deepshrink.quantize import init_centroids, kmeans_1d
+    from deepshrink.kmeans import init_centroids, kmeans_1d
 
     k = 2**bits
     times = []

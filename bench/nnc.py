@@ -66,12 +66,14 @@ import yaml
 
 from deepshrink.checkpoint import load_checkpoint
 from deepshrink.coding import level_coder
-from deepshrink.codecs.common import row_length_of
+from deepshrink.coding import row_length_of
 from deepshrink.encode import EncodeConfig
 from deepshrink.compress import compress_model, load
-from deepshrink.pipeline import load_splits, make_config
+from deepshrink.data import load_splits
+from deepshrink.pipeline import make_config
 from deepshrink.parametrizations import strip
-from deepshrink.quantize import QuantizeConfig, fisher_diagonal, quantize_model
+from deepshrink.quantize import QuantizeConfig, quantize_model
+from deepshrink.train import fisher_diagonal
 from deepshrink.report import layer_summary, summary_totals
 from deepshrink.train import TrainConfig, evaluate, train
 

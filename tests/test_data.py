@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepshrink import data
+from deepshrink import dataset_files
 from deepshrink.data import Augment, Batches, ImageData, load_dataset, random_crop
 from deepshrink.errors import ConfigError, DataError
 
@@ -34,7 +34,7 @@ def isolated(tmp_path, monkeypatch):
     def offline(url):
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(data, "_open_url", offline)
+    monkeypatch.setattr(dataset_files, "_open_url", offline)
 
 
 # --- synthetic official files ---
@@ -54,7 +54,7 @@ def make_mnist(folder: Path, split: str = "train", n: int = 20, seed: int = 0, g
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.uint8)
-    image_name, label_name = data.MNIST_FILES[split]
+    image_name, label_name = dataset_files.MNIST_FILES[split]
     if not gz:
         image_name, label_name = image_name.removesuffix(".gz"), label_name.removesuffix(".gz")
     write_idx(folder / image_name, images)
@@ -68,13 +68,13 @@ def make_cifar(folder: Path, n_per_batch: int = 3, seed: int = 0, byte_keys: boo
     key = (lambda k: k.encode()) if byte_keys else (lambda k: k)
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name in (*data.CIFAR10_FILES["train"], "test_batch"):
+    for name in (*dataset_files.CIFAR10_FILES["train"], "test_batch"):
         rows = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n_per_batch)]
         batch = {key("batch_label"): key(name), key("labels"): labels, key("data"): rows, key("filenames"): []}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
         written[name] = (rows, labels)
-    meta = {key("label_names"): [key(c) for c in data.CIFAR10_CLASSES], key("num_vis"): 3072}
+    meta = {key("label_names"): [key(c) for c in dataset_files.CIFAR10_CLASSES], key("num_vis"): 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=4))
     return written
 
@@ -203,21 +203,21 @@ def test_mnist_wrong_magic_trailing_bytes_count_mismatch_and_bad_labels(tmp_path
 
 
 def test_mnist_missing_files_offline_names_where_to_put_them(tmp_path):
-    expected = [str(tmp_path / "MNIST" / "raw" / n) for n in data.MNIST_FILES["test"]]
+    expected = [str(tmp_path / "MNIST" / "raw" / n) for n in dataset_files.MNIST_FILES["test"]]
     for download in (False, True):  # True: the fixture makes every download fail like an offline machine
         with pytest.raises(DataError) as err:
             load_dataset("mnist", tmp_path, "test", download=download)
         assert all(p in str(err.value) for p in expected)
-        assert data.MNIST_URL in str(err.value)
+        assert dataset_files.MNIST_URL in str(err.value)
     assert "download failed" in str(err.value)
 
 
 def fake_server(monkeypatch, files: dict[str, bytes], md5s: dict[str, str] | None = None):
     """Serve ``files`` by URL basename and declare their MD5s official."""
-    monkeypatch.setattr(data, "_open_url", lambda url: io.BytesIO(files[url.rsplit("/", 1)[1]]))
-    table = dict(data.OFFICIAL_MD5)
+    monkeypatch.setattr(dataset_files, "_open_url", lambda url: io.BytesIO(files[url.rsplit("/", 1)[1]]))
+    table = dict(dataset_files.OFFICIAL_MD5)
     table.update(md5s if md5s is not None else {k: hashlib.md5(v).hexdigest() for k, v in files.items()})
-    monkeypatch.setattr(data, "OFFICIAL_MD5", table)
+    monkeypatch.setattr(dataset_files, "OFFICIAL_MD5", table)
 
 
 def test_mnist_download_checks_md5_and_stores_in_torchvision_layout(tmp_path, monkeypatch):
@@ -242,11 +242,11 @@ def test_mnist_download_checks_md5_and_stores_in_torchvision_layout(tmp_path, mo
 def test_cifar_batches_load_exactly_in_plane_order(tmp_path, byte_keys):
     written = make_cifar(tmp_path / "cifar-10-batches-py", byte_keys=byte_keys)
     train = load_dataset("cifar10", tmp_path, "train", download=False)
-    rows = np.concatenate([written[n][0] for n in data.CIFAR10_FILES["train"]])
+    rows = np.concatenate([written[n][0] for n in dataset_files.CIFAR10_FILES["train"]])
     assert train.images.shape == (15, 3, 32, 32)
     assert np.array_equal(train.images.numpy(), planes_to_image(rows))
-    assert train.labels.tolist() == sum((written[n][1] for n in data.CIFAR10_FILES["train"]), [])
-    assert train.classes == data.CIFAR10_CLASSES and train.augment == Augment.CROP_FLIP
+    assert train.labels.tolist() == sum((written[n][1] for n in dataset_files.CIFAR10_FILES["train"]), [])
+    assert train.classes == dataset_files.CIFAR10_CLASSES and train.augment == Augment.CROP_FLIP
     # root may also be the batches folder itself
     test = load_dataset("cifar10", tmp_path / "cifar-10-batches-py", "test", download=False)
     assert np.array_equal(test.images.numpy(), planes_to_image(written["test_batch"][0]))
@@ -289,7 +289,7 @@ def test_cifar_wrong_data_shape_and_missing_files(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError, match=str(folder / "data_batch_3")) as err:
         load_dataset("cifar10", tmp_path, "train", download=True)  # the fixture makes the download fail
-    assert data.CIFAR10_URL in str(err.value) and "data_batch_1" not in str(err.value)
+    assert dataset_files.CIFAR10_URL in str(err.value) and "data_batch_1" not in str(err.value)
 
 
 def tar_gz(members: dict[str, bytes]) -> bytes:
@@ -359,11 +359,11 @@ def test_cache_is_reused_invalidated_by_source_changes_and_rebuilt_when_corrupt(
     cache_files = sorted((tmp_path / "cache").iterdir())
     assert [p.suffix for p in cache_files] == [".npy", ".json", ".npy"]
 
-    real_read_idx = data.read_idx
-    monkeypatch.setattr(data, "read_idx", lambda *a, **k: pytest.fail("cache not used"))
+    real_read_idx = dataset_files.read_idx
+    monkeypatch.setattr(dataset_files, "read_idx", lambda *a, **k: pytest.fail("cache not used"))
     assert torch.equal(load_dataset("mnist", tmp_path, "test").images, first.images)
 
-    monkeypatch.setattr(data, "read_idx", real_read_idx)
+    monkeypatch.setattr(dataset_files, "read_idx", real_read_idx)
     images_npy = next(p for p in cache_files if p.name.endswith(".images.npy"))
     images_npy.write_bytes(b"garbage")
     assert torch.equal(load_dataset("mnist", tmp_path, "test").images, first.images)
@@ -527,7 +527,7 @@ def test_shared_cifar10_jpeg_test_split_loads(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "test").symlink_to(source)  # test split only: skip decoding 50k train images
     d = load_dataset("imagefolder", tmp_path / "folder", "test")
-    assert d.images.shape == (10000, 3, 32, 32) and d.classes == data.CIFAR10_CLASSES
+    assert d.images.shape == (10000, 3, 32, 32) and d.classes == dataset_files.CIFAR10_CLASSES
     assert d.labels.bincount().tolist() == [1000] * 10 and d.augment == Augment.CROP_FLIP
     assert np.allclose(d.mean, (0.4914, 0.4822, 0.4465), atol=0.01)
 

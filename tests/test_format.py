@@ -29,7 +29,8 @@ from deepshrink.errors import (
     TensorInfoMismatch,
 )
 from deepshrink.accounting import account
-from deepshrink.codecs import CODECS
+from deepshrink.codecs import CODECS, codec_of
+from deepshrink.coding import level_coder
 from deepshrink.codecs.deep_compression import (decode_quantized, encode_quantized, entries_to_positions,
                                                positions_to_entries)
 from deepshrink.codecs.raw import ConstantTensor, RawTensor, encode_raw
@@ -39,7 +40,8 @@ from deepshrink.encode import EncodeConfig, encode_model
 from deepshrink.format import inspect_file, read_file, read_header, serialize, write_file
 from deepshrink.models import build_model
 from deepshrink.prune import PruneConfig, prune_model
-from deepshrink.quantize import QuantizeConfig, SharedWeights, quantize_model
+from deepshrink.parametrizations import SharedWeights
+from deepshrink.quantize import QuantizeConfig, quantize_model
 
 CODER_NAMES = list(CODERS)  # every registered coder
 MODEL_CODERS = [*CODER_NAMES, "cabac"]  # EncodeConfig coders whose files the fuzz tests attack
@@ -265,15 +267,6 @@ def test_empty_file_bytes_are_pinned():
     packed = deflate.compress(header) + deflate.flush()
     assert b"".join(serialize({})) == b"DSHRINK\0" + struct.pack("<HHQ", 4, 1, len(packed)) + packed
     assert packed[1] & 0x20 and packed[2:6] == struct.pack(">I", zlib.adler32(fmt.HEADER_DICTIONARY))  # FDICT, DICTID
-    # version 3: the same header deflated without the dictionary
-    header = header.replace(b'"version":4', b'"version":3')
-    packed = zlib.compress(header, 9)
-    assert b"".join(serialize({}, version=3)) == b"DSHRINK\0" + struct.pack("<HHQ", 3, 1, len(packed)) + packed
-    # version 2: the header padded so that the payload starts on an 8-byte boundary
-    header = b'{"format":"deepshrink","meta":{},"model":null,"tensors":{},"version":1}'
-    packed = zlib.compress(header, 9)
-    padded = packed + bytes(-(20 + len(packed)) % 8)
-    assert b"".join(serialize({}, version=2)) == b"DSHRINK\0" + struct.pack("<HHQ", 1, 1, len(padded)) + padded
 
 
 def test_raw_section_layout_is_pinned():
@@ -285,12 +278,23 @@ def test_raw_section_layout_is_pinned():
     assert header["tensors"]["c"] == {"codec": "constant", "dtype": "float32", "shape": [2, 2], "value": -0.0}
     assert payload == a_bytes + b_bytes  # packed, sorted by name; the constant has no bytes
     assert header["payload_crc32"] == zlib.crc32(payload)
-    header, payload = attacks.split(b"".join(serialize(tensors, version=2)))
-    assert header["tensors"]["a"] == {"codec": "raw", "dtype": "int16", "shape": [3], "offsets": [0, 6],
-                                      "crc32": zlib.crc32(a_bytes)}
-    assert header["tensors"]["b"]["offsets"] == [8, 16]  # 8-aligned, sorted by name
-    assert header["tensors"]["c"]["codec"] == "raw"  # version 2 has no constants
-    assert payload == a_bytes + bytes(2) + b_bytes + bytes(-16 % 8) + struct.pack("<4f", *[-0.0] * 4)
+
+
+def test_older_layouts_read_back_the_tensors_they_were_written_from():
+    """Versions 2 (aligned sections with offsets and CRCs, no constants) and 3 (packed) are read, not written:
+    the committed files hold ``attacks.base_tensors(version)``."""
+    for version in (2, 3):
+        path = attacks.FIXTURES / f"attack-base-v{version}.dsz"
+        header, tensors = read_file(path)
+        assert header["version"] == version
+        expected = attacks.base_tensors(version)
+        assert tensors.keys() == expected.keys()
+        for name, encoded in expected.items():
+            want = torch.from_numpy(codec_of(encoded).decode(encoded, name))
+            assert tensors[name].dtype == want.dtype and torch.equal(tensors[name], want), (version, name)
+    header, payload = attacks.split((attacks.FIXTURES / "attack-base-v2.dsz").read_bytes())
+    assert header["tensors"]["a.bias"]["offsets"] == [0, 32] and header["tensors"]["bn.running_var"]["codec"] == "raw"
+    assert header["tensors"]["c.weight"]["coder_params"]["context_model"] == level_coder.LEGACY_CONTEXT_MODEL
 
 
 # ---------------------------------------------------------------- models
@@ -717,7 +721,7 @@ def test_fuzz_corrupt_streams_with_valid_checksums(coder, model_files, tmp_path,
     # a hostile writer recomputes CRCs: the decoders themselves must reject or bound the damage
     header, payload, start = _split(model_files[coder])
     assert header["version"] == fmt.VERSION  # one payload CRC32
-    spans = {label: (s.begin, s.end) for label, s in fmt._parse(_write(tmp_path, model_files[coder]), 256).sections.items()}
+    spans = fmt.open_file(_write(tmp_path, model_files[coder])).sections
     sections = [(name, part) for name, e in header["tensors"].items() for part in STREAMS.get(e["codec"], ())]
     assert sections
     rng = np.random.default_rng(99)
@@ -737,8 +741,8 @@ def test_fuzz_truncation_at_every_boundary(coder, model_files, tmp_path, traced)
     data = model_files[coder]
     header, payload, start = _split(data)
     cuts = {0, 1, 8, 12, 19, 20, start - 1, start, len(data) - 1}
-    for section in fmt._parse(_write(tmp_path, data), 256).sections.values():
-        cuts.update((start + section.begin, start + section.end))
+    for begin, end in fmt.open_file(_write(tmp_path, data)).sections.values():
+        cuts.update((start + begin, start + end))
     cuts.update(int(c) for c in np.random.default_rng(5).integers(0, len(data), 20))
     for cut in sorted(c for c in cuts if 0 <= c < len(data)):
         with pytest.raises(FormatError):

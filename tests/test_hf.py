@@ -6,7 +6,7 @@ import torch
 import deepshrink
 from deepshrink.parametrizations import masks, plain_state_dict
 from deepshrink.compress import compress_model
-from deepshrink.format import read_file, with_aliases
+from deepshrink.format import open_file, read_file
 from deepshrink.layers import select_weights
 from deepshrink.prune import PruneConfig, prune_model
 from deepshrink.quantize import QuantizeConfig, quantize_model
@@ -44,7 +44,7 @@ def round_trip(build, tmp_path):
     report = compress_model(model, path)
     header, stored = read_file(path)
     expected, _ = plain_state_dict(model)
-    decoded = with_aliases(header, stored)
+    decoded = open_file(path).with_aliases(stored)
     assert decoded.keys() == expected.keys()
     assert all(torch.equal(decoded[k], v) for k, v in expected.items())
     loaded = deepshrink.load(path, model=build())

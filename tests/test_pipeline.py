@@ -184,20 +184,20 @@ def test_a_recipe_quantizes_with_a_rate_term_and_fisher_weights(tmp_path):
 
 
 def test_a_stage_learns_from_an_earlier_stages_model_also_after_a_resume(tmp_path, monkeypatch):
-    import deepshrink.pipeline as pipeline
+    import deepshrink.stages as stages_module
 
     dataset = {"name": "digits", "train_subset": 200, "test_subset": 50}
     stages = [{"train": {"epochs": 2, "progress": False}}, {"prune": {"q": 80}},
               {"finetune": {"epochs": 1, "teacher": 1, "distill_weight": 0.5, "progress": False}}]
     recipe = Recipe.from_dict({"model": "mlp", "dataset": dataset, "stages": stages})
     teachers = []
-    real_train = pipeline.train
+    real_train = stages_module.train  # the one training step every caller goes through
 
     def spy(model, data, config, **kwargs):
         teachers.append(kwargs.get("teacher"))
         return real_train(model, data, config, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train", spy)
+    monkeypatch.setattr(stages_module, "train", spy)
     run_recipe(recipe, tmp_path)
     (tmp_path / "03-finetune" / "metrics.json").unlink()  # as if killed during stage 3
     run_recipe(recipe, tmp_path, resume=True)
@@ -344,7 +344,7 @@ def test_a_damaged_run_folder_is_one_config_error(tmp_path):
 
 def test_load_splits_carves_a_fixed_validation_split_out_of_training():
     from deepshrink.data import load_dataset
-    from deepshrink.pipeline import load_splits
+    from deepshrink.data import load_splits
 
     full = load_dataset("digits", split="train")
     train, validation, test = load_splits({"name": "digits", "validation": 200, "train_subset": 500})
@@ -360,7 +360,7 @@ def test_load_splits_carves_a_fixed_validation_split_out_of_training():
 
 def test_dataset_augment_option_sets_the_training_augmentation_only():
     from deepshrink.data import Augment
-    from deepshrink.pipeline import load_splits
+    from deepshrink.data import load_splits
 
     splits = load_splits({"name": "digits", "validation": 100, "augment": "shift"})
     assert splits.train.augment == Augment.SHIFT
@@ -385,12 +385,12 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
 
 
 def _compare_honest_and_corrupt_runs(raw, tmp_path, monkeypatch):
-    from deepshrink import pipeline
+    from deepshrink import data as data_module
     from deepshrink.checkpoint import load_checkpoint
 
     honest = run_recipe(Recipe.from_dict(raw), tmp_path / "honest")
 
-    real_load = pipeline.load_dataset
+    real_load = data_module.load_dataset
 
     def wrong_test_labels(name, root, split):
         data = real_load(name, root, split)
@@ -398,7 +398,7 @@ def _compare_honest_and_corrupt_runs(raw, tmp_path, monkeypatch):
             data = dataclasses.replace(data, labels=(data.labels + 1) % data.num_classes)
         return data
 
-    monkeypatch.setattr(pipeline, "load_dataset", wrong_test_labels)
+    monkeypatch.setattr(data_module, "load_dataset", wrong_test_labels)
     corrupt = run_recipe(Recipe.from_dict(raw), tmp_path / "corrupt")
 
     for a, b in zip(honest.stages, corrupt.stages):

@@ -20,21 +20,10 @@ from deepshrink.parametrizations import Masked, SharedWeights, compression_state
 from deepshrink.errors import ConfigError
 from deepshrink.layers import WeightRef
 from deepshrink.prune import sparsity
-from deepshrink.quantize import (
-    CentroidInit,
-    QuantizeConfig,
-    QuantizeMethod,
-    bits_for,
-    codebooks,
-    dependent_1d,
-    ecsq_1d,
-    fisher_diagonal,
-    init_centroids,
-    kmeans_1d,
-    quantize_model,
-    quantize_weight,
-    uniform_1d,
-)
+from deepshrink.kmeans import CentroidInit, init_centroids, kmeans_1d
+from deepshrink.quantize import QuantizeConfig, bits_for, codebooks, quantize_model, quantize_weight
+from deepshrink.quantizers import QuantizeMethod, dependent_1d, ecsq_1d, uniform_1d
+from deepshrink.train import fisher_diagonal
 
 INITS = [m.value for m in CentroidInit]
 
@@ -679,7 +668,7 @@ def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_
             k = abs(j + q) // 2 if j > 0 else abs(j - q) // 2
             rate = sig_bits[q, nz, 1] + mag_bits[q, min(k, mag_bits.shape[1] - 1)] if k else sig_bits[q, nz, 0]
             here = cost + h[i] * (x[i] - j * step) ** 2 + lam * rate
-            best = min(best, search(i + 1, level_coder._DQ_NEXT[state, k & 1], int(j != 0), here))
+            best = min(best, search(i + 1, level_coder.DQ_NEXT[state, k & 1], int(j != 0), here))
         return best
 
     return search(0, 0, 0, 0.0)

@@ -13,14 +13,13 @@ import deepshrink
 from deepshrink import format as fmt
 from deepshrink.checkpoint import save_checkpoint
 from deepshrink.cli import main
-from deepshrink.codecs import CODECS, TensorCodec, register_codec
+from deepshrink.codecs import CODECS, TensorCodec, TensorToStore, register_codec
 from deepshrink.codecs.common import check_entry, expect
 from deepshrink.codecs.deep_compression import _max_symbols
 from deepshrink.coding import CODERS, register
 from deepshrink.compress import compress_model
 from deepshrink.parametrizations import masks, strip
-from deepshrink.encode import EncodeConfig
-from deepshrink.encode import encode_model
+from deepshrink.encode import EncodeConfig, stored_bytes
 from deepshrink.errors import CodecError, ConfigError, InvalidHeader, TensorInfoMismatch
 from deepshrink.format import inspect_file, read_file, read_header, write_file
 from deepshrink.models import build_model
@@ -102,7 +101,7 @@ def test_the_loader_bounds_a_stream_by_the_coders_cheapest_symbol(registries, tm
     model = build_model(SPEC)
     quantize_model(model, QuantizeConfig(bits=2))
     compress_model(model, tmp_path / "m.dsz", EncodeConfig(coder="fixed16"))
-    parsed = fmt._parse(tmp_path / "m.dsz", fmt.DEFAULT_MAX_EXPANSION)
+    parsed = fmt.open_file(tmp_path / "m.dsz")
     entry = parsed.header["tensors"]["fc3.weight"]
     length = entry["weights_stream"]["bytes"]
     assert _max_symbols(CODERS["fixed16"], length) == entry["num_nonzero"]  # 16 bits each, exactly
@@ -145,7 +144,7 @@ class Int8Codec(TensorCodec):
     tensor_type = Int8Tensor
     first_version = 4
 
-    def entry(self, name, tensor, add, version):
+    def entry(self, name, tensor, add):
         return {"codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "scale": tensor.scale,
                 **add(tensor.levels.tobytes())}
 
@@ -162,6 +161,12 @@ class Int8Codec(TensorCodec):
     def decode(self, tensor, where):
         return tensor.levels.astype(np.float32) * np.float32(tensor.scale)
 
+    def encode(self, tensor, config):
+        values = tensor.values
+        if tensor.quantized is not None or not values.dtype.is_floating_point or not values.abs().max() > 0:
+            return None
+        return int8_tensor(values.detach().float().numpy())
+
     def stored_bytes(self, tensor):
         return tensor.levels.nbytes
 
@@ -176,25 +181,26 @@ def int8_codec():
     del CODECS["int8"]
 
 
-def _file_with_int8_bias(path):
+def _file_with_int8_biases(path, **encode):
     torch.manual_seed(0)
     model = build_model(SPEC)
     quantize_model(model, QuantizeConfig(bits=3))
-    tensors = encode_model(model, EncodeConfig(coder="cabac"))
-    bias = strip(model).state_dict()["fc1.bias"].numpy()
-    tensors["fc1.bias"] = int8_tensor(bias)
-    write_file(path, tensors, SPEC)
-    return model, tensors["fc1.bias"]
+    compress_model(model, path, EncodeConfig(coder="cabac", **encode), model_spec=SPEC)
+    return model
 
 
-def test_a_registered_tensor_codec_is_written_checked_loaded_and_accounted(int8_codec, tmp_path):
-    model, int8 = _file_with_int8_bias(tmp_path / "m.dsz")
-    assert read_header(tmp_path / "m.dsz")["tensors"]["fc1.bias"] == {
+def test_a_registered_tensor_codec_is_chosen_written_checked_loaded_and_accounted(int8_codec, tmp_path):
+    model = _file_with_int8_biases(tmp_path / "m.dsz")
+    bias = strip(model).state_dict()["fc1.bias"]
+    int8 = int8_tensor(bias.numpy())
+    header = read_header(tmp_path / "m.dsz")
+    # nothing in the package names it: the encoder asked every codec, and its 1 byte an element beat raw's 4
+    assert {e["codec"] for n, e in header["tensors"].items() if n.endswith(".bias")} == {"int8"}
+    assert header["tensors"]["fc1.bias"] == {
         "codec": "int8", "dtype": "float32", "shape": [int8.shape[0]], "scale": int8.scale}
     _, tensors = read_file(tmp_path / "m.dsz")
     assert torch.equal(tensors["fc1.bias"], torch.from_numpy(int8.levels.astype(np.float32) * np.float32(int8.scale)))
     loaded = deepshrink.load(tmp_path / "m.dsz")  # the model loads, this bias within half a scale step
-    bias = strip(model).state_dict()["fc1.bias"]
     assert (loaded.state_dict()["fc1.bias"] - bias).abs().max() <= int8.scale / 2 + 1e-7
     sparse = deepshrink.load(tmp_path / "m.dsz", runtime="sparse")  # the runtime reads it dense, weights sparse
     x = torch.randn(4, 64)
@@ -203,15 +209,26 @@ def test_a_registered_tensor_codec_is_written_checked_loaded_and_accounted(int8_
     assert row["codec"] == "int8" and row["stored_bytes"] == int8.levels.nbytes
 
 
+def test_auto_picks_a_registered_codec_where_it_is_smallest(int8_codec, tmp_path):
+    model = _file_with_int8_biases(tmp_path / "m.dsz", grid_bits=3)  # a 3-bit grid competes too
+    header = read_header(tmp_path / "m.dsz")
+    plain = strip(model).state_dict()
+    for name in ("fc1.bias", "fc2.bias", "fc3.bias"):
+        tensor = TensorToStore(name, plain[name])
+        candidates = {codec.name: encoded for codec in CODECS.values()
+                      if (encoded := codec.encode(tensor, EncodeConfig(grid_bits=3))) is not None}
+        assert {"raw", "int8", "grid"} <= set(candidates)
+        smallest = min(candidates, key=lambda c: stored_bytes(candidates[c]))
+        assert header["tensors"][name]["codec"] == smallest, name
+
+
 def test_a_registered_codec_is_held_to_its_checks_and_unknown_without_it(int8_codec, tmp_path):
-    _file_with_int8_bias(tmp_path / "m.dsz")
+    _file_with_int8_biases(tmp_path / "m.dsz")
     with pytest.raises(ConfigError, match="codec name 'int8' is empty or already registered"):
         register_codec(Int8Codec)
     del CODECS["int8"]  # a reader without the codec refuses the file by name, before decoding
     with pytest.raises(InvalidHeader, match="'codec' must be one of .* in a version-4 file"):
         read_header(tmp_path / "m.dsz")
     CODECS["int8"] = int8_codec
-    with pytest.raises(ConfigError, match="format version 3 cannot hold codec 'int8' \\(int8 needs version 4\\)"):
-        write_file(tmp_path / "v3.dsz", {"b": int8_tensor(np.ones(3))}, version=3)
     with pytest.raises(ConfigError, match="expected one of RawTensor, .*Int8Tensor, got ndarray"):
         write_file(tmp_path / "x.dsz", {"b": np.ones(3)})

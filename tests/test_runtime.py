@@ -7,6 +7,7 @@ from torch import nn
 
 import deepshrink
 from deepshrink import runtime
+from deepshrink.runtime import kernels, model as runtime_model
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 from deepshrink.compress import compress_model
 from deepshrink.encode import EncodeConfig
@@ -65,7 +66,7 @@ def test_codebook_kernel_matches_dense_product(rows, cols, k, batch):
                                       rng.standard_normal(k).astype(np.float32))
     assert form.codes.dtype == (np.uint8 if k <= 256 else np.uint16)
     assert form.col.dtype == (np.uint16 if cols <= 1 << 16 else np.uint32)
-    assert form.nnz == len(positions) and len(form.col) == len(form.codes) == -(-len(positions) // runtime.PACK) * runtime.PACK
+    assert form.nnz == len(positions) and len(form.col) == len(form.codes) == -(-len(positions) // kernels.PACK) * kernels.PACK
     bias = torch.randn(rows)
     xt = torch.randn(cols, batch)
     got = runtime.codebook_matmul(form, xt, bias)
@@ -83,11 +84,11 @@ def test_threaded_rows_give_the_single_thread_result_bit_for_bit(monkeypatch, ba
                                       rng.standard_normal(16).astype(np.float32))
     xt = torch.randn(50, batch)
     single = runtime.codebook_matmul(form, xt, max_threads=1)
-    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        chunks = runtime._row_splits(form.crow, 3 * runtime.CHUNKS_PER_THREAD)
+        chunks = kernels.row_splits(form.crow, 3 * kernels.CHUNKS_PER_THREAD)
         assert len(chunks) > 3 and chunks[0][0] == 0 and chunks[-1][1] == 301
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         for _ in range(5):
@@ -135,14 +136,14 @@ def test_choice_is_the_fastest_measured_and_is_reported(mlp_file, caplog):
         sparse = deepshrink.load(mlp_file, runtime="sparse", batch_size=3, repeats=3, min_sparse_bytes=0)
     rep = runtime.report(sparse)
     assert rep.batch_size == 3 and rep.threads == torch.get_num_threads()
-    one_thread = {runtime.ONE_THREAD} if torch.get_num_threads() > 1 else set()
+    one_thread = {runtime_model.ONE_THREAD} if torch.get_num_threads() > 1 else set()
     for name, choice in rep.layers.items():
         assert set(choice.times_ms) == {"codebook", "torch_csr", "dense"} | one_thread
         assert choice.kernel in runtime.KERNELS
         fastest = min(choice.times_ms.values())
-        assert choice.times_ms[choice.label] <= runtime.CLOSE_ENOUGH * fastest
+        assert choice.times_ms[choice.label] <= runtime_model.CLOSE_ENOUGH * fastest
         smaller_and_close = [k for k, ms in choice.times_ms.items()
-                             if ms <= runtime.CLOSE_ENOUGH * fastest and choice.bytes[k] < choice.bytes[choice.label]]
+                             if ms <= runtime_model.CLOSE_ENOUGH * fastest and choice.bytes[k] < choice.bytes[choice.label]]
         assert not smaller_and_close
         layer = sparse.get_submodule(name)
         assert getattr(layer, "max_threads", None) == choice.max_threads
@@ -244,7 +245,7 @@ def test_file_mixing_quantized_raw_and_pruned_only_layers(tmp_path):
     sparse = runtime.load(path, model=arch(), kernels=("torch_csr",), repeats=1)
     assert runtime.report(sparse).layers["2"].kernel == "torch_csr" and isinstance(sparse[2], SparseLinear)
     rep = runtime.report(runtime.load(path, model=arch(), repeats=1, min_sparse_bytes=0)).layers
-    assert set(rep["0"].times_ms) - {runtime.ONE_THREAD} == {"codebook", "torch_csr", "dense"}
+    assert set(rep["0"].times_ms) - {runtime_model.ONE_THREAD} == {"codebook", "torch_csr", "dense"}
     assert set(rep["2"].times_ms) == set(rep["4"].times_ms) == {"torch_csr", "dense"}
 
 
@@ -338,7 +339,7 @@ def test_benchmark_and_bench_infer_command(mlp_file, capsys):
         assert row["dense_ms"] > 0 and row["codebook_ms"] > 0 and row["torch_csr_ms"] > 0
         assert row["speedup"] == pytest.approx(row["dense_ms"] / result["choices"][row["batch"]]["layers"][
             row["layer"]]["times_ms"][row["kernel"].split(" ")[0] if "1 thread" not in row["kernel"]
-                                      else runtime.ONE_THREAD])
+                                      else runtime_model.ONE_THREAD])
     dense_bytes = runtime.weight_bytes(deepshrink.load(mlp_file))
     assert all(r["dense_bytes"] == dense_bytes for r in models)
     assert main(["-q", "bench-infer", str(mlp_file), "--batch", "1,2", "--repeats", "2", "--json"]) == 0

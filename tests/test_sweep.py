@@ -96,11 +96,11 @@ def test_rate_sweep_writes_the_size_vs_accuracy_frontier(trained, tmp_path):
 
 
 def test_rate_sweep_retrains_each_point_with_reassignment_when_asked(trained, tmp_path, monkeypatch):
-    import deepshrink.sweep as sweep_module
+    import deepshrink.stages as stages_module  # the one training step sweeps go through
 
     configs = []
-    real_train = sweep_module.train
-    monkeypatch.setattr(sweep_module, "train", lambda model, data, config, **kw: (configs.append(config),
+    real_train = stages_module.train
+    monkeypatch.setattr(stages_module, "train", lambda model, data, config, **kw: (configs.append(config),
                                                                                    real_train(model, data, config, **kw))[1])
     model, payload = load_checkpoint(trained)
     prune_model(model, PruneConfig(q=50))
@@ -139,10 +139,10 @@ def test_rate_sweep_rejects_bad_settings_before_any_work(trained, tmp_path, kwar
 
 
 def test_a_sweep_on_the_validation_split_reads_no_test_label(tmp_path, monkeypatch):
-    from deepshrink import pipeline
+    from deepshrink import data as data_module
 
     trained_with_validation = _dense_with_validation(tmp_path)
-    real_load = pipeline.load_dataset
+    real_load = data_module.load_dataset
     scores = {}
     for name, corrupt in (("honest", False), ("corrupt", True)):
         def load(dataset, root, split, corrupt=corrupt):
@@ -151,7 +151,7 @@ def test_a_sweep_on_the_validation_split_reads_no_test_label(tmp_path, monkeypat
                 data = type(data)(data.images, (data.labels + 1) % 10, data.classes, data.mean, data.std, data.name)
             return data
 
-        monkeypatch.setattr(pipeline, "load_dataset", load)
+        monkeypatch.setattr(data_module, "load_dataset", load)
         result = run_sweep("sensitivity", trained_with_validation, tmp_path / name, split="validation")
         scores[name] = [r["accuracy"] for r in result.rows]
         assert json.loads((tmp_path / name / "sweep.json").read_text())["split"] == "validation"

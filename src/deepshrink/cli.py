@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import traceback
+from enum import Enum
 from pathlib import Path
 
 from rich.console import Console
@@ -148,30 +149,55 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-kwargs", help="JSON dict of keyword arguments for --model")
 
 
-def _load_file_model(path: Path, args, need_model: bool = True):
-    """The model a .dsz file holds: ``--model`` filled from it, or the file's own spec (a factory only
-    with ``--trust-factory``). Returns None when no model is asked for and ``need_model`` is False."""
-    from .compress import load
-    from .format import read_header
-    from .models import build_model, model_spec
+def _user_spec(args) -> dict | None:
+    """The spec ``--model``/``--model-kwargs`` name, or None."""
+    from .models import model_spec
 
-    if args.model:
-        try:
-            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
-        return load(path, model=build_model(model_spec(args.model, **kwargs), trust_factory=True))  # named by the user
-    if not need_model and not args.trust_factory:
+    if not getattr(args, "model", None):
         return None
-    spec = read_header(path).get("model")
-    if spec and "factory" in spec and not args.trust_factory:
-        raise ConfigError(f"{path}: the file was made from the user model {spec['factory']!r}; pass "
-                          f"--model {spec['factory']} to build it yourself, or --trust-factory to build the factory "
-                          "the file names (this imports and runs its code)")
-    model = load(path, trust_factory=args.trust_factory)
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
+    return model_spec(args.model, **kwargs)
+
+
+def _user_model(args):
+    """The model ``--model`` names (the user named the factory on this command line: it is trusted), or None."""
+    from .models import build_model
+
+    spec = _user_spec(args)
+    return None if spec is None else build_model(spec, trust_factory=True)
+
+
+def _file_model(file, args, need_model: bool = True):
+    """The model an opened .dsz file fills: ``--model``, or the file's own spec (a factory only with
+    ``--trust-factory``), checked to fit the file. None when no model is asked for and ``need_model`` is False."""
+    from .compress import load, model_for
+
+    model = _user_model(args)
+    if model is None:
+        spec = file.model_spec
+        if spec and "factory" in spec and not args.trust_factory:
+            if not need_model:
+                return None
+            raise ConfigError(f"{file.path}: the file was made from the user model {spec['factory']!r}; pass "
+                              f"--model {spec['factory']} to build it yourself, or --trust-factory to build the "
+                              "factory the file names (this imports and runs its code)")
+        if not need_model:
+            return model_for(file, trust_factory=args.trust_factory, on_meta=True)  # checks that the file fits it
+    model = load(file, model=model, trust_factory=args.trust_factory)
     if isinstance(model, dict):
-        raise ConfigError(f"{path}: the file names no model; pass --model pkg.module:factory")
+        raise ConfigError(f"{file.path}: the file names no model; pass --model pkg.module:factory")
     return model
+
+
+def _context(args, meta: dict | None = None):
+    """The data splits and device for a command on a checkpoint or file whose meta records its dataset."""
+    from .stages import StageContext
+
+    return StageContext.for_dataset(_dataset_entry(args, meta), device=getattr(args, "device", "auto"),
+                                    trust_factory=getattr(args, "trust_factory", False))
 
 
 def _print_layers(model, title: str) -> None:
@@ -236,26 +262,21 @@ def _run(recipe, out, args) -> None:
 
 def cmd_train(args) -> None:
     from .checkpoint import save_checkpoint
-    from .models import build_model, load_foreign_weights, model_spec
-    from .pipeline import dataset_record, resolve_device
-    from .train import distributed, train
+    from .data import dataset_record
+    from .models import build_model, load_foreign_weights
+    from .stages import retrain
+    from .train import distributed
 
-    try:
-        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-kwargs is not valid JSON: {e}") from None
-    spec = model_spec(args.model, **kwargs)
+    spec = _user_spec(args)
     model = build_model(spec, trust_factory=True)  # the user named the factory on this command line
     if args.init_from:
         load_foreign_weights(model, args.init_from)
-    dataset = _dataset_entry(args)
-    train_data, validation_data, test_data = _load(dataset)
-    dataset = dataset_record(dataset, train_data)
+    ctx = _context(args)
+    dataset = dataset_record(_dataset_entry(args), ctx.splits.train)
     config, teacher = _train_config(args), _teacher(args)
 
-    def run(device, group=None, rank: int = 0) -> None:
-        result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
-                       device=device, group=group, teacher=teacher)
+    def run(ctx, group=None, rank: int = 0) -> None:
+        result = retrain(model, config, ctx, teacher=teacher, report_test=True, group=group)
         if rank == 0:
             save_checkpoint(args.out, model.cpu(), spec, {"dataset": dataset, "train": dataclasses.asdict(config),
                                                           "metrics": result.final})
@@ -263,9 +284,9 @@ def cmd_train(args) -> None:
 
     if _distributed(args):
         with distributed() as world:
-            run(world.device, world.group, world.rank)
+            run(dataclasses.replace(ctx, device=world.device), world.group, world.rank)
     else:
-        run(resolve_device(args.device))
+        run(ctx)
 
 
 def _distributed(args) -> bool:
@@ -273,31 +294,20 @@ def _distributed(args) -> bool:
     return getattr(args, "distributed", False) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _load(dataset: dict):
-    from .pipeline import load_splits
-
-    return load_splits(dataset)  # (train, validation or None, test)
-
-
 def cmd_eval(args) -> None:
     from .checkpoint import load_checkpoint
-    from .format import MAGIC
-    from .pipeline import resolve_device
+    from .format import MAGIC, open_file
     from .train import evaluate
 
     path = Path(args.path)
-    if _starts_with(path, MAGIC):  # a .dsz file; anything else is treated as a checkpoint
-        from .format import read_header
-
-        model, meta = _load_file_model(path, args), read_header(path).get("meta", {})
+    if _starts_with(path, MAGIC):  # a .dsz file, read once; anything else is treated as a checkpoint
+        file = open_file(path)
+        model, meta = _file_model(file, args), file.meta
     else:
         model, payload = load_checkpoint(path, trust_factory=args.trust_factory)
         meta = payload["meta"]
-    splits = _load(_dataset_entry(args, meta))
-    data = splits.test if args.split == "test" else splits.validation
-    if data is None:
-        raise ConfigError(f"{path}: its dataset holds out no validation split (a recipe's 'validation: N')")
-    result = evaluate(model, data, device=resolve_device(args.device))
+    ctx = _context(args, meta)
+    result = evaluate(model, ctx.split(args.split), device=ctx.device)
     console.print(f"{path}: {args.split} accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  "
                   f"(n={result['n']})")
 
@@ -312,10 +322,13 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 
 def cmd_summary(args) -> None:
     from .checkpoint import load_checkpoint
-    from .format import MAGIC
+    from .format import MAGIC, open_file
 
     path = Path(args.checkpoint)
-    model = _load_file_model(path, args) if _starts_with(path, MAGIC) else load_checkpoint(path, trust_factory=args.trust_factory)[0]
+    if _starts_with(path, MAGIC):
+        model = _file_model(open_file(path), args)
+    else:
+        model = load_checkpoint(path, trust_factory=args.trust_factory)[0]
     rows = report.layer_summary(model)
     if args.json:
         print(json.dumps({"layers": rows, "total": report.summary_totals(rows)}, indent=2))
@@ -340,34 +353,30 @@ def cmd_prune(args) -> None:
 
 def cmd_finetune(args) -> None:
     from .checkpoint import load_checkpoint
-    from .prune import zero_pruned_
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     meta = _retrain(model, args, payload["meta"], "finetune")
-    zero_pruned_(model)
     _print_layers(model, "after fine-tuning")
     _save(args.out, model, payload, meta)
 
 
-def _retrain(model, args, meta: dict, label: str) -> dict:
-    """Run the training loop on the checkpoint's dataset; returns the meta entries to record."""
-    from .pipeline import dataset_record, resolve_device
-    from .train import train
+def _retrain(model, args, meta: dict, label: str, ctx=None) -> dict:
+    """The retraining step on the checkpoint's dataset; returns the meta entries to record."""
+    from .data import dataset_record
+    from .stages import retrain
 
-    dataset = _dataset_entry(args, meta)
-    train_data, validation_data, test_data = _load(dataset)
-    dataset = dataset_record(dataset, train_data)
-    device = resolve_device(args.device)
+    ctx = ctx or _context(args, meta)
     config = _train_config(args)
-    result = train(model.to(device), train_data, config, eval_data=test_data, validation_data=validation_data,
-                   device=device, teacher=_teacher(args))
+    result = retrain(model, config, ctx, teacher=_teacher(args), report_test=True)
     model.cpu()
-    return {"dataset": dataset, label: dataclasses.asdict(config), "metrics": result.final}
+    return {"dataset": dataset_record(_dataset_entry(args, meta), ctx.splits.train), label: dataclasses.asdict(config),
+            "metrics": result.final}
 
 
 def cmd_quantize(args) -> None:
     from .checkpoint import load_checkpoint
-    from .quantize import QuantizeConfig, quantize_model
+    from .quantize import QuantizeConfig
+    from .stages import quantize
 
     if args.teacher and not args.train_centroids:
         raise ConfigError("--teacher teaches centroid training: add --train-centroids")
@@ -376,18 +385,11 @@ def cmd_quantize(args) -> None:
                             seed=args.seed, bits_by_pattern=tuple(_pattern_value(v, int) for v in args.bits_layer),
                             bits_by_kind=tuple(_pattern_value(v, int) for v in args.bits_kind), **_selection(args),
                             method=args.method, lam=args.lam, hessian=args.hessian)
-    importance = None
-    if config.hessian:
-        from .pipeline import resolve_device
-        from .quantize import fisher_diagonal
-
-        train_data = _load(_dataset_entry(args, payload["meta"])).train
-        importance = fisher_diagonal(model, train_data, device=resolve_device(args.device), seed=args.seed,
-                                     include=config.include, exclude=config.exclude, kinds=config.kinds)
-    layers = quantize_model(model, config, importance)
+    ctx = _context(args, payload["meta"]) if config.hessian or args.train_centroids else None
+    layers = quantize(model, config, ctx)
     meta = {"quantize": dataclasses.asdict(config)}
     if args.train_centroids:
-        meta.update(_retrain(model, args, payload["meta"], "centroid_training"))
+        meta.update(_retrain(model, args, payload["meta"], "centroid_training", ctx))
     rate = "" if config.method == "kmeans" else f", lambda {config.lam:g}{', Fisher-weighted' if config.hessian else ''}"
     zeroed = sum(info["zeroed"] for info in layers.values())
     _print_layers(model, f"quantized ({args.bits} bits, {config.method}, {args.init} init{rate}; "
@@ -412,13 +414,9 @@ def cmd_plot(args) -> None:
 def cmd_encode(args) -> None:
     from .checkpoint import load_checkpoint
     from .compress import compress_model
-    from .encode import EncodeConfig
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
-    config = EncodeConfig(coder=args.coder, index_bits_conv=args.index_bits_conv, index_bits_fc=args.index_bits_fc,
-                          codebook_dtype=args.codebook_dtype, raw_dtype=args.raw_dtype,
-                          include=tuple(args.include) if args.include else None,
-                          exclude=tuple(args.exclude), fold_batchnorm=args.fold_batchnorm, grid_bits=args.grid_bits)
+    config = _encode_config(args, include=tuple(args.include) if args.include else None, exclude=tuple(args.exclude))
     file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
     _print_file_report(file_report)
 
@@ -435,10 +433,11 @@ def _print_file_report(file_report) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .format import inspect_file
+    from .format import open_file
 
-    file_report = inspect_file(args.file)
-    model = _load_file_model(Path(args.file), args, need_model=False)  # checks that the file fits it
+    file = open_file(args.file)
+    file_report = file.report()
+    model = _file_model(file, args, need_model=False)  # checks that the file fits it
     if args.json:
         print(json.dumps(file_report.to_dict(), indent=2))
     else:
@@ -449,25 +448,27 @@ def cmd_inspect(args) -> None:
 
 def cmd_decode(args) -> None:
     from .files import atomic_write
-    from .format import TIED_KEY, read_file, tied_aliases, with_aliases
+    from .format import TIED_KEY, open_file
 
-    header, tensors = read_file(args.file)
-    model = _load_file_model(Path(args.file), args, need_model=False)  # checks that the file fits it
-    tied = tied_aliases(header, tensors, args.file)
+    file = open_file(args.file)
+    model = _file_model(file, args, need_model=False)  # checks that the file fits it
+    tensors = file.decode_all()
     out = Path(args.out)
     if out.suffix == ".safetensors":
         from safetensors.torch import save
 
         # safetensors refuses shared tensors: tied ones are stored once, named in the metadata
-        metadata = {TIED_KEY: json.dumps(tied, sort_keys=True)} if tied else None
+        metadata = {TIED_KEY: json.dumps(file.tied, sort_keys=True)} if file.tied else None
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
         atomic_write(out, lambda f: f.write(data))
-        if tied:
-            console.print(f"tied weights stored once: {', '.join(f'{a} = {b}' for a, b in tied.items())}")
+        if file.tied:
+            console.print(f"tied weights stored once: {', '.join(f'{a} = {b}' for a, b in file.tied.items())}")
     else:
         import torch
 
-        tensors = with_aliases(header, tensors, args.file) if model is None else model.state_dict()
+        tensors = file.with_aliases(tensors)
+        if model is not None:  # a state dict the model's own load_state_dict takes (its keys, its order)
+            tensors = {name: tensors[name] for name in model.state_dict()}
         atomic_write(out, lambda f: torch.save(tensors, f))
     console.print(f"wrote {out} ({len(tensors)} tensors)")
 
@@ -480,7 +481,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_bench_infer(args) -> None:
-    from .runtime import BENCH_COLUMNS, benchmark
+    from .runtime.benchmark import BENCH_COLUMNS, benchmark
 
     result = benchmark(args.file, _int_list(args.batch, "--batch"), repeats=args.repeats, threads=args.threads,
                        input_shape=_int_list(args.input_shape, "--input-shape") if args.input_shape else None)
@@ -492,11 +493,9 @@ def cmd_bench_infer(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .encode import EncodeConfig
     from .sweep import run_sweep
 
-    encode = EncodeConfig(coder=args.coder, raw_dtype=args.raw_dtype, fold_batchnorm=args.fold_batchnorm,
-                          grid_bits=args.grid_bits)
+    encode = _encode_config(args)
     rate = {"bits": args.bits, "lambdas": tuple(args.lambdas), "method": args.method, "hessian": args.hessian,
             "encode": encode, "reassign_epochs": args.reassign_epochs,
             "reassign_lr": args.reassign_lr} if args.kind == "rate" else {}
@@ -510,17 +509,49 @@ def cmd_sweep(args) -> None:
 
 FOLD_BATCHNORM_HELP = ("store BatchNorm as scale and shift (same eval-mode outputs; running statistics reset, "
                        "so fine-tuning the loaded model is not the same)")
-GRID_BITS_HELP = ("store each 1-D float tensor (biases, norm scales) as context-coded levels on a grid of 2^B-1 "
-                  "steps spanning its largest magnitude, where that is smaller than raw (lossy; default: raw)")
+
+
+def _add_encode_args(g) -> None:
+    """``--coder`` and every registered codec's options (``TensorCodec.options``: ``EncodeConfig`` fields)."""
+    from .codecs import CODECS, tensor_coders
+    from .encode import EncodeConfig
+
+    g.add_argument("--coder", choices=tensor_coders(), default=EncodeConfig().coder,
+                   help="a weight codec's coder (huffman/ans: the paper's layout; cabac: one context-coded stream "
+                        "of levels), or auto: the smallest per layer")
+    fields = {f.name: f for f in dataclasses.fields(EncodeConfig)}
+    added = set()
+    for codec in CODECS.values():
+        for name, text in codec.options.items():
+            if name in added:
+                continue
+            added.add(name)
+            default = fields[name].default
+            if isinstance(default, Enum):
+                g.add_argument(f"--{name.replace('_', '-')}", choices=[m.value for m in type(default)],
+                               default=default.value, help=text)
+            else:  # the codecs' other options are integers (bits), None meaning off
+                g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=text)
+    g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
+
+
+def _encode_config(args, **selection):
+    """The ``EncodeConfig`` of ``_add_encode_args``'s options."""
+    from .codecs import CODECS
+    from .encode import EncodeConfig
+
+    options = {name: getattr(args, name) for codec in CODECS.values() for name in codec.options}
+    return EncodeConfig(coder=args.coder, fold_batchnorm=args.fold_batchnorm, **options, **selection)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encode import EncodeConfig, StoredFloat, tensor_coders
+    from .kmeans import CentroidInit
     from .prune import PRUNERS, PruneConfig
-    from .quantize import CentroidInit, QuantizeConfig, QuantizeMethod
+    from .quantize import QuantizeConfig
+    from .quantizers import QuantizeMethod
     from .sweep import sweep_kinds
 
-    prune_defaults, quantize_defaults, encode_defaults = PruneConfig(), QuantizeConfig(), EncodeConfig()
+    prune_defaults, quantize_defaults = PruneConfig(), QuantizeConfig()
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no per-epoch lines)")
@@ -630,18 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="write the compressed file")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder,
-                   help="huffman/ans: the paper's layout; cabac: one context-coded stream of levels; "
-                        "auto: the smallest per layer")
-    p.add_argument("--index-bits-conv", type=int, default=encode_defaults.index_bits_conv)
-    p.add_argument("--index-bits-fc", type=int, default=encode_defaults.index_bits_fc)
-    p.add_argument("--codebook-dtype", choices=_values(StoredFloat), default=encode_defaults.codebook_dtype.value)
-    p.add_argument("--raw-dtype", choices=_values(StoredFloat), default=encode_defaults.raw_dtype.value,
-                   help="how biases and BatchNorm statistics are stored")
-    p.add_argument("--grid-bits", type=int, default=encode_defaults.grid_bits, help=GRID_BITS_HELP)
+    _add_encode_args(p)
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
-    p.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
     _add_trust_arg(p)
     p.set_defaults(func=cmd_encode)
 
@@ -684,11 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=[m for m in _values(QuantizeMethod) if m != "kmeans"], default="ecsq")
     g.add_argument("--bits", type=int, default=6, help="levels per layer at lambda 0: 2^bits")
     g.add_argument("--hessian", action="store_true", help="Fisher-weighted error (from training batches)")
-    g.add_argument("--coder", choices=tensor_coders(), default=encode_defaults.coder, help="coder of the files")
-    g.add_argument("--raw-dtype", choices=[d.value for d in StoredFloat], default=encode_defaults.raw_dtype.value,
-                   help="how the files store biases and BatchNorm statistics")
-    g.add_argument("--grid-bits", type=int, default=encode_defaults.grid_bits, help=GRID_BITS_HELP)
-    g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
+    _add_encode_args(g)
     g.add_argument("--reassign-epochs", type=int, default=0,
                    help="quantization-aware retraining per point before the centroids train (the point's lambda)")
     g.add_argument("--reassign-lr", type=float, default=0.01, help="its learning rate (cosine schedule)")

@@ -2,26 +2,24 @@
 
 ``compress_model`` encodes the model (``encode.py``), writes the container (``format.py``) once and
 accounts for it from the encoded streams still in memory (``accounting.py``): nothing is read back
-or decoded unless ``verify=True``. ``load`` validates and decodes the file once and builds the model.
+or decoded unless ``verify=True``. ``load`` opens the file through the one gate (``format.open_file``),
+finds the model it fills (``model_for``: also what the sparse runtime uses) and decodes every tensor
+into it once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from . import models
 from .accounting import FileReport, account
-from .codecs.common import jsonable
 from .encode import EncodeConfig, encode_model
 from .errors import ConfigError, DeepShrinkError, FormatError, TensorInfoMismatch
-from .format import (DEFAULT_MAX_EXPANSION, TIED_KEY, inspect_file, read_file, serialize, tied_aliases, with_aliases,
-                     write_chunks)
+from .format import DEFAULT_MAX_EXPANSION, TIED_KEY, CompressedFile, inspect_file, open_file, serialize, write_chunks
 from .layers import retie, tied_weights
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ def compress_model(
     """
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
-    meta = {"encode": jsonable(dataclasses.asdict(config)), **(meta or {})}  # the caller's keys win
+    meta = {"encode": config.record(), **(meta or {})}  # the caller's keys win
     tied = tied_weights(model)
     if tied:  # stored once, under the first name; the loader points the aliases back at it
         meta[TIED_KEY] = tied
@@ -69,7 +67,7 @@ def compress_model(
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | CompressedFile,
     map_location: str | torch.device | None = None,
     *,
     model: nn.Module | None = None,
@@ -83,78 +81,89 @@ def load(
     file's tensors must match its state dict exactly, names and shapes; the error lists every
     difference. Without it, a built-in spec is built; a ``{"factory": "pkg.mod:fn"}`` spec imports and
     runs code named by the file, so it is built only with ``trust_factory=True``, and otherwise the
-    state dict is returned. The architecture is first built on the meta device and compared with the
-    file, so a spec with inflated kwargs cannot make the loader allocate a huge model. Tied weights
-    (stored once) are tied again in the returned model.
+    state dict is returned. Tied weights (stored once) are tied again in the returned model.
 
     Args:
+        path: a ``.dsz`` file, or one already opened by ``format.open_file``.
         map_location: device of the result; default: CPU, or the given model's own device.
-        max_expansion, max_memory: bound the decoding, as in ``format.read_file``.
+        max_expansion, max_memory: bound the decoding, as in ``format.open_file`` (for a path).
 
     Raises:
-        every error of ``read_file``; TensorInfoMismatch when the tensors do not fit the model;
+        every error of ``open_file``; TensorInfoMismatch when the tensors do not fit the model;
         ConfigError for a spec that does not build.
     """
-    header, tensors = read_file(path, max_expansion=max_expansion, max_memory=max_memory)
-    tied = tied_aliases(header, tensors, str(path))
-    tensors = with_aliases(header, tensors, str(path))
+    file = path if isinstance(path, CompressedFile) else open_file(path, max_expansion=max_expansion,
+                                                                   max_memory=max_memory)
+    net = model_for(file, model, trust_factory=trust_factory)
+    tensors = file.with_aliases(file.decode_all())
+    if net is None:
+        return {k: v.to(map_location or "cpu") for k, v in tensors.items()}
+    where = f"{file.path}: into the given {type(net).__name__}" if model is not None else \
+        f"{file.path}: model {file.model_spec}"
+    try:
+        retie(net, file.tied)
+        net.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ConfigError) as e:
+        raise TensorInfoMismatch(f"{where}: tensors do not fit: {e}") from None
+    if model is not None:
+        return net if map_location is None else net.to(map_location)
+    return net.to(map_location or "cpu")
+
+
+def model_for(file: CompressedFile, model: nn.Module | None = None, *, trust_factory: bool = False,
+              on_meta: bool = False) -> nn.Module | None:
+    """The model ``file`` fills, checked to fit it (every name and shape) before any tensor is decoded.
+
+    ``model`` when given; else the file's spec built (a built-in one, or a factory with
+    ``trust_factory``): first on the meta device, so that a spec with inflated kwargs is caught by the
+    shape check before anything is allocated, then for real unless ``on_meta`` (the caller assigns
+    every tensor itself; a model holding buffers that no file stores is always built for real).
+    None when the file names no model, or a factory that is not trusted (logged).
+
+    Raises:
+        TensorInfoMismatch: the file does not fit the model (every difference listed);
+        ConfigError: ``model`` is not a module, or the spec does not build.
+    """
+    shapes = file.shapes()
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _fill(model, tensors, tied, f"{path}: into the given {type(model).__name__}")
-        return model if map_location is None else model.to(map_location)
-    map_location = map_location or "cpu"
-    spec = header["model"]
+        _check_fits(model.state_dict(), shapes, f"{file.path}: into the given {type(model).__name__}")
+        return model
+    spec = file.model_spec
     if spec is None or ("factory" in spec and not trust_factory):
         if spec is not None:
-            log.warning("%s: model factory %r not built (pass trust_factory=True if you trust the file); "
-                        "returning the state dict", path, spec["factory"])
-        return {k: v.to(map_location) for k, v in tensors.items()}
-    where = f"{path}: model {spec}"
-
-    def build(spec: dict) -> nn.Module:  # one gate for files and checkpoints: build_model's
-        return models.build_model(spec, trust_factory=trust_factory)
-
+            log.warning("%s: model factory %r not built (pass trust_factory=True if you trust the file)",
+                        file.path, spec["factory"])
+        return None
+    where = f"{file.path}: model {spec}"
     try:
         with torch.device("meta"):  # no memory: a spec with inflated kwargs is caught by the shape check
-            expected = build(spec).state_dict()
+            built = models.build_model(spec, trust_factory=trust_factory)
     except DeepShrinkError:  # unknown arch, kwargs the constructor does not take
         raise
     except Exception:  # code that cannot run on the meta device, or rejects the kwargs: the real build decides
-        expected = None
-    _check_fits(expected, tensors, where)
-    model = _build(build, spec, where)
-    _fill(model, tensors, tied, where)
-    return model.to(map_location)
-
-
-def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: str) -> None:
-    """Strict name/shape check, then ``load_state_dict`` and re-tying of tied weights."""
-    _check_fits(model.state_dict(), tensors, where)
+        built = None
+    if built is not None:
+        _check_fits(built.state_dict(), shapes, where)
+        if on_meta and not set(dict(built.named_buffers())) - set(built.state_dict()):
+            return built
     try:
-        retie(model, tied)
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, ConfigError) as e:
-        raise TensorInfoMismatch(f"{where}: tensors do not fit: {e}") from None
-
-
-def _build(build_model: Callable, spec: dict, where: str) -> nn.Module:
-    try:
-        return build_model(spec)
+        built = models.build_model(spec, trust_factory=trust_factory)
     except DeepShrinkError:
         raise
     except Exception as e:  # kwargs from the file that a constructor rejects (negative sizes...)
         raise ConfigError(f"{where}: cannot build the model ({type(e).__name__}: {e})") from None
+    _check_fits(built.state_dict(), shapes, where)
+    return built
 
 
-def _check_fits(expected: dict[str, torch.Tensor] | None, tensors: dict[str, torch.Tensor], where: str) -> None:
-    if expected is None:
-        return
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    shapes = [f"{name} {tuple(tensors[name].shape)} in the file, {tuple(t.shape)} in the model"
-              for name, t in expected.items() if name in tensors and tuple(t.shape) != tuple(tensors[name].shape)]
+def _check_fits(expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    mismatched = [f"{name} {shapes[name]} in the file, {tuple(t.shape)} in the model"
+                  for name, t in expected.items() if name in shapes and tuple(t.shape) != shapes[name]]
     parts = [f"{label} ({len(items)}): {', '.join(items[:10])}{', ...' if len(items) > 10 else ''}"
              for label, items in (("missing from the file", missing), ("not in the model", unexpected),
-                                  ("shape mismatch", shapes)) if items]
+                                  ("shape mismatch", mismatched)) if items]
     if parts:
         raise TensorInfoMismatch(f"{where}: the file does not fit the model; " + "; ".join(parts))

@@ -1,16 +1,16 @@
 """Stage 4: choose how each tensor of a model is stored, and encode it (``encode_model``).
 
-A quantized weight is stored in the layout its codec gives (``deepshrink.codecs``): the paper's
-relative indices and cluster symbols, entropy coded by Huffman or ANS (``deep_compression``), or one
-context-coded stream of signed levels (``cabac``); ``EncodeConfig(coder="auto")`` writes each layer in
-whichever is smaller. Every other tensor is stored raw (``constant`` when all its elements are one
-value), or with ``EncodeConfig(grid_bits=b)`` a 1-D float tensor on a uniform grid of context-coded
-levels (``grid``) where that is smaller. ``format.py`` lays the encoded tensors out in a file and
-reads them back from untrusted bytes.
+Every registered codec (``deepshrink.codecs``) is asked how it would store a tensor; the smallest
+answer is written. A quantized weight gets the paper's relative indices and cluster symbols, entropy
+coded by Huffman or ANS (``deep_compression``), or one context-coded stream of signed levels
+(``cabac``); ``EncodeConfig.coder`` names one of them, or "auto" for the smallest. Every other tensor is
+stored raw, as one repeated value (``constant``), or with ``grid_bits`` on a uniform grid of
+context-coded levels (``grid``). ``format.py`` lays the encoded tensors out in a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from enum import Enum
@@ -20,22 +20,12 @@ import torch
 from torch import nn
 
 from .batchnorm import fold_batchnorms
-from .codecs import EncodedTensor, codec_of
-from .codecs.cabac import encode_levels
-from .codecs.common import StoredFloat, stored_float
-from .codecs.deep_compression import encode_quantized
-from .codecs.grid import encode_grid
-from .codecs.raw import RawTensor, encode_raw
-from .coding import CODERS
-from .parametrizations import fold_zero_centroids, plain_state_dict
+from .codecs import AUTO, CODECS, EncodedTensor, Quantized, TensorToStore, codec_of, tensor_coders
+from .codecs.common import StoredFloat, jsonable, stored_float
 from .config import check_bits, check_patterns_match, first_match, pattern_values
 from .errors import ConfigError
 from .layers import as_patterns, tied_weights
-
-Encoded = EncodedTensor  # any registered codec's tensor (RawTensor, CodedTensor, CabacTensor, GridTensor...)
-
-CABAC = "cabac"  # the one-stream layout's coder name (not a symbol coder of deepshrink.coding.CODERS)
-AUTO = "auto"  # per tensor, the smallest of every layout and coder
+from .parametrizations import fold_zero_centroids, plain_state_dict
 
 
 @dataclass(frozen=True)
@@ -44,7 +34,7 @@ class EncodeConfig:
 
     # per layer the smallest of: the paper's layout with "huffman" (the paper's coder) or "ans" (closer to
     # the entropy), and "cabac" (one context-coded stream of levels); never larger than any one of them
-    coder: str = "auto"
+    coder: str = AUTO
     index_bits_conv: int = 8  # paper: 8-bit relative indices for conv layers
     index_bits_fc: int = 5  # paper: 5 bits for fc layers (sparser rows, shorter runs)
     index_bits_by_pattern: tuple[tuple[str, int], ...] = ()  # (glob on weight FQN, bits); first match wins
@@ -58,7 +48,7 @@ class EncodeConfig:
     # with batch statistics) starts from a different function
     fold_batchnorm: bool = False
     # round each 1-D float tensor (biases, norm scales) to a uniform grid of 2**grid_bits - 1 levels
-    # spanning its largest magnitude and context-code the levels (``encode_grid``), where that is smaller
+    # spanning its largest magnitude and context-code the levels (``codecs.grid``), where that is smaller
     # than storing it raw; lossy like float16 (the error is at most half a step). None keeps them raw
     grid_bits: int | None = None
 
@@ -80,77 +70,71 @@ class EncodeConfig:
         if self.grid_bits is not None:
             object.__setattr__(self, "grid_bits", check_bits(self.grid_bits, "grid_bits", low=2))
 
-    def index_bits_for(self, fqn: str, kind: str) -> int:
+    def index_bits_for(self, fqn: str, kind: str | None) -> int:
         """Index bits for weight ``fqn`` of a layer of ``kind`` ("conv" or anything else = fc)."""
         bits = first_match(fqn, self.index_bits_by_pattern)
         if bits is not None:
             return bits
         return self.index_bits_conv if kind == "conv" else self.index_bits_fc
 
+    def record(self) -> dict:
+        """What a file records of how it was written (``meta["encode"]``)."""
+        return jsonable(dataclasses.asdict(self))
 
-def tensor_coders() -> list[str]:
-    """Valid ``EncodeConfig.coder`` values: the symbol coders, "cabac" and "auto"."""
-    return [*sorted(CODERS), CABAC, AUTO]
 
-
-def stored_bytes(encoded: Encoded) -> int:
+def stored_bytes(encoded: EncodedTensor) -> int:
     """Bytes an encoded tensor adds to a file: its sections plus its share of the header."""
     return codec_of(encoded).stored_bytes(encoded)
+
+
+def encode_tensor(tensor: TensorToStore, config: EncodeConfig = EncodeConfig()) -> EncodedTensor:
+    """The smallest of every codec's encoding of ``tensor`` (ties go to the codec registered first).
+
+    Raises:
+        ConfigError: no codec stores it (a dtype the format cannot hold), or bad values (see the codecs).
+    """
+    candidates = [c for codec in CODECS.values() if (c := codec.encode(tensor, config)) is not None]
+    if not candidates:
+        raise ConfigError(f"{tensor.name}: no codec stores a {tensor.values.dtype} tensor with coder {config.coder!r}")
+    return min(candidates, key=stored_bytes)  # min keeps the first of equal sizes
 
 
 def encode_weight(
     indices: np.ndarray, codebook: np.ndarray, bits: int, index_bits: int, coder: str = "huffman",
     codebook_dtype: str = "float32", where: str = "tensor",
-) -> Encoded:
-    """A quantized weight in the layout ``coder`` names; "auto" tries huffman, ans and cabac and keeps the
-    smallest by ``stored_bytes`` (ties go to that order)."""
-    if coder == CABAC:
-        return encode_levels(indices, codebook, bits, codebook_dtype, where)
-    if coder != AUTO:
-        return encode_quantized(indices, codebook, bits, index_bits, coder, codebook_dtype, where)
-    candidates = [encode_quantized(indices, codebook, bits, index_bits, name, codebook_dtype, where)
-                  for name in sorted(CODERS, key=lambda n: (n != "huffman", n))]
-    candidates.append(encode_levels(indices, codebook, bits, codebook_dtype, where))
-    return min(candidates, key=stored_bytes)  # min keeps the first of equal sizes
+) -> EncodedTensor:
+    """A quantized weight given as cluster indices (0 = pruned, k = codebook[k-1]) in the layout ``coder``
+    names; "auto" keeps the smallest (huffman, ans, cabac on ties)."""
+    config = EncodeConfig(coder=coder, index_bits_conv=index_bits, index_bits_fc=index_bits,
+                          codebook_dtype=codebook_dtype)
+    quantized = Quantized(np.asarray(indices), np.asarray(codebook), bits)
+    return encode_tensor(TensorToStore(where, torch.empty(0), None, quantized), config)
 
 
-def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Encoded]:
-    """Encode every tensor of the model's plain state dict: SharedWeights ones coded (those that
-    ``config.include``/``exclude`` select), the rest raw. A tied tensor is encoded once, under its first
-    name (``layers.tied_weights`` gives the others). ``config.fold_batchnorm`` folds BatchNorms first
-    (``batchnorm.fold_batchnorms``); the model itself is never modified."""
+def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, EncodedTensor]:
+    """Encode every tensor of the model's plain state dict: SharedWeights ones coded over their codebooks
+    (those that ``config.include``/``exclude`` select), the rest as plain tensors. A tied tensor is encoded
+    once, under its first name (``layers.tied_weights`` gives the others). ``config.fold_batchnorm`` folds
+    BatchNorms first (``batchnorm.fold_batchnorms``); the model itself is never modified."""
     plain, shared = plain_state_dict(model)
     tied = tied_weights(model)
     if config.fold_batchnorm:  # a quantized or tied weight keeps its values: they are not BatchNorm's alone
         plain = fold_batchnorms(model, plain, skip={*shared, *tied, *tied.values()})
     coded = _select_coded(list(shared), config)
     check_patterns_match(config.index_bits_by_pattern, list(shared), "index_bits_by_pattern")
-    encoded: dict[str, Encoded] = {}
+    encoded: dict[str, EncodedTensor] = {}
     for name, tensor in plain.items():
         if name in tied:
             continue
-        if name in coded:
+        kind, quantized = None, None
+        if name in shared:
             sw, kind = shared[name]
-            # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
-            centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
-            encoded[name] = encode_weight(
-                indices.numpy(), centroids.numpy(), sw.bits,
-                config.index_bits_for(name, kind), config.coder, config.codebook_dtype, where=name,
-            )
-        else:
-            encoded[name] = _encode_plain(tensor, config, name)
+            if name in coded:
+                # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
+                centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
+                quantized = Quantized(indices.numpy(), centroids.numpy(), sw.bits)
+        encoded[name] = encode_tensor(TensorToStore(name, tensor.detach().cpu(), kind, quantized), config)
     return encoded
-
-
-def _encode_plain(tensor: torch.Tensor, config: EncodeConfig, where: str) -> Encoded:
-    """A tensor that is not a coded weight: raw (or constant); with ``grid_bits``, a 1-D float tensor
-    on its grid where that is smaller."""
-    raw = encode_raw(tensor, config.raw_dtype, where)
-    if config.grid_bits is None or not isinstance(raw, RawTensor) or tensor.dim() != 1 \
-            or not tensor.dtype.is_floating_point:
-        return raw
-    grid = encode_grid(tensor.detach().cpu().float().numpy(), config.grid_bits, where)
-    return grid if grid is not None and stored_bytes(grid) < stored_bytes(raw) else raw
 
 
 def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:
@@ -159,5 +143,3 @@ def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:
     check_patterns_match(tuple((p, None) for p in config.exclude), names, "encode exclude")
     return {n for n in names if (config.include is None or any(fnmatch.fnmatchcase(n, p) for p in config.include))
             and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)}
-
-

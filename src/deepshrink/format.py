@@ -1,19 +1,18 @@
-"""Stage 4: the container that holds ``encode.py``'s coded and raw tensors, and its safe reader.
+"""Stage 4: the ``.dsz`` container: ``write_file`` lays encoded tensors out, ``open_file`` is the one way in.
 
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
 length N, N bytes of zlib-compressed JSON header (with a preset dictionary from version 4), then the
 payload: the sections (raw tensors, codebooks, coded streams) back to back in tensor-name order,
-their lengths in the header and one CRC32 over the payload. A quantized weight is stored as the
-paper describes (codec ``deep_compression``: for each non-zero, its cluster index and the zero-run
-before it in ``index_bits`` bits, with filler entries for longer runs) or as one context-coded stream
-of signed levels (codec ``cabac``); a tensor of one repeated value is that value (codec
-``constant``); a float tensor on a uniform grid is its step and its context-coded levels (codec
-``grid``). Versions 1 to 3 are still read, and written on request for older readers.
+their lengths in the header and one CRC32 over the payload. How each tensor lies in it is its codec's
+business (``deepshrink.codecs``); this module knows no codec by name. Only the current version is
+written; versions 1 to 3 are still read.
 
-The reader treats every file as hostile: all checks that need no decoding run first, in a fixed
-order, and each failure raises its own ``FormatError`` subclass (see ``read_header``).
-``compress.py`` builds models on top (``compress_model``, ``load``); ``accounting.py`` says where
-the bytes go (``inspect_file`` here reads a file for it).
+``open_file`` treats every file as hostile: every check that needs no decoding runs first, in a fixed
+order, each failure raising its own ``FormatError`` subclass, and every bound (expansion, memory,
+entries, the tied-weight map, the dataset record) is checked there, before anything is sized from the
+file. It returns a ``CompressedFile``: the checked header and each tensor as an encoded view of the
+file's bytes, which the dense loader (``compress.load``), the sparse runtime, ``inspect`` and the CLI
+decode from. ``read_header``, ``read_file`` and ``inspect_file`` are its one-line uses.
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .accounting import FileReport, account
 from .codecs import CODECS, EncodedTensor, codec_of, codecs_in
 from .codecs.common import HEADER_DICTIONARY, check_keys, expect, is_int, one_of
+from .data import check_dataset_record
 from .errors import (
     BadMagic,
     ChecksumMismatch,
@@ -50,13 +51,12 @@ MAGIC = b"DSHRINK\0"
 #: Version 2 added the ``cabac`` codec. Version 3 packs the sections (no alignment padding), states
 #: only the lengths the header cannot derive, keeps one CRC32 for the payload instead of one per
 #: section and adds the ``constant`` codec: on ResNet-20 the version-2 header was 7% of the file,
-#: most of it offsets and CRCs, which are incompressible. ``write_file(..., version=2)`` still
-#: writes the old layout (the lowest of 1 and 2 that holds the file's codecs) for older readers.
-#: Version 4 deflates the header with a preset dictionary (``HEADER_DICTIONARY``) and adds the ``grid``
-#: codec: on a 50K-weight MLP the header was a tenth of the file and the float16 biases a sixth.
+#: most of it offsets and CRCs, which are incompressible. Version 4 deflates the header with a preset
+#: dictionary (``HEADER_DICTIONARY``) and adds the ``grid`` codec: on a 50K-weight MLP the header was a
+#: tenth of the file and the float16 biases a sixth. Only version 4 is written.
 VERSION = 4
-VERSIONS = (1, 2, 3, 4)
-LEGACY_VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3, 4)  # read
+LEGACY_VERSIONS = (1, 2)  # aligned sections with stated offsets and a CRC32 each
 _PREFIX = struct.Struct("<8sHHQ")  # magic, version, flags, header length
 #: flags bit 0: the JSON header is zlib-compressed. Per-tensor entries (offsets, CRCs, code-length
 #: tables) are repetitive text: deflate shrinks them 3-5x, which matters on small models, where the
@@ -68,96 +68,72 @@ ALIGN = 8  # versions 1-2: every section and the payload start on a multiple of 
 
 MAX_HEADER_BYTES = 16 << 20  # a header larger than this is an attack, not a model
 MAX_SPEC_BYTES = 16 << 10  # model spec as JSON: real ones are a name and a few kwargs
+#: Tensors per file. GPT-2 XL has 580 and a 70B-parameter transformer about 720; checking an entry
+#: costs microseconds, so a header of 250,000 one-element constants (600 KB) took 17 s to refuse.
+MAX_TENSORS = 1 << 16
 #: Decoded elements of coded tensors allowed per byte of file, plus a fixed allowance: a tiny file
 #: must not make the loader allocate gigabytes of zeros (raise it for files you trust). Measured by
 #: bench/expansion.py: the demo file needs 6.6 elements per byte, a layer pruned 99% 62-65 (either
 #: coder, 5- or 8-bit index); 256 leaves 4x room and caps decoding near 24 * (2**16 + 256 * B) bytes.
+#: The rows of every tensor of 2 or more dimensions count too (the sparse runtime holds a pointer per
+#: row): a weight of shape [R, 0] has no elements but R rows.
 DEFAULT_MAX_EXPANSION = 256
 EXPANSION_ALLOWANCE = 1 << 16
-#: Peak bytes ``read_file`` may hold per coded element (the dense float32 output, decoded symbols,
+#: Peak bytes decoding may hold per coded element (the dense float32 output, decoded symbols,
 #: position entries and int64 positions of the tensor being decoded): bench/expansion.py measured
 #: 12.8-16.9 on unpruned layers and 4.0 on 99%-pruned ones, so 24 is an upper bound.
 DECODE_BYTES_PER_ELEMENT = 24
 
-
 SECTION_KEYS = {"offsets", "crc32"}  # versions 1-2: where each section lies, and its checksum
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
+TIED_KEY = "tied_weights"  # meta entry {alias: first name}: tensors stored once, under the first name
+DATASET_KEY = "dataset"  # meta entry: the dataset record (``data.check_dataset_record``)
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _crc(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None, meta: dict | None = None,
-              version: int = VERSION) -> list[bytes]:
+def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
+              meta: dict | None = None) -> list[bytes]:
     """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
 
-    ``version`` 1 or 2 writes the aligned layout with offsets and CRCs per section (the lowest of the
-    two that holds the codecs; constants stored raw, cabac streams recoded with version 2's contexts)
-    for readers older than version 3; ``version`` 3 the packed layout with a header deflated without
-    the preset dictionary, for readers older than 4.
-
     Raises:
-        ConfigError: a tensor name is empty, the spec/meta is not JSON (NaN, non-string keys...), or
-            ``version`` is unknown or cannot hold the tensors (cabac needs 2, grid 4).
+        ConfigError: a tensor name is empty, too many tensors, or the spec/meta is not JSON (NaN,
+            non-string keys...).
     """
     if model_spec is not None and not isinstance(model_spec, dict):
         raise ConfigError(f"model_spec must be a dict or None, got {type(model_spec).__name__}")
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
-    if version not in VERSIONS:
-        raise ConfigError(f"format version must be one of {VERSIONS}, got {version!r}")
-    packed = version not in LEGACY_VERSIONS
+    if len(tensors) > MAX_TENSORS:
+        raise ConfigError(f"{len(tensors)} tensors exceed the format's limit of {MAX_TENSORS} per file")
     sections: list[bytes] = []
-    cursor = 0
 
     def add(data: bytes, stream: bool = False) -> dict:
-        """Append a section; returns what its header part says about where it lies."""
-        nonlocal cursor
-        if packed:  # back to back; only a stream's length is not derivable from the header
-            sections.append(data)
-            cursor += len(data)
-            return {"bytes": len(data)} if stream else {}
-        begin = _align(cursor)
-        if begin > cursor:
-            sections.append(bytes(begin - cursor))
+        """Append a section, back to back; only a stream's length is not derivable from the header."""
         sections.append(data)
-        cursor = begin + len(data)
-        return {"offsets": [begin, cursor], "crc32": _crc(data)}
+        return {"bytes": len(data)} if stream else {}
 
     entries: dict[str, dict] = {}
     for name in sorted(tensors):
         if not isinstance(name, str) or not name:
             raise ConfigError(f"tensor names must be non-empty strings, got {name!r}")
-        codec = codec_of(tensors[name], name)
-        entries[name] = entry = codec.entry(name, tensors[name], add, version)
-        first = CODECS[entry["codec"]].first_version
-        if first > version:
-            raise ConfigError(f"{name}: format version {version} cannot hold codec {entry['codec']!r} "
-                              f"({entry['codec']} needs version {first})")
-    if not packed:  # the lowest of versions 1-2 that holds every codec of the file
-        version = max((CODECS[entry["codec"]].first_version for entry in entries.values()), default=1)
-    header = {"format": "deepshrink", "version": version, "model": model_spec, "meta": meta or {}, "tensors": entries}
-    if packed:
-        header["payload_crc32"] = _crc_chunks(sections)
+        entries[name] = codec_of(tensors[name], name).entry(name, tensors[name], add)
+    header = {"format": "deepshrink", "version": VERSION, "model": model_spec, "meta": meta or {},
+              "tensors": entries, "payload_crc32": _crc_chunks(sections)}
     try:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model spec, meta or coder params are not plain JSON ({e})") from None
     if len(text) > MAX_HEADER_BYTES:
         raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
-    deflate = zlib.compressobj(9, zdict=HEADER_DICTIONARY) if version >= 4 else zlib.compressobj(9)
+    deflate = zlib.compressobj(9, zdict=HEADER_DICTIONARY)
     raw = deflate.compress(text.encode("utf-8")) + deflate.flush()
-    if not packed:
-        raw += bytes(_align(PREFIX_SIZE + len(raw)) - PREFIX_SIZE - len(raw))  # zero padding: payload 8-aligned
-    return [_PREFIX.pack(MAGIC, version, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
+    return [_PREFIX.pack(MAGIC, VERSION, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
 
 
 def _crc_chunks(chunks) -> int:
@@ -167,13 +143,10 @@ def _crc_chunks(chunks) -> int:
     return crc & 0xFFFFFFFF
 
 
-def write_file(
-    path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
-    meta: dict | None = None, version: int = VERSION,
-) -> Path:
-    """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes.
-    ``version`` < 3 writes the older layout (see ``serialize``)."""
-    return write_chunks(path, serialize(tensors, model_spec, meta, version))
+def write_file(path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
+               meta: dict | None = None) -> Path:
+    """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes."""
+    return write_chunks(path, serialize(tensors, model_spec, meta))
 
 
 def write_chunks(path: str | os.PathLike, chunks: list[bytes]) -> Path:
@@ -190,11 +163,11 @@ def write_chunks(path: str | os.PathLike, chunks: list[bytes]) -> Path:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise InvalidHeader(f"duplicate key {key!r} in JSON header")
-        out[key] = value
+    out = dict(pairs)  # in C; a shorter dict means a key came twice
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise InvalidHeader(f"duplicate key {duplicate!r} in JSON header")
     return out
 
 
@@ -206,13 +179,13 @@ def _reject_constant(name: str):
 class _Section:
     begin: int
     end: int
-    crc32: int | None  # versions 1-2; version 3 has one CRC32 for the whole payload
+    crc32: int | None  # versions 1-2; version 3 on has one CRC32 for the whole payload
     label: str  # e.g. "fc1.bias" or "fc1.weight/codebook"
 
 
 class _Sections:
     """The sections the header claims, in tensor-name order: where each lies is stated (offsets and a
-    CRC32 per section, versions 1-2) or follows from packing them back to back (version 3)."""
+    CRC32 per section, versions 1-2) or follows from packing them back to back (version 3 on)."""
 
     def __init__(self, version: int):
         self.packed = version not in LEGACY_VERSIONS
@@ -247,22 +220,90 @@ class _Sections:
         return end - begin
 
 
-@dataclass
-class _Parsed:
+@dataclass(frozen=True)
+class CompressedFile:
+    """A ``.dsz`` file that passed every check ``open_file`` makes: its header, and each stored tensor as
+    an encoded view of the file's bytes (nothing decoded). ``tied`` maps each alias of a tied tensor to
+    the name it is stored under; ``dataset`` is the checked dataset record, if the file has one."""
+
     path: Path
     file_bytes: int
-    header_bytes: int  # prefix + padded JSON
+    header_bytes: int  # prefix + (padded) header
     header: dict
-    payload: memoryview
-    sections: dict[str, _Section]  # by label
+    encoded: dict[str, EncodedTensor]  # stored names, in name order
+    tied: dict[str, str]
+    dataset: dict | None
+    sections: dict[str, tuple[int, int]]  # label ("fc1.bias", "fc1.weight/codebook"...) -> [begin, end) in the payload
 
-    def span(self, label: str) -> memoryview:
-        section = self.sections[label]
-        return self.payload[section.begin : section.end]
+    @property
+    def model_spec(self) -> dict | None:
+        return self.header["model"]
+
+    @property
+    def meta(self) -> dict:
+        return self.header["meta"]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every name the file fills (aliases included) and its shape, in name order: what a model must match."""
+        shapes = {name: tuple(t.shape) for name, t in self.encoded.items()}
+        shapes.update({alias: shapes[first] for alias, first in self.tied.items()})
+        return dict(sorted(shapes.items()))
+
+    def where(self, name: str) -> str:
+        return f"{self.path}: tensor {name!r}"
+
+    def decode(self, name: str) -> torch.Tensor:
+        """One stored tensor, dense, in its stored dtype, on the CPU (CodecError / TensorInfoMismatch for a
+        malformed stream)."""
+        encoded = self.encoded[name]
+        array = codec_of(encoded).decode(encoded, self.where(name))
+        return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+
+    def is_weight(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored as a weight over a codebook (``nonzeros`` gives its sparse form)."""
+        return codec_of(self.encoded[name]).weight
+
+    def nonzeros(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A weight's non-zeros, checked: (flat positions, indices into its ``codebook``); never dense."""
+        encoded = self.encoded[name]
+        return codec_of(encoded).nonzeros(encoded, self.where(name))
+
+    def decode_all(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor decoded (aliases not repeated), in name order."""
+        return {name: self.decode(name) for name in self.encoded}
+
+    def with_aliases(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """``tensors`` (by stored name) plus every tied alias, each the same object as its first name."""
+        full = {**tensors, **{alias: tensors[first] for alias, first in self.tied.items()}}
+        return {k: full[k] for k in sorted(full)}
+
+    def report(self) -> FileReport:
+        """Per-tensor accounting (``accounting.account``); coded streams are decoded to measure their entropy."""
+        return account(self.encoded, path=str(self.path), file_bytes=self.file_bytes, header_bytes=self.header_bytes)
 
 
-def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None = None) -> _Parsed:
-    """Run every check that needs no decoding, in the documented order; return the parsed file."""
+def open_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION,
+              max_memory: int | None = None) -> CompressedFile:
+    """Run every check that needs no decoding, in the documented order, and return the checked file.
+
+    Order: size >= prefix -> magic -> version/flags -> header length (cap, inside the file; aligned in
+    versions 1-2) -> inflate (bounded) -> UTF-8 -> entry count -> JSON (no duplicate keys, no NaN) ->
+    schema, allowlists and bounds (each codec checks its entries; elements and rows against
+    ``max_expansion``, decoding memory against ``max_memory``) -> sections tile the payload -> no
+    trailing bytes -> CRC32 of the payload (of every section in 1-2) -> the tied-weight map and the
+    dataset record.
+
+    Args:
+        max_expansion: decoded elements allowed per file byte (plus ``EXPANSION_ALLOWANCE``); the
+            default covers every real file measured (see docs/format.md). Raise it only for files you trust.
+        max_memory: if given, the most bytes decoding may take (``decode_memory``), checked before
+            anything is decoded.
+
+    Raises:
+        HeaderTooSmall, BadMagic, UnsupportedVersion, HeaderTooLarge, InvalidHeader, TensorInfoMismatch,
+        InvalidOffset, TrailingBytes, ChecksumMismatch (all ``FormatError``), CodecError for coder
+        params the coder rejects, ConfigError for bad bounds.
+    """
     path = Path(path)
     if not is_int(max_expansion) or max_expansion < 0:
         raise ConfigError(f"max_expansion must be an integer >= 0, got {max_expansion!r}")
@@ -292,7 +333,8 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
     if version in LEGACY_VERSIONS and (PREFIX_SIZE + header_len) % ALIGN:
         raise InvalidHeader(f"{where}: header length {header_len} leaves the payload unaligned "
                             f"(prefix + header must be a multiple of {ALIGN})")
-    # 3. inflate (bounded), strict UTF-8, JSON without duplicate keys or NaN, then the schema
+    # 3. inflate (bounded), strict UTF-8, a bounded number of entries, JSON without duplicate keys or NaN,
+    # then the schema
     header_bytes = data[PREFIX_SIZE : PREFIX_SIZE + header_len]
     if flags & FLAG_DEFLATED_HEADER:
         header_bytes = _inflate_header(header_bytes, where, padded=version in LEGACY_VERSIONS,
@@ -301,6 +343,10 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidHeader(f"{where}: header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    entries = text.count('"codec"')  # every tensor entry has one key "codec": an upper bound, counted in C
+    if entries > MAX_TENSORS:
+        raise HeaderTooLarge(f"{where}: the header holds about {entries} tensor entries, more than the format's "
+                             f"{MAX_TENSORS}")
     try:
         header = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except InvalidHeader as e:
@@ -309,7 +355,7 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
         raise InvalidHeader(f"{where}: header is not valid JSON ({e})") from None
     payload = memoryview(data)[PREFIX_SIZE + header_len :]
     sections = _check_schema(header, where, len(data), max_expansion, version, max_memory)
-    # 4. sections tile the payload: sorted, from 0, aligned (1-2) or packed (3), zero padding, no overlap,
+    # 4. sections tile the payload: sorted, from 0, aligned (1-2) or packed (3-4), zero padding, no overlap,
     # no trailing bytes
     _check_tiling(sections.items, payload, where, 1 if sections.packed else ALIGN)
     # 5. checksums
@@ -319,8 +365,21 @@ def _parse(path: str | os.PathLike, max_expansion: int, max_memory: int | None =
             raise ChecksumMismatch(f"{where}: payload CRC32 {crc:#010x}, header says {header['payload_crc32']:#010x}")
     for s in sections.items:
         if s.crc32 is not None and (crc := _crc(payload[s.begin : s.end])) != s.crc32:
-            raise ChecksumMismatch(f"{where}: section {s.label}: CRC32 {crc:#010x}, header says {s.crc32:#010x}")
-    return _Parsed(path, len(data), PREFIX_SIZE + header_len, header, payload, {s.label: s for s in sections.items})
+            raise ChecksumMismatch(f"{where}: section {s.label} CRC32 {crc:#010x}, header says {s.crc32:#010x}")
+    # 6. what the metadata promises about the tensors and the data
+    tied = _tied_aliases(header, where)
+    dataset = header["meta"].get(DATASET_KEY)
+    if dataset is not None:
+        check_dataset_record(dataset, f"{where}: meta {DATASET_KEY!r}", InvalidHeader)
+    spans = {s.label: s for s in sections.items}
+
+    def span(label: str) -> memoryview:
+        return payload[spans[label].begin : spans[label].end]
+
+    encoded = {name: CODECS[entry["codec"]].view(name, entry, span, f"{where}: tensor {name!r}")
+               for name, entry in sorted(header["tensors"].items())}
+    return CompressedFile(path, len(data), PREFIX_SIZE + header_len, header, encoded, tied, dataset,
+                          {label: (s.begin, s.end) for label, s in spans.items()})
 
 
 def _inflate_header(data: bytes, where: str, padded: bool, dictionary: bool) -> bytes:
@@ -359,32 +418,33 @@ def _check_schema(header: Any, where: str, file_bytes: int, max_expansion: int, 
     if sections.packed:
         expect(is_int(header["payload_crc32"]) and 0 <= header["payload_crc32"] < 1 << 32, where,
                "'payload_crc32' must be a u32")
-    coded_elements = raw_bytes = 0
+    codecs = codecs_in(version)
+    elements = raw_bytes = 0
     for name in sorted(header["tensors"]):  # the order sections are packed in
         entry = header["tensors"][name]
         at = f"{where}: tensor {name!r}"
         expect(bool(name), where, "empty tensor name")
-        codecs = codecs_in(version)
         expect(isinstance(entry, dict) and one_of(entry.get("codec"), codecs), at,
                f"'codec' must be one of {codecs} in a version-{version} file")
-        elements, copied = CODECS[entry["codec"]].check(entry, name, at, sections)
-        coded_elements += elements  # a constant has no bytes in the file: its elements count too
+        decoded, copied = CODECS[entry["codec"]].check(entry, name, at, sections)
+        shape = entry["shape"]  # checked by the codec
+        elements += decoded + (shape[0] if len(shape) >= 2 else 0)  # a constant's elements count too; and rows
         raw_bytes += copied
     limit = EXPANSION_ALLOWANCE + max_expansion * file_bytes
-    expect(coded_elements <= limit, where, f"coded and constant tensors decode to {coded_elements} elements, more than "
-           f"{limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
+    expect(elements <= limit, where, f"coded and constant tensors decode to {elements} elements and rows, more "
+           f"than {limit} allowed for a {file_bytes}-byte file (max_expansion={max_expansion}; raise it only for "
            "files you trust)", TensorInfoMismatch)
-    need = decode_memory(coded_elements, raw_bytes)
+    need = decode_memory(elements, raw_bytes)
     if max_memory is not None and need > max_memory:
-        raise TensorInfoMismatch(f"{where}: decoding needs about {need:,} bytes ({coded_elements:,} coded elements x "
-                                 f"{DECODE_BYTES_PER_ELEMENT} + {raw_bytes:,} raw bytes), more than "
+        raise TensorInfoMismatch(f"{where}: decoding needs about {need:,} bytes ({elements:,} coded elements and "
+                                 f"rows x {DECODE_BYTES_PER_ELEMENT} + {raw_bytes:,} raw bytes), more than "
                                  f"max_memory={max_memory:,}")
     return sections
 
 
-def decode_memory(coded_elements: int, raw_bytes: int) -> int:
-    """Bytes ``read_file`` may hold at its peak beyond the file itself: what ``max_memory`` is compared with."""
-    return DECODE_BYTES_PER_ELEMENT * coded_elements + raw_bytes
+def decode_memory(elements: int, raw_bytes: int) -> int:
+    """Bytes decoding may hold at its peak beyond the file itself: what ``max_memory`` is compared with."""
+    return DECODE_BYTES_PER_ELEMENT * elements + raw_bytes
 
 
 def _check_tiling(sections: list[_Section], payload: memoryview, where: str, align: int) -> None:
@@ -406,89 +466,46 @@ def _check_tiling(sections: list[_Section], payload: memoryview, where: str, ali
         raise TrailingBytes(f"{where}: {len(payload) - cursor} bytes after the last section (payload ends at {cursor})")
 
 
-def read_header(
-    path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION, max_memory: int | None = None
-) -> dict:
-    """Validate a file without decoding and return its JSON header.
-
-    Order: size >= prefix -> magic -> version/flags -> header length (cap, inside the file; aligned in
-    versions 1-2) -> UTF-8 -> JSON (no duplicate keys, no NaN) -> schema, allowlists and bounds ->
-    sections tile the payload -> no trailing bytes -> CRC32 of the payload (of every section in 1-2).
-
-    Raises:
-        HeaderTooSmall, BadMagic, UnsupportedVersion, HeaderTooLarge, InvalidHeader, TensorInfoMismatch,
-        InvalidOffset, TrailingBytes, ChecksumMismatch (all ``FormatError``), or CodecError for coder
-        params the coder rejects.
-    """
-    return _parse(path, max_expansion, max_memory).header
-
-
-def read_file(
-    path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION, max_memory: int | None = None
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Validate (see ``read_header``), then decode every tensor.
-
-    Args:
-        max_expansion: coded elements allowed per file byte (plus ``EXPANSION_ALLOWANCE``); the
-            default covers every real file measured (see docs/format.md). Raise it only for files you trust.
-        max_memory: if given, the most bytes decoding may take (``decode_memory``: 24 per coded element
-            plus the raw tensors); checked with the header, before anything is decoded.
-
-    Returns:
-        (header, tensors): tensors in the stored dtype (quantized weights float32), CPU, in name order.
-
-    Raises:
-        every error of ``read_header``; CodecError for a malformed stream; TensorInfoMismatch when
-        decoded symbols are out of range or positions fall outside the tensor.
-    """
-    parsed = _parse(path, max_expansion, max_memory)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, encoded in _encoded(parsed).items():
-        array = codec_of(encoded).decode(encoded, f"{parsed.path}: tensor {name!r}")
-        tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
-    return parsed.header, tensors
-
-
-TIED_KEY = "tied_weights"  # meta entry {alias: first name}: tensors stored once, under the first name
-
-
-def tied_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "file") -> dict[str, str]:
-    """The file's ``{alias: first name}`` map, checked against its tensors (the header is untrusted).
-
-    Raises:
-        InvalidHeader: not a map of names, an alias that is also stored, or a first name not stored.
-    """
-    tied = (header.get("meta") or {}).get(TIED_KEY, {})
+def _tied_aliases(header: dict, where: str) -> dict[str, str]:
+    """The file's ``{alias: first name}`` map, checked against its tensors (InvalidHeader: not a map of
+    names, an alias that is also stored, or a first name not stored)."""
+    tied = header["meta"].get(TIED_KEY, {})
     expect(isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
            where, f"meta {TIED_KEY!r} must map tensor names to tensor names")
+    stored = header["tensors"]
     for alias, first in tied.items():
-        expect(alias not in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is stored and also tied to {first!r}")
-        expect(first in tensors, where, f"meta {TIED_KEY!r}: {alias!r} is tied to {first!r}, which is not stored")
-    return tied
+        expect(alias not in stored, where, f"meta {TIED_KEY!r}: {alias!r} is stored and also tied to {first!r}")
+        expect(first in stored, where, f"meta {TIED_KEY!r}: {alias!r} is tied to {first!r}, which is not stored")
+    return dict(tied)
 
 
-def with_aliases(header: dict, tensors: dict[str, torch.Tensor], where: str = "file") -> dict[str, torch.Tensor]:
-    """``tensors`` plus every tied alias, each the same tensor object as its first name (name order)."""
-    tied = tied_aliases(header, tensors, where)
-    full = {**tensors, **{alias: tensors[first] for alias, first in tied.items()}}
-    return {k: full[k] for k in sorted(full)}
+def read_header(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION,
+                max_memory: int | None = None) -> dict:
+    """Validate a file without decoding (``open_file``) and return its JSON header."""
+    return open_file(path, max_expansion=max_expansion, max_memory=max_memory).header
 
 
-def _encoded(parsed: _Parsed) -> dict[str, EncodedTensor]:
-    """The file's tensors as encoded objects viewing its payload (nothing decoded)."""
-    out: dict[str, EncodedTensor] = {}
-    for name, entry in sorted(parsed.header["tensors"].items()):
-        out[name] = CODECS[entry["codec"]].view(name, entry, parsed.span, f"{parsed.path}: tensor {name!r}")
-    return out
+def read_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION,
+              max_memory: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validate (``open_file``), then decode every stored tensor.
+
+    Returns:
+        (header, tensors): tensors in the stored dtype (quantized weights float32), CPU, in name order;
+        tied aliases are not repeated (``CompressedFile.with_aliases`` adds them).
+
+    Raises:
+        every error of ``open_file``; CodecError for a malformed stream; TensorInfoMismatch when
+        decoded symbols are out of range or positions fall outside the tensor.
+    """
+    file = open_file(path, max_expansion=max_expansion, max_memory=max_memory)
+    return file.header, file.decode_all()
 
 
 def inspect_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPANSION) -> FileReport:
-    """Per-tensor accounting of a file on disk (see ``accounting.account``): validated as ``read_header``
-    does, and every coded stream decoded once to measure its entropy (this also verifies the streams).
+    """Per-tensor accounting of a file on disk (``CompressedFile.report``): every coded stream is decoded
+    once to measure its entropy, which also verifies the streams.
 
     Raises:
         the errors of ``read_file``.
     """
-    parsed = _parse(path, max_expansion)
-    return account(_encoded(parsed), path=str(parsed.path), file_bytes=parsed.file_bytes,
-                   header_bytes=parsed.header_bytes)
+    return open_file(path, max_expansion=max_expansion).report()

@@ -33,24 +33,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
-from . import report
+from . import report, stages
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compress import compress_model, load
-from .config import enum_value
-from .data import Augment, ImageData, load_dataset
+from .data import check_dataset_record, dataset_record
 from .encode import EncodeConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .files import atomic_write, sweep_temp_files
 from .models import build_model, load_foreign_weights
-from .prune import PruneConfig, prune_model, zero_pruned_
-from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
-from .train import TrainConfig, evaluate, train
+from .prune import PruneConfig, prune_model
+from .quantize import QuantizeConfig
+from .stages import StageContext
+from .train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +164,7 @@ class Recipe:
             stages.append((kind, dict(options)))
         model = raw["model"] if isinstance(raw["model"], dict) else {"arch": raw["model"]}
         dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
-        _check_dataset(dataset, f"{source}: dataset")
+        check_dataset_record(dataset, f"{source}: dataset")
         return cls(
             name=raw.get("name", source),
             model=model,
@@ -243,120 +241,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return Recipe.from_dict(raw, source)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
-
-
-DATASET_KEYS = ("name", "root", "train_subset", "test_subset", "validation", "mean", "std", "augment")
-RECORD_KEYS = ("image_shape", "num_classes")  # recorded by dataset_record; checked against the loaded data
-
-
-def _check_dataset(dataset: dict, where: str) -> None:
-    unknown = sorted(set(dataset) - set(DATASET_KEYS) - set(RECORD_KEYS), key=str)
-    if unknown or not isinstance(dataset.get("name"), str):
-        raise ConfigError(f"{where}: needs a 'name' string; unknown option(s) {unknown}; "
-                          f"valid: {DATASET_KEYS + RECORD_KEYS}")
-    if "augment" in dataset:
-        enum_value(Augment, dataset["augment"], f"{where} augment")
-
-
-VALIDATION_SEED = 0  # fixed: every run and sweep of a dataset entry holds out the same images
-
-
-class Splits(typing.NamedTuple):
-    """A dataset entry's splits. ``validation`` (None unless the entry asks for one) is carved from the
-    training split and never overlaps ``train``; anything that chooses reads it, ``test`` only reports."""
-
-    train: ImageData
-    validation: ImageData | None
-    test: ImageData
-
-
-def load_splits(dataset: dict, data_dir: str | Path | None = None) -> Splits:
-    """(train, validation, test) for a recipe's dataset entry.
-
-    Keys: ``name``; optional ``root``, ``validation`` (N: the last N images of a fixed seeded
-    permutation of the training split are held out for validation and removed from training),
-    ``train_subset``/``test_subset`` (sizes, for quick runs; ``train_subset`` draws from what the
-    validation split leaves), ``mean``/``std`` (normalisation a pretrained model expects, e.g.
-    ImageNet statistics), ``augment`` (an ``Augment`` value for the training split, replacing the
-    dataset's default) and the ``image_shape``/``num_classes`` of a ``dataset_record``, which the
-    loaded data must match.
-
-    Raises:
-        ConfigError: unknown keys; DataError: the data does not match the recorded shape or classes.
-    """
-    _check_dataset(dataset, "dataset")
-    root = data_dir if data_dir is not None else dataset.get("root")
-
-    def normalised(data: ImageData) -> ImageData:
-        if "mean" in dataset or "std" in dataset:
-            data = dataclasses.replace(data, mean=tuple(dataset.get("mean", data.mean)), std=tuple(dataset.get("std", data.std)))
-        return data
-
-    train_data = load_dataset(dataset["name"], root, "train")
-    validation = None
-    n_validation = dataset.get("validation")
-    if n_validation:
-        if not isinstance(n_validation, int) or isinstance(n_validation, bool):
-            raise ConfigError(f"dataset: 'validation' must be a number of images, got {n_validation!r}")
-        train_data, validation = train_data.hold_out(n_validation, seed=VALIDATION_SEED)
-        validation = normalised(validation)
-    if dataset.get("train_subset"):
-        train_data = train_data.subset(int(dataset["train_subset"]))
-    if "augment" in dataset:
-        train_data = dataclasses.replace(train_data, augment=dataset["augment"])
-    test_data = load_dataset(dataset["name"], root, "test")
-    if dataset.get("test_subset"):
-        test_data = test_data.subset(int(dataset["test_subset"]))
-    _check_record(dataset, train_data, root)
-    return Splits(normalised(train_data), validation, normalised(test_data))
-
-
-def dataset_record(dataset: dict, data: ImageData) -> dict:
-    """What checkpoints and compressed files record about their data: the dataset entry without its
-    path (``root`` belongs to one machine), with the image shape, normalisation and class count the
-    model saw, so ``eval FILE --data-dir D`` needs no ``--dataset`` and loads the data the same way."""
-    record = {k: v for k, v in dataset.items() if k != "root"}
-    record.update(image_shape=list(data.image_shape), num_classes=data.num_classes,
-                  mean=list(data.mean), std=list(data.std))
-    return record
-
-
-def _check_record(dataset: dict, data: ImageData, root) -> None:
-    where = f"dataset {dataset['name']!r}" + (f" in {root}" if root else "")
-    shape = dataset.get("image_shape")
-    if shape is not None and tuple(shape) != tuple(data.image_shape):
-        raise DataError(f"{where}: images are {tuple(data.image_shape)} (C, H, W); the model was trained on "
-                        f"{tuple(shape)}")
-    classes = dataset.get("num_classes")
-    if classes is not None and classes != data.num_classes:
-        raise DataError(f"{where}: {data.num_classes} classes; the model was trained on {classes}")
-
-
-def model_metrics(model: nn.Module, test_data: ImageData, device: torch.device,
-                  validation_data: ImageData | None = None) -> dict[str, Any]:
-    """Accuracy (test, and validation when there is one) and sparsity of the compressible weights:
-    what every stage reports."""
-    rows = report.layer_summary(model)
-    totals = report.summary_totals(rows)
-    result = evaluate(model, test_data, device=device)
-    metrics = {
-        "accuracy": result["accuracy"],
-        "loss": result["loss"],
-        "params": totals["params"],
-        "nonzero": totals["nonzero"],
-        "sparsity": totals["sparsity"],
-    }
-    if validation_data is not None:
-        metrics["validation_accuracy"] = evaluate(model, validation_data, device=device)["accuracy"]
-    return metrics
-
-
 @dataclass
 class RunResult:
     out_dir: Path
@@ -365,70 +249,71 @@ class RunResult:
     layers: list[dict] = field(default_factory=list)  # the final per-layer summary
 
 
-StageFn = Callable[..., dict]
+@dataclass(frozen=True)
+class RunContext:
+    """What a recipe's stage gets besides the model and its options."""
+
+    stage: StageContext
+    recipe: Recipe
+    out_dir: Path
+    index: int  # 0-based number of the stage
+    dataset: dict  # the dataset record files and checkpoints carry
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index + 1} ({self.recipe.stages[self.index][0]})"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.out_dir / stage_folder(self.recipe, self.index)
+
+    def checkpoint_of(self, number: int) -> Path:
+        """Stage ``number``'s (1-based) checkpoint: a resumed run finds it too."""
+        return self.out_dir / stage_folder(self.recipe, number - 1) / "checkpoint.pt"
 
 
-def _stage_train(model, options, ctx) -> dict:
-    config = stage_config("train", options, f"stage {ctx['label']}", ctx["seed"])
-    # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
-    # validation after every epoch (when the dataset has one) feeds keep_best/patience; the test split
-    # is never passed to the loop, so nothing it holds can steer training
+def stage_folder(recipe: Recipe, index: int) -> str:
+    return f"{index + 1:02d}-{recipe.stages[index][0]}"
+
+
+def _stage_train(model: nn.Module, options: dict, run: RunContext) -> dict:
+    config = stage_config("train", options, run.label, run.recipe.seed)
     teacher = None
-    if "teacher" in options:  # an earlier stage's model, from its checkpoint (so a resumed run finds it too)
-        teacher, _ = load_checkpoint(ctx["stage_checkpoint"](options["teacher"]), trust_factory=ctx["trust_factory"])
-    result = train(model, ctx["train"], config, validation_data=ctx["validation"], device=ctx["device"],
-                   teacher=teacher)
-    zero_pruned_(model)
+    if "teacher" in options:  # an earlier stage's model, from its checkpoint
+        teacher, _ = load_checkpoint(run.checkpoint_of(options["teacher"]), trust_factory=run.stage.trust_factory)
+    # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
+    result = stages.retrain(model, config, run.stage, teacher=teacher)
     details = {"history": result.history, "config": dataclasses.asdict(config)}
     if result.best_epoch is not None:
         details["best_epoch"] = result.best_epoch
     return details
 
 
-def _stage_load(model, options, ctx) -> dict:
-    stage_config("load", options, f"stage {ctx['label']}")
-    path = options["checkpoint"]
-    load_foreign_weights(model, path)
-    return {"checkpoint": str(path)}
+def _stage_load(model: nn.Module, options: dict, run: RunContext) -> dict:
+    stage_config("load", options, run.label)
+    load_foreign_weights(model, options["checkpoint"])
+    return {"checkpoint": str(options["checkpoint"])}
 
 
-def _stage_prune(model, options, ctx) -> dict:
-    config = stage_config("prune", options, f"stage {ctx['label']}")
+def _stage_prune(model: nn.Module, options: dict, run: RunContext) -> dict:
+    config = stage_config("prune", options, run.label)
     prune_model(model, config)
     return {"config": dataclasses.asdict(config)}
 
 
-def _stage_quantize(model, options, ctx) -> dict:
-    config = stage_config("quantize", options, f"stage {ctx['label']}", ctx["seed"])
-    importance = None
-    if config.hessian:  # Fisher importances from the training split (never the test split)
-        importance = fisher_diagonal(model, ctx["train"], device=ctx["device"], include=config.include,
-                                     exclude=config.exclude, kinds=config.kinds, seed=config.seed)
-    layers = quantize_model(model, config, importance)
-    return {"config": dataclasses.asdict(config), "layers": layers}
+def _stage_quantize(model: nn.Module, options: dict, run: RunContext) -> dict:
+    config = stage_config("quantize", options, run.label, run.recipe.seed)
+    return {"config": dataclasses.asdict(config), "layers": stages.quantize(model, config, run.stage)}
 
 
-def _stage_encode(model, options, ctx) -> dict:
-    config = stage_config("encode", options, f"stage {ctx['label']}")
-    path = ctx["stage_dir"] / "model.dsz"
-    meta = {"recipe": ctx["recipe"], "dataset": ctx["dataset"]}
-    file_report = compress_model(model, path, config, model_spec=ctx["spec"], meta=meta)
-    decoded = load(path, trust_factory=ctx["trust_factory"])  # the one decode: the model we report is the file's
-    decoded_eval = model_metrics(decoded, ctx["test"], ctx["device"], ctx["validation"])
-    return {
-        "config": dataclasses.asdict(config),
-        "file": str(path),
-        "file_bytes": file_report.file_bytes,
-        "dense_bytes": file_report.dense_bytes,
-        "ratio": file_report.ratio,
-        "lab_estimate_ratio": file_report.lab_estimate_ratio,
-        "entropy_bound_ratio": file_report.entropy_bound_ratio,
-        "decoded_accuracy": decoded_eval["accuracy"],
-        **({"decoded_validation_accuracy": decoded_eval["validation_accuracy"]} if ctx["validation"] is not None else {}),
-    }
+def _stage_encode(model: nn.Module, options: dict, run: RunContext) -> dict:
+    config = stage_config("encode", options, run.label)
+    meta = {"recipe": run.recipe.name, "dataset": run.dataset}
+    return stages.compress_and_evaluate(model, run.stage_dir / "model.dsz", config, run.stage,
+                                        model_spec=run.recipe.model, meta=meta)
 
 
-STAGES: dict[str, StageFn] = {
+STAGES: dict[str, Callable[[nn.Module, dict, RunContext], dict]] = {
     "train": _stage_train,
     "finetune": _stage_train,  # the same loop: masks and codebooks ride along in the model
     "load": _stage_load,
@@ -464,7 +349,6 @@ def run_recipe(
     if missing:
         raise ConfigError(f"{recipe.name}: 'load' stage checkpoint(s) {missing} do not exist")
     out_dir = Path(out_dir)
-    dev = resolve_device(device or recipe.device)
     recipe_file = out_dir / "recipe.json"
     if recipe_file.exists():
         previous = _read_json(recipe_file)
@@ -475,40 +359,35 @@ def run_recipe(
         for tmp in sweep_temp_files(out_dir):  # a killed run's half-written files
             log.info("removed %s, left by an interrupted write", tmp)
     torch.manual_seed(recipe.seed)
-    train_data, validation_data, test_data = load_splits(recipe.dataset, data_dir)
-    record = dataset_record(recipe.dataset, train_data)
+    ctx = StageContext.for_dataset(recipe.dataset, device=device or recipe.device, data_dir=data_dir,
+                                   trust_factory=trust_factory)
+    record = dataset_record(recipe.dataset, ctx.splits.train)
     spec = recipe.model
     model = build_model(spec, trust_factory=trust_factory)  # before writing anything: a bad model leaves no folder
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe.to_dict(), indent=2).encode()))
     result = RunResult(out_dir)
     for i, (kind, options) in enumerate(recipe.stages):
-        stage_dir = out_dir / f"{i + 1:02d}-{kind}"
-        metrics_file, ckpt_file = stage_dir / "metrics.json", stage_dir / "checkpoint.pt"
+        run = RunContext(ctx, recipe, out_dir, i, record)
+        metrics_file, ckpt_file = run.stage_dir / "metrics.json", run.stage_dir / "checkpoint.pt"
         if resume and metrics_file.exists():
             metrics = _read_json(metrics_file)
             result.stages.append(metrics)
-            log.info("stage %s already complete, skipped", stage_dir.name)
+            log.info("stage %s already complete, skipped", run.stage_dir.name)
             continue
         if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
             previous = out_dir / result.stages[-1]["dir"] / "checkpoint.pt"
             model, _ = load_checkpoint(previous, trust_factory=trust_factory)
         start = time.perf_counter()
-        ctx = {
-            "train": train_data, "validation": validation_data, "test": test_data, "device": dev,
-            "seed": recipe.seed, "spec": spec, "label": f"{i + 1} ({kind})", "stage_dir": stage_dir,
-            "recipe": recipe.name, "dataset": record, "trust_factory": trust_factory,
-            "stage_checkpoint": lambda n: out_dir / f"{n:02d}-{recipe.stages[n - 1][0]}" / "checkpoint.pt",
-        }
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        model.to(dev)
-        details = STAGES[kind](model, options, ctx)
+        run.stage_dir.mkdir(parents=True, exist_ok=True)
+        model.to(ctx.device)
+        details = STAGES[kind](model, options, run)
         model.cpu()
-        metrics = {"stage": i + 1, "kind": kind, "dir": stage_dir.name, **model_metrics(model, test_data, dev, validation_data)}
+        metrics = {"stage": i + 1, "kind": kind, "dir": run.stage_dir.name, **stages.model_metrics(model, ctx)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})
-        _write_json(stage_dir / "details.json", details)
+        _write_json(run.stage_dir / "details.json", details)
         _write_json(metrics_file, metrics)  # last: marks the stage complete
         result.stages.append(metrics)
         if on_stage:

@@ -27,16 +27,16 @@ from pathlib import Path
 
 from torch import nn
 
-from . import report
+from . import report, stages
 from .checkpoint import load_checkpoint
 from .encode import EncodeConfig
 from .errors import ConfigError
 from .files import atomic_write
 from .layers import select_weights
-from .pipeline import load_splits, resolve_device
-from .prune import PRUNERS, PruneConfig, PruningRule, prune_model, zero_pruned_
-from .quantize import QuantizeConfig, fisher_diagonal, quantize_model
-from .train import TrainConfig, evaluate, train
+from .prune import PRUNERS, PruneConfig, PruningRule, prune_model
+from .quantize import QuantizeConfig, quantize_model
+from .stages import StageContext
+from .train import TrainConfig, evaluate
 
 STD_VALUES = (0.0, 0.25, 0.5, 1.0)
 PERCENTILES = (0.0, 25.0, 50.0, 75.0)
@@ -98,26 +98,18 @@ def run_sweep(
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
-    if data_dir:
-        dataset["root"] = data_dir
-    if split not in ("test", "validation"):
-        raise ConfigError(f"unknown split {split!r}; valid: ['test', 'validation']")
-    train_data, validation_data, test_data = load_splits(dataset)  # validation is held out of retraining
-    eval_data = validation_data if split == "validation" else test_data
-    if eval_data is None:
-        raise ConfigError(f"{checkpoint}: its dataset has no validation split; give it one (dataset 'validation: N')")
-    dev = resolve_device(device)
+    ctx = StageContext.for_dataset(dataset, device=device, data_dir=data_dir, trust_factory=trust_factory)
+    eval_data = ctx.split(split)  # the validation split is held out of retraining
     retrain = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4 if kind.startswith("prune") else 0.0,
                           schedule="cosine", progress=False)
 
     def accuracy(model: nn.Module) -> float:
-        return evaluate(model, eval_data, device=dev)["accuracy"]
+        return evaluate(model, eval_data, device=ctx.device)["accuracy"]
 
     def retrained(model: nn.Module) -> float | None:
         if epochs <= 0:
             return None
-        train(model.to(dev), train_data, retrain, device=dev)
-        zero_pruned_(model)
+        stages.retrain(model, retrain, ctx)
         return accuracy(model)
 
     def fresh() -> nn.Module:
@@ -129,15 +121,13 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     points = spec.points
     if kind == "rate":
-        fisher = functools.partial(fisher_diagonal, data=train_data, device=dev) if hessian else None
-
         def reassigned(model: nn.Module, lam: float) -> None:
             if reassign.epochs > 0:
-                train(model.to(dev), train_data, replace(reassign, reassign_lam=lam), device=dev)
+                stages.retrain(model, replace(reassign, reassign_lam=lam), ctx)
 
-        points = functools.partial(points, configs=rate_configs, fisher=fisher, reassigned=reassigned, files=out_dir,
+        points = functools.partial(points, configs=rate_configs, ctx=ctx, reassigned=reassigned, files=out_dir,
                                    spec=payload["model"], dataset=payload["meta"]["dataset"],
-                                   encode=encode or EncodeConfig(), trust_factory=trust_factory)
+                                   encode=encode or EncodeConfig(), split=split)
     rows = []
     for row in points(fresh, accuracy, retrained, bits):
         rows.append(row)
@@ -199,26 +189,22 @@ def _sensitivity_points(fresh, accuracy, _retrained, _bits):
             yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
 
 
-def _rate_points(fresh, accuracy, retrained, _bits, *, configs, fisher, reassigned, files: Path, spec: dict,
-                 dataset: dict, encode: EncodeConfig, trust_factory: bool):
-    # imported here: only the rate sweep writes and reads files
-    from .compress import compress_model, load
-
+def _rate_points(fresh, accuracy, retrained, _bits, *, configs, ctx: StageContext, reassigned, files: Path,
+                 spec: dict, dataset: dict, encode: EncodeConfig, split: str):
     for config in configs:
         model = fresh()
-        importance = fisher(model) if fisher is not None else None  # from training batches only
-        quantize_model(model, config, importance)
+        stages.quantize(model, config, ctx)  # Fisher importances (hessian) from training batches only
         row = {"lambda": config.lam, "accuracy": accuracy(model)}
         reassigned(model, config.lam)
         row["retrained_accuracy"] = retrained(model)
         row["sparsity"] = _sparsity(model)  # after retraining: reassignment moves weights to and from zero
         path = files / f"lambda-{config.lam:g}.dsz"
         # the checkpoint's dataset record, so that `deepshrink eval FILE` loads and normalises the data as training did
-        file_report = compress_model(model.cpu(), path, encode, model_spec=spec,
-                                     meta={"dataset": dataset, "quantize": {"method": config.method, "lam": config.lam}})
+        meta = {"dataset": dataset, "quantize": {"method": config.method, "lam": config.lam}}
         # the file's model, not the one in memory: float16 storage rounds what it keeps
-        row.update(file_bytes=file_report.file_bytes, ratio=file_report.ratio,
-                   file_accuracy=accuracy(load(path, trust_factory=trust_factory)))
+        measured = stages.compress_and_evaluate(model, path, encode, ctx, model_spec=spec, meta=meta, splits=(split,))
+        file_accuracy = measured["decoded_validation_accuracy" if split == "validation" else "decoded_accuracy"]
+        row.update(file_bytes=measured["file_bytes"], ratio=measured["ratio"], file_accuracy=file_accuracy)
         yield row
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import numbers
 import os
 import random
 import sys
@@ -35,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layers import resolve, select_weights
 from .parametrizations import reassigning
 from .config import check_lam, enum_value
 from .data import Batches, ImageData
@@ -243,6 +245,22 @@ def end_process(code: int = 0) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when there is a GPU, else the CPU) or a device name, checked.
+
+    Raises:
+        ConfigError: CUDA asked for on a machine without it.
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but CUDA is not available")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
 
 
 def _default_device() -> torch.device:
@@ -490,3 +508,63 @@ def train(
         test = _evaluate(model, eval_data, device, eval_batch_size(device), group)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     return result
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data,
+    *,
+    batches: int = 32,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    kinds: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher estimate per selected weight: mean squared minibatch gradient of the loss.
+
+    The importance h_i of Hessian-weighted quantization (Choi et al. 2017, Sec. 3.3): the squared
+    gradient approximates the loss's second derivative at a trained minimum. Gradients are those of the
+    effective weight (a pruned entry's is reported but never used: quantizing keeps it at zero). The
+    model runs in eval mode (BatchNorm statistics untouched) and is left unchanged.
+
+    Args:
+        data: an ``ImageData`` (a training split: the test split never chooses anything).
+        batches: minibatches averaged (drawn in a seeded shuffled order).
+
+    Returns:
+        ``{fqn: float32 tensor shaped like the weight}`` on the CPU.
+    """
+    if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or batches < 1:
+        raise ConfigError(f"batches must be an integer >= 1, got {batches!r}")
+    device = torch.device(device)
+    refs = select_weights(model, include, exclude, kinds)
+    tensors = {}
+    for ref in refs:
+        module, name = resolve(model, ref.fqn)
+        # the stored tensor: a masked weight's gradient reaches its original through the mask
+        tensors[ref.fqn] = (module.parametrizations[name].original if parametrize.is_parametrized(module, name)
+                            else getattr(module, name))
+    was_training = model.training
+    model.to(device).eval()
+    sums = {fqn: torch.zeros_like(t, dtype=torch.float32) for fqn, t in tensors.items()}
+    flags = {fqn: t.requires_grad for fqn, t in tensors.items()}
+    count = 0
+    try:
+        for t in tensors.values():
+            t.requires_grad_(True)
+        for x, y in Batches(data, batch_size, shuffle=True, device=device, seed=seed):
+            loss = F.cross_entropy(model(x).float(), y)
+            grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+            for fqn, g in zip(tensors, grads):
+                if g is not None:
+                    sums[fqn] += g.float().square()
+            count += 1
+            if count == batches:
+                break
+    finally:
+        for fqn, t in tensors.items():
+            t.requires_grad_(flags[fqn])
+        model.train(was_training)
+    return {fqn: (s / max(count, 1)).cpu() for fqn, s in sums.items()}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .coding.level_coder import _DQ_NEXT  # the state machine is the bitstream's: one definition
+from .coding.level_coder import DQ_NEXT  # the state machine is the bitstream's: one definition
 
 _NO_PATH = np.inf
 _SMOOTHING = 0.5  # added to every count of the rate estimate, so an unseen event still has a finite cost
@@ -82,7 +82,7 @@ def viterbi(x, h, step, max_level, lam, row_length, sig_bits, mag_bits, out):
                 d = x[i] - j * step
                 rate = sig_bits[q, nz, 1] + mag_bits[q, min(ak, top_k)] if ak else sig_bits[q, nz, 0]
                 c = cost[s] + h[i] * d * d + lam * rate
-                ns = _DQ_NEXT[s, ak & 1]
+                ns = DQ_NEXT[s, ak & 1]
                 if c < new_cost[ns]:
                     new_cost[ns] = c
                     decisions[i, ns] = s * 4 + which
@@ -116,7 +116,7 @@ def _statistics(levels, row_length, top_k, counts_sig, counts_mag):
         counts_sig[q, nz, 1 if ak else 0] += 1
         if ak:
             counts_mag[q, min(ak, top_k)] += 1
-        state = _DQ_NEXT[state, ak & 1]
+        state = DQ_NEXT[state, ak & 1]
 
 
 def rates(levels: np.ndarray, row_length: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:

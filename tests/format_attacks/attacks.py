@@ -60,10 +60,17 @@ def base_tensors(version: int = 2) -> dict:
     }
 
 
+FIXTURES = Path(__file__).resolve().parent.parent / "format_fixtures"
+
+
 def base_file(version: int = 2) -> bytes:
     """The valid file the attacks edit: version 2 (stated offsets, a CRC32 per section), 3 (packed) or 4
-    (the header deflated with the preset dictionary, and a grid tensor)."""
-    return b"".join(serialize(base_tensors(version), None, {"dataset": "synthetic"}, version=version))
+    (the header deflated with the preset dictionary, and a grid tensor). deepshrink writes only the
+    current version: the older ones are committed files, written by the writers of their time from
+    ``base_tensors(version)``."""
+    if version < 4:
+        return (FIXTURES / f"attack-base-v{version}.dsz").read_bytes()
+    return b"".join(serialize(base_tensors(version), None, {"dataset": {"name": "synthetic"}}))
 
 
 # ---------------------------------------------------------------- editing helpers

@@ -1,12 +1,12 @@
 """Stage 4: tensor codecs, the ways one tensor can lie in a ``.dsz`` file (a header entry's ``"codec"``).
 
 A codec is a class in its own module, registered with ``@register_codec``. It pairs a frozen dataclass
-(the encoded tensor, made by the module's own ``encode_*`` function) with what the container and the
-reports ask of every tensor (`TensorCodec`): its header entry and payload sections, the loader's
-checks of that entry before anything is decoded, a view of the file's bytes, the decoded array, and
-its bytes for choosing and accounting. ``format.py`` lays entries out and knows no codec by name;
-``encode.py`` chooses a codec per tensor; a new codec is one module here, and a test registers one
-from outside the package (``tests/test_registries.py``).
+(the encoded tensor) with everything asked of a tensor on its way into and out of a file
+(`TensorCodec`): whether and how it stores a given tensor (``encode``, which ``encode.py`` asks of every
+codec, keeping the smallest answer), its header entry and payload sections, the loader's checks of
+that entry before anything is decoded, a view of the file's bytes, the decoded array, and its bytes
+for choosing and accounting. ``format.py`` lays entries out and knows no codec by name; a new codec is
+one module here, and a test registers one from outside the package (``tests/test_registries.py``).
 
 Built in: ``raw`` and ``constant`` (``raw.py``), ``deep_compression`` (the paper's relative indices and
 cluster symbols, ``deep_parametrizations.py``), ``cabac`` (one context-coded stream of signed levels over a
@@ -15,11 +15,34 @@ codebook, ``cabac.py``) and ``grid`` (levels times a step, ``grid.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
+import torch
 
 from deepshrink.errors import ConfigError
+
+AUTO = "auto"  # ``EncodeConfig.coder``: every weight codec competes, the smallest is written
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A weight-shared tensor: ``codebook[indices - 1]`` where ``indices > 0``, zero (pruned) elsewhere."""
+
+    indices: np.ndarray  # integer, shaped like the weight, values 0..K
+    codebook: np.ndarray  # (K,) float32
+    bits: int  # the layer's cluster bits (K <= 2**bits)
+
+
+@dataclass(frozen=True)
+class TensorToStore:
+    """One tensor of a model on its way into a file: what every codec's ``encode`` is given."""
+
+    name: str
+    values: torch.Tensor  # as the model holds it (a quantized weight's effective values), CPU
+    kind: str | None = None  # a compressible weight's kind (``layers.KINDS``: conv, fc, ...), else None
+    quantized: Quantized | None = None  # a weight-shared tensor the file codes over its codebook
 
 
 class EncodedTensor(Protocol):
@@ -62,10 +85,20 @@ class TensorCodec:
     tensor_type: ClassVar[type]
     first_version: ClassVar[int]
     weight: ClassVar[bool] = False
+    #: ``EncodeConfig`` fields this codec reads, with the help text the command line shows for each
+    options: ClassVar[dict[str, str]] = {}
 
-    def entry(self, name: str, tensor: Any, add: AddSection, version: int) -> dict:
-        """Tensor ``name``'s header entry, its bytes appended with ``add``. The entry's ``codec`` may be another
-        codec's where this one is newer than ``version`` (a constant is written raw in versions 1-2)."""
+    def coders(self) -> tuple[str, ...]:
+        """``EncodeConfig.coder`` values that ask for this codec alone (a weight codec's; "auto" asks every one)."""
+        return ()
+
+    def encode(self, tensor: TensorToStore, config: Any) -> Any | None:
+        """This codec's encoding of ``tensor`` under ``config`` (an ``encode.EncodeConfig``), or None where it
+        cannot store the tensor or ``config`` does not ask for it. The smallest answer is written."""
+        raise NotImplementedError
+
+    def entry(self, name: str, tensor: Any, add: AddSection) -> dict:
+        """Tensor ``name``'s header entry, its bytes appended with ``add``."""
         raise NotImplementedError
 
     def check(self, entry: dict, name: str, at: str, sections: Sections) -> tuple[int, int]:
@@ -139,6 +172,11 @@ def codec_of(tensor: Any, where: str = "tensor") -> TensorCodec:
 def codecs_in(version: int) -> tuple[str, ...]:
     """The codecs a file of format ``version`` may hold, in registration order."""
     return tuple(name for name, codec in CODECS.items() if codec.first_version <= version)
+
+
+def tensor_coders() -> list[str]:
+    """Valid ``EncodeConfig.coder`` values: every weight codec's coders, then "auto"."""
+    return [*(coder for codec in CODECS.values() for coder in codec.coders()), AUTO]
 
 
 # the built-in codecs register themselves on import (after the registry exists)

@@ -8,17 +8,16 @@ state machine, as those of ``quantize``'s "dq" method do). No frequency tables a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from deepshrink.codecs import TensorCodec, register_codec
-from deepshrink.codecs.common import (DTYPES, check_codebook, check_entry, check_levels_stream, check_quantized,
+from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
+from deepshrink.codecs.common import (CODEBOOK_DTYPE_HELP, DTYPES, check_codebook, check_entry, check_levels_stream, check_quantized,
                                       codebook_entry, codebook_view, decode_levels_stream, expect, header_share,
-                                      int_field, levels_entropy, row_length_of)
-from deepshrink.coding import level_coder
+                                      int_field, levels_entropy)
+from deepshrink.coding import level_coder, row_length_of
 from deepshrink.config import MAX_BITS
 from deepshrink.errors import TensorInfoMismatch
 
@@ -156,13 +155,6 @@ def decode_cabac(coded: CabacTensor, where: str = "tensor") -> np.ndarray:
     return levels_to_values(levels, np.asarray(coded.codebook), coded.num_negative).reshape(coded.shape)
 
 
-def _with_legacy_contexts(enc: CabacTensor) -> CabacTensor:
-    """The same levels coded with the context model format version 2 readers know."""
-    params = enc.coder_params
-    levels = level_coder.decode(enc.stream, params, math.prod(enc.shape))
-    stream, legacy = level_coder.encode(levels, params["row_length"], params["num_gt"], level_coder.LEGACY_CONTEXT_MODEL)
-    return dataclasses.replace(enc, stream=stream, coder_params=legacy)
-
 
 @register_codec
 class CabacCodec(TensorCodec):
@@ -173,9 +165,18 @@ class CabacCodec(TensorCodec):
     KEYS = {"codec", "dtype", "shape", "bits", "num_negative", "num_nonzero", "coder_params", "codebook",
             "levels_stream"}
 
-    def entry(self, name: str, tensor: CabacTensor, add, version: int) -> dict:
-        if version < 3 and tensor.coder_params["context_model"] != level_coder.LEGACY_CONTEXT_MODEL:
-            tensor = _with_legacy_contexts(tensor)
+    options = {"codebook_dtype": CODEBOOK_DTYPE_HELP}
+
+    def coders(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def encode(self, tensor: TensorToStore, config) -> CabacTensor | None:
+        if tensor.quantized is None or config.coder not in (self.name, AUTO):
+            return None
+        q = tensor.quantized
+        return encode_levels(q.indices, q.codebook, q.bits, config.codebook_dtype, tensor.name)
+
+    def entry(self, name: str, tensor: CabacTensor, add) -> dict:
         return {
             "codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "bits": tensor.bits,
             "num_negative": tensor.num_negative, "num_nonzero": tensor.num_nonzero,

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from deepshrink.coding import entropy_bits, level_coder
+from deepshrink.coding import entropy_bits, level_coder, row_length_of
 from deepshrink.config import check_bits, enum_value
 from deepshrink.errors import CodecError, ConfigError, DeepShrinkError, InvalidHeader, TensorInfoMismatch
 
@@ -62,6 +62,7 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 CODED_DTYPES = ("float32",)  # dtype of a decoded weight or grid tensor
 CODEBOOK_DTYPES = ("float32", "float16")
+CODEBOOK_DTYPE_HELP = "how codebooks are stored (float16 halves them; decoded values are then rounded)"
 
 
 class StoredFloat(str, Enum):
@@ -78,12 +79,6 @@ def stored_float(value: Any, label: str) -> str:
 
 def is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def row_length_of(shape: tuple[int, ...]) -> int:
-    """Levels per output row/filter: prod(shape[1:]) for 2-D and up, else every element (at least 1)."""
-    numel = math.prod(shape)
-    return max(1, numel // shape[0] if len(shape) >= 2 and shape[0] else numel)
 
 
 def jsonable(obj: Any) -> Any:

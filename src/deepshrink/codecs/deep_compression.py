@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deepshrink.codecs import TensorCodec, register_codec
-from deepshrink.codecs.common import (DTYPES, check_codebook, check_entry, check_keys, check_quantized,
+from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
+from deepshrink.codecs.common import (CODEBOOK_DTYPE_HELP, DTYPES, check_codebook, check_entry, check_keys, check_quantized,
                                       codebook_entry, codebook_view, expect, header_share, int_field, jsonable,
                                       one_of, untrusted_call)
 from deepshrink.coding import CODERS, entropy_bits, get_coder
@@ -207,8 +207,29 @@ class DeepCompressionCodec(TensorCodec):
     weight = True
     KEYS = {"codec", "dtype", "shape", "bits", "index_bits", "coder", "coder_params", "num_nonzero",
             "num_entries", "codebook", "weights_stream", "positions_stream"}
+    options = {
+        "index_bits_conv": "bits of a relative position entry in conv layers (the paper: 8)",
+        "index_bits_fc": "bits of a relative position entry in other layers (the paper: 5 for fc)",
+        "codebook_dtype": CODEBOOK_DTYPE_HELP,
+    }
 
-    def entry(self, name: str, tensor: CodedTensor, add, version: int) -> dict:
+    def coders(self) -> tuple[str, ...]:
+        return tuple(sorted(CODERS))  # the symbol coders, built-in and registered
+
+    def encode(self, tensor: TensorToStore, config) -> CodedTensor | None:
+        """The paper's layout with the coder ``config`` names, or under "auto" each symbol coder's (the
+        smallest; Huffman, the paper's, first on ties)."""
+        if tensor.quantized is None:
+            return None
+        names = [config.coder] if config.coder in CODERS else (
+            sorted(CODERS, key=lambda n: (n != "huffman", n)) if config.coder == AUTO else [])
+        q = tensor.quantized
+        index_bits = config.index_bits_for(tensor.name, tensor.kind)
+        candidates = [encode_quantized(q.indices, q.codebook, q.bits, index_bits, coder, config.codebook_dtype,
+                                       tensor.name) for coder in names]
+        return min(candidates, key=self.stored_bytes, default=None)  # min keeps the first of equal sizes
+
+    def entry(self, name: str, tensor: CodedTensor, add) -> dict:
         return {
             "codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "bits": tensor.bits,
             "index_bits": tensor.index_bits, "coder": tensor.coder, "coder_params": tensor.coder_params,

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepshrink.codecs import TensorCodec, register_codec
+from deepshrink.codecs import TensorCodec, TensorToStore, register_codec
 from deepshrink.codecs.common import (check_entry, check_levels_stream, decode_levels_stream, expect, int_field,
-                                      levels_entropy, row_length_of)
-from deepshrink.coding import level_coder
+                                      levels_entropy)
+from deepshrink.coding import level_coder, row_length_of
 from deepshrink.config import check_bits
 from deepshrink.errors import TensorInfoMismatch
 
@@ -78,8 +78,19 @@ class GridCodec(TensorCodec):
     tensor_type = GridTensor
     first_version = 4
     KEYS = {"codec", "dtype", "shape", "step", "num_nonzero", "coder_params", "levels_stream"}
+    options = {"grid_bits": ("store each 1-D float tensor (biases, norm scales) as context-coded levels on a grid of "
+                             "2^B-1 steps spanning its largest magnitude, where that is smaller than raw (lossy; "
+                             "default: raw)")}
 
-    def entry(self, name: str, tensor: GridTensor, add, version: int) -> dict:
+    def encode(self, tensor: TensorToStore, config) -> GridTensor | None:
+        """1-D float tensors on the grid ``config.grid_bits`` asks for (None when it asks for none)."""
+        values = tensor.values
+        if config.grid_bits is None or tensor.quantized is not None or values.dim() != 1 \
+                or not values.dtype.is_floating_point:
+            return None
+        return encode_grid(values.detach().cpu().float().numpy(), config.grid_bits, tensor.name)
+
+    def entry(self, name: str, tensor: GridTensor, add) -> dict:
         return {
             "codec": self.name, "dtype": "float32", "shape": list(tensor.shape), "step": tensor.step,
             "num_nonzero": tensor.num_nonzero, "coder_params": tensor.coder_params,

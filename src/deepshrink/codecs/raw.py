@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepshrink.codecs import TensorCodec, register_codec
+from deepshrink.codecs import TensorCodec, TensorToStore, register_codec
 from deepshrink.codecs.common import (DTYPES, MAX_TENSOR_ELEMENTS, check_entry, dtype_name, expect, stored_float)
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 
@@ -52,6 +52,13 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
     Raises:
         ConfigError: a dtype the format cannot store (complex, unsigned > 8 bits...).
     """
+    array = stored_array(tensor, raw_dtype, where)
+    value = constant_value(array)
+    return RawTensor(array) if value is None else ConstantTensor(array.shape, array.dtype, value)
+
+
+def stored_array(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "tensor") -> np.ndarray:
+    """The C-ordered numpy array a raw entry stores: floats as ``raw_dtype``, other dtypes as they are."""
     tensor = tensor.detach().cpu()
     if tensor.dtype.is_floating_point:
         name = stored_float(raw_dtype, f"{where}: raw_dtype")
@@ -62,9 +69,7 @@ def encode_raw(tensor: torch.Tensor, raw_dtype: str = "float32", where: str = "t
             raise ConfigError(f"{where}: dtype {tensor.dtype} cannot be stored; supported: {', '.join(DTYPES)}")
     if tensor.numel() > MAX_TENSOR_ELEMENTS:
         raise ConfigError(f"{where}: {tensor.numel()} elements exceed the format's limit {MAX_TENSOR_ELEMENTS}")
-    array = tensor.numpy().astype(DTYPES[name][0], order="C")  # astype copies; keeps 0-d shape
-    value = constant_value(array)
-    return RawTensor(array) if value is None else ConstantTensor(array.shape, array.dtype, value)
+    return tensor.numpy().astype(DTYPES[name][0], order="C")  # astype copies; keeps 0-d shape
 
 
 def constant_value(array: np.ndarray) -> int | float | bool | None:
@@ -87,12 +92,16 @@ class RawCodec(TensorCodec):
     tensor_type = RawTensor
     first_version = 1
     KEYS = {"codec", "dtype", "shape"}  # + offsets and crc32 in versions 1-2
+    options = {"raw_dtype": "how tensors stored raw (biases, BatchNorm statistics) store floats"}
 
-    def entry(self, name: str, tensor: RawTensor, add, version: int) -> dict:
-        return self.entry_of(name, tensor.array, add)
+    def encode(self, tensor: TensorToStore, config) -> RawTensor | None:
+        """Any tensor that is not coded over a codebook, as its bytes."""
+        if tensor.quantized is not None:
+            return None
+        return RawTensor(stored_array(tensor.values, config.raw_dtype, tensor.name))
 
-    @staticmethod
-    def entry_of(name: str, array: np.ndarray, add) -> dict:
+    def entry(self, name: str, tensor: RawTensor, add) -> dict:
+        array = tensor.array
         dtype = dtype_name(array.dtype, name)
         data = array.astype(DTYPES[dtype][0], order="C").tobytes()
         return {"codec": "raw", "dtype": dtype, "shape": [int(d) for d in array.shape], **add(data)}
@@ -105,14 +114,13 @@ class RawCodec(TensorCodec):
         return 0, expected
 
     def view(self, name: str, entry: dict, span, at: str) -> RawTensor:
-        data, dtype = span(name), DTYPES[entry["dtype"]][0]
-        if entry["dtype"] == "bool":
-            as_bytes = np.frombuffer(data, dtype=np.uint8)
-            if len(as_bytes) and int(as_bytes.max()) > 1:
-                raise TensorInfoMismatch(f"{at}: bool tensor holds byte {int(as_bytes.max())}, expected 0 or 1")
-        return RawTensor(np.frombuffer(data, dtype=dtype).reshape(entry["shape"]))
+        return RawTensor(np.frombuffer(span(name), dtype=DTYPES[entry["dtype"]][0]).reshape(entry["shape"]))
 
     def decode(self, tensor: RawTensor, where: str) -> np.ndarray:
+        if tensor.array.dtype == np.bool_ and tensor.array.size:
+            largest = int(tensor.array.view(np.uint8).max())
+            if largest > 1:
+                raise TensorInfoMismatch(f"{where}: bool tensor holds byte {largest}, expected 0 or 1")
         return tensor.array.copy()  # own, writable memory (a file's raw tensors view its bytes)
 
     def stored_bytes(self, tensor: RawTensor) -> int:
@@ -129,9 +137,15 @@ class ConstantCodec(TensorCodec):
     first_version = 3
     KEYS = {"codec", "dtype", "shape", "value"}
 
-    def entry(self, name: str, tensor: ConstantTensor, add, version: int) -> dict:
-        if version < self.first_version:  # older readers get the values raw
-            return RawCodec.entry_of(name, tensor.array, add)
+    def encode(self, tensor: TensorToStore, config) -> ConstantTensor | None:
+        """A tensor of one repeated value (as stored raw), as that value: no payload bytes."""
+        if tensor.quantized is not None:
+            return None
+        array = stored_array(tensor.values, config.raw_dtype, tensor.name)
+        value = constant_value(array)
+        return None if value is None else ConstantTensor(array.shape, array.dtype, value)
+
+    def entry(self, name: str, tensor: ConstantTensor, add) -> dict:
         return {"codec": "constant", "dtype": dtype_name(tensor.dtype, name),
                 "shape": [int(d) for d in tensor.shape], "value": tensor.value}
 

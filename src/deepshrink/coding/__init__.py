@@ -18,6 +18,7 @@ switching between them is a one-name change:
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -153,6 +154,13 @@ def int_array(values: Any, what: str, low: int, high: int, dtype) -> np.ndarray:
 def _count(symbols, counts):
     for i in range(symbols.shape[0]):
         counts[symbols[i]] += 1
+
+
+def row_length_of(shape: tuple[int, ...]) -> int:
+    """Levels per output row/filter (the context coder's geometry, which the dependent quantizer's rate model
+    follows too): prod(shape[1:]) for 2-D and up, else every element (at least 1)."""
+    numel = math.prod(shape)
+    return max(1, numel // shape[0] if len(shape) >= 2 and shape[0] else numel)
 
 
 def histogram(symbols: Any, alphabet_size: int) -> np.ndarray:

@@ -75,8 +75,8 @@ _SIGN = (12, 24, 24)  # context index bases by model (significance starts at 0)
 _GT = (21, 51, 51)
 _GT_STRIDE = (6, 12, 24)  # contexts per "greater than k" flag
 # dependent quantization's 8-state machine (NNC's, ISO/IEC 15938-17): state s quantizes with quantizer
-# s & 1 and moves to _DQ_NEXT[s, |k| & 1] after coding level k
-_DQ_NEXT = np.array([[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]], dtype=np.int64)
+# s & 1 and moves to DQ_NEXT[s, |k| & 1] after coding level k
+DQ_NEXT = np.array([[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]], dtype=np.int64)
 _WINDOW = 8  # the significance context counts the non-zeros among this many previous levels of the row
 _PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_prob", "context_model"}
 
@@ -200,7 +200,7 @@ def _next_state(state, levels, i, model):
     (always 0 outside model 2)."""
     if model != 2 or i == 0:
         return 0
-    return _DQ_NEXT[state, abs(np.int64(levels[i - 1])) & 1]
+    return DQ_NEXT[state, abs(np.int64(levels[i - 1])) & 1]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -221,7 +221,7 @@ def _dependent_to_coded(levels, out):
                 return i  # quantizer 1 makes odd multiples (and zero)
             k = (j + 1) // 2 if j > 0 else (j - 1) // 2
         out[i] = k
-        state = _DQ_NEXT[state, abs(k) & 1]
+        state = DQ_NEXT[state, abs(k) & 1]
     return -1
 
 
@@ -232,7 +232,7 @@ def _coded_to_dependent(levels):
     for i in range(levels.shape[0]):
         k = np.int64(levels[i])
         quantizer = state & 1
-        state = _DQ_NEXT[state, abs(k) & 1]
+        state = DQ_NEXT[state, abs(k) & 1]
         if k > 0:
             levels[i] = 2 * k - quantizer
         elif k < 0:
