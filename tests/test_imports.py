@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -47,3 +48,41 @@ def test_no_import_cycles_outside_the_coder_registry(graph):
     for module in graph:
         if not module.startswith(("coding", "codecs")):
             assert module not in _reachable(graph, module), module
+
+
+def _private_names_from_other_modules(path: Path) -> list[str]:
+    """``from deepshrink.x import _name`` and ``x._name`` on an imported deepshrink module, in one file."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()  # local names bound to deepshrink modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            internal = node.level > 0 or (node.module or "").split(".")[0] == "deepshrink"
+            if not internal:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name}")
+                elif alias.name[:1].islower():  # perhaps a submodule: from . import format as fmt
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("deepshrink"):
+                    modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    package = _load_script().PACKAGE
+    found = [hit for path in sorted(package.rglob("*.py")) for hit in _private_names_from_other_modules(path)]
+    assert not found, found
+
+
+def test_the_private_name_check_sees_both_forms(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from deepshrink import format as fmt\nfrom .coding.level_coder import _SECRET\nfmt._parse()\n")
+    assert len(_private_names_from_other_modules(probe)) == 2

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .parametrizations import compression_state, restore_compression
+from .data import check_dataset_record
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write
 
@@ -92,6 +93,8 @@ def check_payload(payload: Any, where: str) -> None:
         for entry in entries:
             if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str)):
                 fail(f"'compression' entry of {fqn!r} must be a dict with a 'kind' string, got {entry!r}")
+    if payload["meta"].get("dataset") is not None:  # what eval and sweeps load data by
+        check_dataset_record(payload["meta"]["dataset"], f"{where}: meta 'dataset'", CheckpointError, stored=True)
 
 
 def load_checkpoint(

@@ -163,9 +163,11 @@ MAX_CLASSES = 1 << 20
 MAX_IMAGE_SIDE = 1 << 14
 
 
-def check_dataset_record(record: typing.Any, where: str, error: type[Exception] = ConfigError) -> dict:
-    """Check a dataset entry or record (a recipe's, or what a file or checkpoint recorded: untrusted)
-    before anything uses it: known keys only, and each value of its type and range.
+def check_dataset_record(record: typing.Any, where: str, error: type[Exception] = ConfigError, *,
+                         stored: bool = False) -> dict:
+    """Check a dataset entry (a recipe's) or record (what a file or checkpoint ``stored``: untrusted)
+    before anything uses it: known keys only, each value of its type and range, and no ``root`` in a
+    stored record (``dataset_record`` drops it: a file must not choose where data is read or downloaded).
 
     Raises:
         ``error`` (ConfigError by default; the file reader passes InvalidHeader) naming the key and value.
@@ -178,7 +180,8 @@ def check_dataset_record(record: typing.Any, where: str, error: type[Exception] 
 
     if not isinstance(record, dict):
         fail(f"a dataset entry must be a mapping, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(DATASET_KEYS) - set(RECORD_KEYS), key=str)
+    unknown = sorted(set(record) - set(DATASET_KEYS) - set(RECORD_KEYS) | ({"root"} & set(record) if stored else set()),
+                     key=str)
     if unknown:
         fail(f"unknown key(s) {unknown}; valid: {DATASET_KEYS + RECORD_KEYS}")
     if not isinstance(record.get("name"), str) or not record["name"]:
@@ -193,9 +196,9 @@ def check_dataset_record(record: typing.Any, where: str, error: type[Exception] 
                                   and all(is_count(d, 1, MAX_IMAGE_SIDE) for d in shape)):
         fail(f"'image_shape' must be [C, H, W] with C 1 or 3 and sides 1..{MAX_IMAGE_SIDE}, got {shape!r}")
     for key in ("mean", "std"):
-        values = record.get(key)
-        if values is None:
+        if key not in record:
             continue
+        values = record[key]
         if not (isinstance(values, (list, tuple)) and len(values) in (1, 3) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
             fail(f"{key!r} must be a list of 1 or 3 finite numbers (one per channel), got {values!r}")

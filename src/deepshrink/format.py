@@ -102,8 +102,8 @@ def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
     """The file as a list of byte chunks (prefix+header, then the sections), deterministic.
 
     Raises:
-        ConfigError: a tensor name is empty, too many tensors, or the spec/meta is not JSON (NaN,
-            non-string keys...).
+        ConfigError: a tensor name is empty, too many tensors, a malformed dataset record, or the spec/meta
+            is not JSON (NaN, non-string keys...).
     """
     if model_spec is not None and not isinstance(model_spec, dict):
         raise ConfigError(f"model_spec must be a dict or None, got {type(model_spec).__name__}")
@@ -111,6 +111,8 @@ def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
     if len(tensors) > MAX_TENSORS:
         raise ConfigError(f"{len(tensors)} tensors exceed the format's limit of {MAX_TENSORS} per file")
+    if meta and DATASET_KEY in meta:  # a reader refuses a file whose record it cannot use: never write one
+        check_dataset_record(meta[DATASET_KEY], f"meta {DATASET_KEY!r}", stored=True)
     sections: list[bytes] = []
 
     def add(data: bytes, stream: bool = False) -> dict:
@@ -370,7 +372,7 @@ def open_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPAN
     tied = _tied_aliases(header, where)
     dataset = header["meta"].get(DATASET_KEY)
     if dataset is not None:
-        check_dataset_record(dataset, f"{where}: meta {DATASET_KEY!r}", InvalidHeader)
+        check_dataset_record(dataset, f"{where}: meta {DATASET_KEY!r}", InvalidHeader, stored=True)
     spans = {s.label: s for s in sections.items}
 
     def span(label: str) -> memoryview:

@@ -14,6 +14,7 @@ from deepshrink.codecs.common import (DTYPES, MAX_TENSOR_ELEMENTS, check_entry, 
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 
 _TORCH_TO_NAME = {t: name for name, (_, t) in DTYPES.items()}
+STORABLE = tuple(sorted(DTYPES))  # dtype names a raw or constant entry may state
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class RawCodec(TensorCodec):
         return {"codec": "raw", "dtype": dtype, "shape": [int(d) for d in array.shape], **add(data)}
 
     def check(self, entry: dict, name: str, at: str, sections) -> tuple[int, int]:
-        expected = check_entry(entry, sections.keys(self.KEYS), at, sorted(DTYPES)) * DTYPES[entry["dtype"]][0].itemsize
+        expected = check_entry(entry, sections.keys(self.KEYS), at, STORABLE) * DTYPES[entry["dtype"]][0].itemsize
         length = sections.add(entry, at, name, expected)
         expect(length == expected, at, f"section holds {length} bytes, shape {entry['shape']} of "
                f"{entry['dtype']} needs {expected}", TensorInfoMismatch)
@@ -152,13 +153,13 @@ class ConstantCodec(TensorCodec):
     def check(self, entry: dict, name: str, at: str, sections) -> tuple[int, int]:
         """dtype, shape and value (a number the dtype holds exactly). No bytes in the file: its elements
         count against max_expansion like a coded tensor's."""
-        numel = check_entry(entry, self.KEYS, at, sorted(DTYPES))
+        numel = check_entry(entry, self.KEYS, at, STORABLE)
         value, dtype = entry["value"], DTYPES[entry["dtype"]][0]
         kind = bool if dtype.kind == "b" else float if dtype.kind == "f" else int
         exact = type(value) is kind and (kind is not float or math.isfinite(value))
         if exact and kind is int:
             exact = np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
-        if exact and kind is float:
+        if exact and kind is float and dtype.itemsize < 8:
             with np.errstate(over="ignore"):  # 1e300 as float16 is inf: not exact, and no warning for it
                 exact = np.array(value, dtype=dtype).item() == value
         expect(exact, at, f"constant value {value!r} is not a {entry['dtype']} (the type and the exact value must "
