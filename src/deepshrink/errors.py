@@ -23,6 +23,10 @@ class WriteError(DeepShrinkError, OSError):
     """A file could not be written (disk full, I/O error, rename refused); nothing partial is left."""
 
 
+class ExportError(DeepShrinkError):
+    """A model cannot be exported to ONNX (the message names the op, the layer or the reason)."""
+
+
 class CodecError(DeepShrinkError, ValueError):
     """An entropy-coded stream is malformed or inconsistent with its model."""
 

@@ -14,7 +14,7 @@ import traceback
 from rich.markup import escape
 
 from ..errors import DataError, DeepShrinkError
-from .commands import (cmd_bench_infer, cmd_decode, cmd_demo, cmd_encode, cmd_eval, cmd_finetune, cmd_inspect, cmd_plot,
+from .commands import (cmd_bench_infer, cmd_decode, cmd_demo, cmd_encode, cmd_eval, cmd_export, cmd_finetune, cmd_inspect, cmd_plot,
                        cmd_prune, cmd_quantize, cmd_run, cmd_summary, cmd_sweep, cmd_train, console, error_console,
                        is_distributed)
 from .options import (add_data_args, add_encode_args, add_model_args, add_selection_args, add_train_args,
@@ -29,6 +29,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..export import DEFAULT_OPSET, INPUT_DTYPES, UINT4_OPSET
     from ..kmeans import CentroidInit
     from ..prune import PRUNERS, PruneConfig
     from ..quantize import QuantizeConfig
@@ -164,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("export", help="write the decoded model as an ONNX graph, dense or palettized "
+                       "(each shared weight as indices into its codebook), checked with ONNX Runtime")
+    p.add_argument("file")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the graph")
+    p.add_argument("--input-shape", help="one sample's shape, e.g. 3,32,32, or the sequence length for token ids "
+                   "(default: the file's dataset record)")
+    p.add_argument("--input-dtype", choices=INPUT_DTYPES,
+                   help="input type (default: int64 token ids for Hugging Face models, else float32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}; from {UINT4_OPSET}, --palettized packs weights of "
+                        "<= 16 levels as uint4, which needs ONNX Runtime >= 1.23)")
+    p.add_argument("--palettized", action="store_true",
+                   help="store each shared weight as codebook indices plus its codebook (Cast + Gather in the graph)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the graph with ONNX Runtime")
+    add_trust_arg(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench-infer", help="dense vs sparse-runtime latency and weight memory, per layer and end to end")
     p.add_argument("file")

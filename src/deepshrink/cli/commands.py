@@ -14,7 +14,7 @@ from rich.console import Console
 from .. import report
 from ..errors import ConfigError
 from .options import (context, dataset_entry, encode_config, file_model, pattern_value, selection, teacher_model,
-                      train_config, user_spec)
+                      train_config, user_model, user_spec)
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 170)
@@ -292,6 +292,24 @@ def cmd_decode(args) -> None:
             tensors = {name: tensors[name] for name in model.state_dict()}
         atomic_write(out, lambda f: torch.save(tensors, f))
     console.print(f"wrote {out} ({len(tensors)} tensors)")
+
+
+def cmd_export(args) -> None:
+    from ..export import to_onnx
+
+    result = to_onnx(args.file, args.onnx, model=user_model(args), trust_factory=args.trust_factory,
+                     input_shape=_int_list(args.input_shape, "--input-shape") if args.input_shape else None,
+                     input_dtype=args.input_dtype, opset=args.opset, palettized=args.palettized,
+                     verify=not args.no_verify)
+    if result.palettized:
+        rows = [{"tensor": t.name, "shape": "x".join(map(str, t.shape)), "levels": t.levels,
+                 "index": f"uint{t.index_bits}", "float32 bytes": t.dense_bytes, "stored bytes": t.stored_bytes}
+                for t in result.palettized]
+        console.print(report.render_table(rows, title="palettized weights (indices + codebook)"))
+    checked = ("not checked with ONNX Runtime" if result.max_abs_diff is None else
+               f"ONNX Runtime matches PyTorch (max abs diff {result.max_abs_diff:.2g})")
+    console.print(f"wrote {result.path}: {result.onnx_bytes:,} bytes, opset {result.opset}, input "
+                  f"{result.input_dtype} (batch, {', '.join(map(str, result.input_shape))}); {checked}")
 
 
 def _int_list(text: str, what: str) -> list[int]:
