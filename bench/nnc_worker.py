@@ -1,12 +1,14 @@
 """NNCodec side of bench/nnc.py: runs in NNCodec's own environment, never imports deepshrink.
 
-Usage: ``NNC_PYTHON bench/nnc_worker.py IN.npz OUT_DIR [--bnf BLOCKS.json] [--options OPTIONS.json] QP [QP ...]``. For each qp:
+Usage: ``NNC_PYTHON bench/nnc_worker.py [--stages] IN.npz OUT_DIR [--bnf BLOCKS.json] [--options OPTIONS.json] QP [QP ...]``. For each qp:
 ``nncodec.nnc.compress`` of the float32/int32 arrays of IN.npz into OUT_DIR/qp<QP>.nnc (NNCodec's
 defaults otherwise: dependent quantization, DeepCABAC, biases at nonweight_qp -75), ``nncodec.nnc.decompress``
 of that file into OUT_DIR/qp<QP>.npz, and one JSON line ``{"qp", "bytes", "seconds"}`` on stdout.
 ``--bnf`` turns on NNCodec's BatchNorm folding, given its ``block_id_and_param_type`` map (which
 weight, bias and BatchNorm tensors form one block); decompression unfolds it again. ``--options``:
-more keyword arguments of ``nnc.compress`` (e.g. ``{"use_dq": false, "param_opt": false}``).
+more keyword arguments of ``nnc.compress`` (e.g. ``{"use_dq": false, "param_opt": false}``). ``--stages``
+(``bench/scale.py``) times compression and decompression apart, each with its peak RSS (reset before it
+through ``/proc/self/clear_refs``), adds them to the JSON line and writes no decoded ``.npz``.
 
 NNCodec's framework package imports torchvision and OpenCV when it is imported, although
 compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
@@ -73,6 +75,8 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2
+    stages = argv[0] == "--stages"
+    argv = argv[1:] if stages else argv
     sys.meta_path.insert(0, _TorchvisionStub())
     import numpy as np
     from nncodec import nnc
@@ -93,6 +97,9 @@ def main(argv: list[str]) -> int:
     params = {name: a for name, a in params.items() if a.ndim > 0}
     for qp in qps:
         path = out_dir / f"qp{qp}.nnc"
+        if stages:
+            print(json.dumps({"qp": qp, **_stages(nnc, dict(params), path, qp, options)}), flush=True)
+            continue
         start = time.perf_counter()
         with redirect_stdout(io.StringIO()):  # NNCodec prints progress; stdout carries our JSON lines
             nnc.compress(dict(params), bitstream_path=str(path), qp=qp, verbose=False, bnf=blocks is not None,
@@ -102,6 +109,31 @@ def main(argv: list[str]) -> int:
         np.savez(out_dir / f"qp{qp}.npz", **{k: np.asarray(v) for k, v in decoded.items()}, **scalars)
         print(json.dumps({"qp": qp, "bytes": path.stat().st_size, "seconds": round(seconds, 2)}), flush=True)
     return 0
+
+
+def _peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM back to the current RSS
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _stages(nnc, params: dict, path: Path, qp: int, options: dict) -> dict:
+    """Compress, then decompress, each timed and with its own peak RSS."""
+    _peak_reset()
+    start = time.perf_counter()
+    with redirect_stdout(io.StringIO()):
+        nnc.compress(params, bitstream_path=str(path), qp=qp, verbose=False, **options)
+    encode_seconds, encode_peak = time.perf_counter() - start, _peak()
+    _peak_reset()
+    start = time.perf_counter()
+    with redirect_stdout(io.StringIO()):
+        nnc.decompress(str(path), verbose=False)
+    return {"bytes": path.stat().st_size, "encode_seconds": round(encode_seconds, 2), "encode_peak_rss": encode_peak,
+            "decode_seconds": round(time.perf_counter() - start, 2), "decode_peak_rss": _peak()}
 
 
 if __name__ == "__main__":

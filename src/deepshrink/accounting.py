@@ -46,9 +46,23 @@ _CODED_COLUMNS = ("bits", "index_bits", "num_entries", "fillers", "weight_stream
                   "codebook_bytes", "bits_per_nonzero", "weight_entropy_bits", "position_entropy_bits")
 
 
-def _dense_bytes(encoded: EncodedTensor) -> int:
+def dense_bytes_of(encoded: EncodedTensor) -> int:
     """Bytes of the tensor in the dense state dict with floats at float32."""
     return math.prod(encoded.shape) * (4 if encoded.dtype.kind == "f" else encoded.dtype.itemsize)
+
+
+def account_row(name: str, encoded: EncodedTensor, path: str) -> dict:
+    """One tensor's row of the accounting: what ``account`` lists for it (made as each tensor is written,
+    so that the encoded streams need not be held until the file is complete).
+
+    Raises:
+        CodecError, TensorInfoMismatch: only for a tensor read from a file, whose streams are decoded.
+    """
+    codec = codec_of(encoded, name)
+    row = {"name": name, "codec": codec.name, "shape": list(encoded.shape), "numel": math.prod(encoded.shape),
+           **dict.fromkeys(_CODED_COLUMNS)}
+    row.update(codec.account(encoded, f"{path}: tensor {name!r}"))
+    return row
 
 
 def account(tensors: dict[str, EncodedTensor], *, path: str, file_bytes: int, header_bytes: int) -> FileReport:
@@ -62,16 +76,15 @@ def account(tensors: dict[str, EncodedTensor], *, path: str, file_bytes: int, he
     Raises:
         CodecError, TensorInfoMismatch: only for tensors read from a file, whose streams are decoded.
     """
-    rows: list[dict] = []
-    dense_bytes = 0
-    for name in sorted(tensors):
-        encoded = tensors[name]
-        codec = codec_of(encoded, name)
-        dense_bytes += _dense_bytes(encoded)
-        row = {"name": name, "codec": codec.name, "shape": list(encoded.shape), "numel": math.prod(encoded.shape),
-               **dict.fromkeys(_CODED_COLUMNS)}
-        row.update(codec.account(encoded, f"{path}: tensor {name!r}"))
-        rows.append(row)
+    rows = [account_row(name, tensors[name], path) for name in sorted(tensors)]
+    dense_bytes = sum(dense_bytes_of(t) for t in tensors.values())
+    return report_from_rows(rows, dense_bytes, path=path, file_bytes=file_bytes, header_bytes=header_bytes)
+
+
+def report_from_rows(rows: list[dict], dense_bytes: int, *, path: str, file_bytes: int,
+                     header_bytes: int) -> FileReport:
+    """The ``FileReport`` of ``account_row``'s rows (in name order) for a file of ``file_bytes`` whose tensors
+    take ``dense_bytes`` in a dense state dict (``dense_bytes_of`` summed)."""
     coded_rows = [r for r in rows if CODECS[r["codec"]].weight]
     totals = {
         "tensors": len(rows),

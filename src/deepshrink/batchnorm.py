@@ -9,6 +9,7 @@ model does not train like the original; ``EncodeConfig(fold_batchnorm=True)`` op
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -52,7 +53,14 @@ def fold_batchnorms(model: nn.Module, state: dict[str, torch.Tensor], skip: set[
     whose four tensors are all in ``state`` (no running stats: not there) and none in ``skip``.
     ``num_batches_tracked`` is kept as it is.
     """
-    folded = dict(state)
+    return {**state, **folded_batchnorms(model, state, skip)}
+
+
+def folded_batchnorms(model: nn.Module, state: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+                      ) -> dict[str, torch.Tensor]:
+    """Only the tensors ``fold_batchnorms`` replaces, by name; ``state`` is read only at those names (a
+    mapping that computes its tensors on demand computes no other)."""
+    folded: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
         if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats):
             continue

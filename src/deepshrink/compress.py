@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import models
-from .accounting import FileReport, account
-from .encode import EncodeConfig, encode_model
+from .accounting import FileReport, account_row, dense_bytes_of, report_from_rows
+from .encode import EncodeConfig, encode_tensor, model_tensors
 from .errors import ConfigError, DeepShrinkError, FormatError, TensorInfoMismatch
-from .format import DEFAULT_MAX_EXPANSION, TIED_KEY, CompressedFile, inspect_file, open_file, serialize, write_chunks
-from .layers import retie, tied_weights
+from .format import DEFAULT_MAX_EXPANSION, TIED_KEY, CompressedFile, inspect_file, open_file, write_tensors
+from .layers import place, retie, tied_weights
+from .parallel import map_in_order
+from .progress import tensor_progress
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,15 @@ def compress_model(
     model_spec: dict | None = None,
     meta: dict | None = None,
     verify: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    exhaustive: bool = False,
 ) -> FileReport:
     """Write ``model`` as a compressed file and return its accounting.
+
+    Tensors are encoded one at a time, ``workers`` at once, each written (and accounted) as soon as its
+    turn comes in name order, so memory holds the model plus a few tensors in flight; the file's bytes
+    do not depend on ``workers``.
 
     Args:
         model: any module; weights with a ``SharedWeights`` parametrization are entropy coded, every
@@ -45,6 +55,10 @@ def compress_model(
         meta: free JSON metadata (dataset, accuracy, configs).
         verify: read the file back, decode every stream and check that its accounting
             (``format.inspect_file``) equals the one made from memory.
+        workers: tensors encoded at once (threads); None = one per CPU.
+        progress: a bar per tensor on a terminal (``progress.tensor_progress``).
+        exhaustive: encode every codec in full on every tensor, even where ``estimate_bytes`` shows it
+            cannot be the smallest (``encode.encode_tensor``).
 
     Raises:
         ConfigError: bad settings, or spec/meta that are not plain JSON.
@@ -56,10 +70,25 @@ def compress_model(
     tied = tied_weights(model)
     if tied:  # stored once, under the first name; the loader points the aliases back at it
         meta[TIED_KEY] = tied
-    tensors = encode_model(model, config)
-    chunks = serialize(tensors, model_spec, meta)
-    path = write_chunks(path, chunks)
-    file_report = account(tensors, path=str(path), file_bytes=path.stat().st_size, header_bytes=len(chunks[0]))
+    tensors = model_tensors(model, config)
+    names = sorted(tensors)  # the file's order
+    rows, dense_bytes = [], 0
+
+    def encode(name: str):
+        return encode_tensor(tensors[name](), config, exhaustive=exhaustive)
+
+    def written(advance):
+        nonlocal dense_bytes
+        for name, encoded in zip(names, map_in_order(encode, names, workers)):
+            rows.append(account_row(name, encoded, str(path)))
+            dense_bytes += dense_bytes_of(encoded)
+            advance(name)
+            yield name, encoded
+
+    with tensor_progress(f"writing {Path(path).name}", len(names), progress) as advance:
+        path, header_bytes = write_tensors(path, written(advance), model_spec, meta, count=len(names))
+    file_report = report_from_rows(rows, dense_bytes, path=str(path), file_bytes=path.stat().st_size,
+                                   header_bytes=header_bytes)
     if verify and inspect_file(path) != file_report:
         raise FormatError(f"{path}: the file read back does not account like the tensors written")
     log.info("%s: %d bytes, %.1fx smaller than dense float32", path, file_report.file_bytes, file_report.ratio)
@@ -74,6 +103,8 @@ def load(
     trust_factory: bool = False,
     max_expansion: int = DEFAULT_MAX_EXPANSION,
     max_memory: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> nn.Module | dict[str, torch.Tensor]:
     """Load a compressed file into a model: ``model`` if given, else one built from the file's spec.
 
@@ -83,10 +114,16 @@ def load(
     runs code named by the file, so it is built only with ``trust_factory=True``, and otherwise the
     state dict is returned. Tied weights (stored once) are tied again in the returned model.
 
+    Tensors are decoded one at a time (``workers`` at once) and each goes straight into its place: copied
+    into the given model's own parameter or buffer, or, for a model built from the spec on the meta
+    device, becoming it; memory holds the model plus a few tensors being decoded, never a second copy.
+
     Args:
         path: a ``.dsz`` file, or one already opened by ``format.open_file``.
         map_location: device of the result; default: CPU, or the given model's own device.
         max_expansion, max_memory: bound the decoding, as in ``format.open_file`` (for a path).
+        workers: tensors decoded at once (threads); None = one per CPU.
+        progress: a bar per tensor on a terminal.
 
     Raises:
         every error of ``open_file``; TensorInfoMismatch when the tensors do not fit the model;
@@ -94,20 +131,34 @@ def load(
     """
     file = path if isinstance(path, CompressedFile) else open_file(path, max_expansion=max_expansion,
                                                                    max_memory=max_memory)
-    net = model_for(file, model, trust_factory=trust_factory)
-    tensors = file.with_aliases(file.decode_all())
+    net = model_for(file, model, trust_factory=trust_factory, on_meta=model is None)
     if net is None:
+        tensors = file.with_aliases(file.decode_all())
         return {k: v.to(map_location or "cpu") for k, v in tensors.items()}
     where = f"{file.path}: into the given {type(net).__name__}" if model is not None else \
         f"{file.path}: model {file.model_spec}"
     try:
-        retie(net, file.tied)
-        net.load_state_dict(tensors, strict=True)
+        _fill(net, file, workers, progress)
     except (RuntimeError, ConfigError) as e:
         raise TensorInfoMismatch(f"{where}: tensors do not fit: {e}") from None
     if model is not None:
         return net if map_location is None else net.to(map_location)
     return net.to(map_location or "cpu")
+
+
+def _fill(net: nn.Module, file: CompressedFile, workers: int | None, progress: bool) -> None:
+    """Decode each stored tensor and put it in place: copied into ``net``'s tensor, or assigned where that is
+    on the meta device (a model built there); the aliases of tied weights are tied again."""
+    assign = any(t.is_meta for t in net.state_dict().values())
+    if not assign:  # the aliases share their first name's storage, which the copy fills
+        retie(net, file.tied)
+    names = list(file.encoded)
+    with tensor_progress(f"loading {file.path.name}", len(names), progress) as advance:
+        for name, tensor in zip(names, map_in_order(file.decode, names, workers)):
+            place(net, name, tensor, assign)
+            advance(name)
+    if assign:
+        retie(net, file.tied)
 
 
 def model_for(file: CompressedFile, model: nn.Module | None = None, *, trust_factory: bool = False,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -19,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batchnorm import fold_batchnorms
+from .batchnorm import folded_batchnorms
 from .codecs import AUTO, CODECS, EncodedTensor, Quantized, TensorToStore, codec_of, tensor_coders
 from .codecs.common import StoredFloat, jsonable, stored_float
 from .config import check_bits, check_patterns_match, first_match, pattern_values
 from .errors import ConfigError
 from .layers import as_patterns, tied_weights
-from .parametrizations import fold_zero_centroids, plain_state_dict
+from .parametrizations import PlainTensor, fold_zero_centroids, plain_tensors
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,39 @@ def stored_bytes(encoded: EncodedTensor) -> int:
     return codec_of(encoded).stored_bytes(encoded)
 
 
-def encode_tensor(tensor: TensorToStore, config: EncodeConfig = EncodeConfig()) -> EncodedTensor:
+#: Tensors with fewer elements are encoded by every codec that takes them (the choice is exact); larger
+#: ones skip a codec whose ``estimate_bytes`` shows it cannot be the smallest (``encode_tensor``)
+ESTIMATE_FROM = 1 << 20
+
+
+def encode_tensor(tensor: TensorToStore, config: EncodeConfig = EncodeConfig(), *,
+                  exhaustive: bool = False) -> EncodedTensor:
     """The smallest of every codec's encoding of ``tensor`` (ties go to the codec registered first).
+
+    From ``ESTIMATE_FROM`` elements on (unless ``exhaustive``), the codecs without an estimate are
+    encoded first, and a codec with one (``TensorCodec.estimate_bytes``) only where its low bound does
+    not exceed the smallest size or high bound found: the others cannot be chosen, so the choice is the
+    same, without paying for every coder on every large tensor.
 
     Raises:
         ConfigError: no codec stores it (a dtype the format cannot hold), or bad values (see the codecs).
     """
-    candidates = [c for codec in CODECS.values() if (c := codec.encode(tensor, config)) is not None]
+    codecs = list(CODECS.values())
+    bounds = {}
+    if not exhaustive and _numel(tensor) >= ESTIMATE_FROM:
+        bounds = {c.name: b for c in codecs if (b := c.estimate_bytes(tensor, config)) is not None}
+    encoded = {c.name: c.encode(tensor, config) for c in codecs if c.name not in bounds}
+    best = min([*(stored_bytes(e) for e in encoded.values() if e is not None), *(high for _, high in bounds.values())],
+               default=math.inf)
+    encoded.update({c.name: c.encode(tensor, config) for c in codecs if c.name in bounds and bounds[c.name][0] <= best})
+    candidates = [encoded[c.name] for c in codecs if encoded.get(c.name) is not None]  # registration order
     if not candidates:
         raise ConfigError(f"{tensor.name}: no codec stores a {tensor.values.dtype} tensor with coder {config.coder!r}")
     return min(candidates, key=stored_bytes)  # min keeps the first of equal sizes
+
+
+def _numel(tensor: TensorToStore) -> int:
+    return tensor.quantized.indices.size if tensor.quantized is not None else tensor.values.numel()
 
 
 def encode_weight(
@@ -115,26 +141,58 @@ def encode_model(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dic
     """Encode every tensor of the model's plain state dict: SharedWeights ones coded over their codebooks
     (those that ``config.include``/``exclude`` select), the rest as plain tensors. A tied tensor is encoded
     once, under its first name (``layers.tied_weights`` gives the others). ``config.fold_batchnorm`` folds
-    BatchNorms first (``batchnorm.fold_batchnorms``); the model itself is never modified."""
-    plain, shared = plain_state_dict(model)
+    BatchNorms first (``batchnorm.fold_batchnorms``); the model itself is never modified. Every encoded
+    tensor is held: ``compress.compress_model`` writes them one at a time instead (``model_tensors``)."""
+    return {name: encode_tensor(make(), config) for name, make in model_tensors(model, config).items()}
+
+
+def model_tensors(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> dict[str, Callable[[], TensorToStore]]:
+    """What ``encode_model`` encodes, by name in the plain state dict's order: for each tensor a function
+    that makes its ``TensorToStore`` when called (a parametrized weight is computed then, so a walk
+    holds one at a time). Every check of ``config`` against the model runs here, before any encoding.
+
+    Raises:
+        ConfigError: a pattern of ``config`` matches no quantized weight, or a BatchNorm cannot be folded.
+    """
+    tensors = plain_tensors(model)
     tied = tied_weights(model)
+    shared = [name for name, t in tensors.items() if t.shared is not None]
+    folded = {}
     if config.fold_batchnorm:  # a quantized or tied weight keeps its values: they are not BatchNorm's alone
-        plain = fold_batchnorms(model, plain, skip={*shared, *tied, *tied.values()})
-    coded = _select_coded(list(shared), config)
-    check_patterns_match(config.index_bits_by_pattern, list(shared), "index_bits_by_pattern")
-    encoded: dict[str, EncodedTensor] = {}
-    for name, tensor in plain.items():
-        if name in tied:
-            continue
-        kind, quantized = None, None
-        if name in shared:
-            sw, kind = shared[name]
-            if name in coded:
-                # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
-                centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
-                quantized = Quantized(indices.numpy(), centroids.numpy(), sw.bits)
-        encoded[name] = encode_tensor(TensorToStore(name, tensor.detach().cpu(), kind, quantized), config)
-    return encoded
+        folded = folded_batchnorms(model, _Values(tensors), skip={*shared, *tied, *tied.values()})
+    coded = _select_coded(shared, config)
+    check_patterns_match(config.index_bits_by_pattern, shared, "index_bits_by_pattern")
+    return {name: functools.partial(_to_store, t, folded.get(name), name in coded)
+            for name, t in tensors.items() if name not in tied}
+
+
+def _to_store(tensor: PlainTensor, folded: torch.Tensor | None, coded: bool) -> TensorToStore:
+    values = folded if folded is not None else tensor.value()
+    quantized = None
+    if coded:  # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
+        sw = tensor.shared
+        centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
+        quantized = Quantized(indices.numpy(), centroids.numpy(), sw.bits)
+    return TensorToStore(tensor.name, values.cpu(), tensor.kind if tensor.shared is not None else None, quantized)
+
+
+class _Values(Mapping):
+    """The plain state dict as a mapping that computes a parametrized weight only when it is read."""
+
+    def __init__(self, tensors: dict[str, PlainTensor]):
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name].value()
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def _select_coded(names: list[str], config: EncodeConfig) -> set[str]:

@@ -18,9 +18,13 @@ decode from. ``read_header``, ``read_file`` and ``inspect_file`` are its one-lin
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import shutil
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from .errors import (
     TensorInfoMismatch,
     TrailingBytes,
     UnsupportedVersion,
+    WriteError,
 )
 from .files import atomic_write
 
@@ -105,28 +110,109 @@ def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
         ConfigError: a tensor name is empty, too many tensors, a malformed dataset record, or the spec/meta
             is not JSON (NaN, non-string keys...).
     """
+    _check_header_parts(model_spec, meta, len(tensors))
+    sections: list[bytes] = []
+    payload = _Payload(sections.append)
+    entries = _entries(((name, tensors[name]) for name in sorted(tensors)), payload)
+    return [_header_chunk(entries, payload.crc32, model_spec, meta), *sections]
+
+
+def write_tensors(path: str | os.PathLike, tensors: Iterable[tuple[str, EncodedTensor]], model_spec: dict | None = None,
+                  meta: dict | None = None, *, count: int = 0) -> tuple[Path, int]:
+    """Write ``(name, encoded tensor)`` pairs as they come (in name order, as the file holds them) to ``path``,
+    atomically; returns the path and the bytes of its prefix and header. The same bytes as ``serialize``.
+
+    Each tensor's sections go to a temporary payload as soon as it arrives (in memory up to
+    ``SPOOL_BYTES``, then an unnamed file beside ``path``), so no encoded tensor need be held once
+    written; the header, which states the payload's CRC32 and stream lengths, is written last into the
+    file before the payload is copied behind it. ``count``, when known, is checked against the format's
+    limit before the first tensor comes.
+
+    Raises:
+        ConfigError: as ``serialize``, or names out of order; WriteError: the payload or the file
+            could not be written (no partial file is left).
+    """
+    _check_header_parts(model_spec, meta, count)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; no partial file was left") from e
+    with spool:
+
+        def append(data: bytes) -> None:
+            try:
+                spool.write(data)
+            except OSError as e:
+                raise WriteError(f"cannot write {path}'s payload: {e.strerror or e}; no partial file was left") from e
+
+        payload = _Payload(append)
+        head = _header_chunk(_entries(tensors, payload, ordered=True), payload.crc32, model_spec, meta)
+
+        def write(f) -> None:
+            f.write(head)
+            spool.seek(0)
+            shutil.copyfileobj(spool, f, COPY_BYTES)
+
+        return atomic_write(path, write), len(head)
+
+
+#: ``write_tensors`` keeps this much payload in memory before it spills to a temporary file
+SPOOL_BYTES = 64 << 20
+COPY_BYTES = 4 << 20  # chunks of the payload's copy into the file
+
+
+class _Payload:
+    """The payload as its sections are appended, back to back, with their running CRC32."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.crc32 = 0
+
+    def add(self, data: bytes, stream: bool = False) -> dict:
+        """Append a section; only a stream's length is not derivable from the header."""
+        self.sink(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return {"bytes": len(data)} if stream else {}
+
+
+def _check_header_parts(model_spec: dict | None, meta: dict | None, count: int = 0) -> None:
+    """What the header will hold besides the entries, checked before any tensor is laid out."""
     if model_spec is not None and not isinstance(model_spec, dict):
         raise ConfigError(f"model_spec must be a dict or None, got {type(model_spec).__name__}")
     if meta is not None and not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict or None, got {type(meta).__name__}")
-    if len(tensors) > MAX_TENSORS:
-        raise ConfigError(f"{len(tensors)} tensors exceed the format's limit of {MAX_TENSORS} per file")
+    if count > MAX_TENSORS:
+        raise ConfigError(f"{count} tensors exceed the format's limit of {MAX_TENSORS} per file")
     if meta and DATASET_KEY in meta:  # a reader refuses a file whose record it cannot use: never write one
         check_dataset_record(meta[DATASET_KEY], f"meta {DATASET_KEY!r}", stored=True)
-    sections: list[bytes] = []
+    try:  # before any tensor is encoded; _header_chunk checks the whole header again
+        json.dumps([model_spec, meta], allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model spec, meta or coder params are not plain JSON ({e})") from None
 
-    def add(data: bytes, stream: bool = False) -> dict:
-        """Append a section, back to back; only a stream's length is not derivable from the header."""
-        sections.append(data)
-        return {"bytes": len(data)} if stream else {}
 
+def _entries(tensors: Iterable[tuple[str, EncodedTensor]], payload: _Payload, ordered: bool = False) -> dict[str, dict]:
+    """Each tensor's header entry, its sections appended to ``payload``; ``ordered``: names must arrive sorted."""
     entries: dict[str, dict] = {}
-    for name in sorted(tensors):
+    last = None
+    for name, tensor in tensors:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"tensor names must be non-empty strings, got {name!r}")
-        entries[name] = codec_of(tensors[name], name).entry(name, tensors[name], add)
+        if ordered and last is not None and not last < name:
+            raise ConfigError(f"tensors must come in name order, without repeats: {name!r} after {last!r}")
+        if len(entries) == MAX_TENSORS:
+            raise ConfigError(f"more tensors than the format's limit of {MAX_TENSORS} per file")
+        entries[name] = codec_of(tensor, name).entry(name, tensor, payload.add)
+        last = name
+    return entries
+
+
+def _header_chunk(entries: dict[str, dict], crc32: int, model_spec: dict | None, meta: dict | None) -> bytes:
+    """The fixed prefix and the deflated JSON header."""
     header = {"format": "deepshrink", "version": VERSION, "model": model_spec, "meta": meta or {},
-              "tensors": entries, "payload_crc32": _crc_chunks(sections)}
+              "tensors": entries, "payload_crc32": crc32 & 0xFFFFFFFF}
     try:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -135,20 +221,14 @@ def serialize(tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
         raise ConfigError(f"header of {len(text)} bytes exceeds the format's limit {MAX_HEADER_BYTES}")
     deflate = zlib.compressobj(9, zdict=HEADER_DICTIONARY)
     raw = deflate.compress(text.encode("utf-8")) + deflate.flush()
-    return [_PREFIX.pack(MAGIC, VERSION, FLAG_DEFLATED_HEADER, len(raw)) + raw, *sections]
-
-
-def _crc_chunks(chunks) -> int:
-    crc = 0
-    for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
-    return crc & 0xFFFFFFFF
+    return _PREFIX.pack(MAGIC, VERSION, FLAG_DEFLATED_HEADER, len(raw)) + raw
 
 
 def write_file(path: str | os.PathLike, tensors: dict[str, EncodedTensor], model_spec: dict | None = None,
                meta: dict | None = None) -> Path:
     """Write encoded tensors to ``path`` atomically (temp file + rename); the same input gives the same bytes."""
-    return write_chunks(path, serialize(tensors, model_spec, meta))
+    _check_header_parts(model_spec, meta, len(tensors))
+    return write_tensors(path, ((name, tensors[name]) for name in sorted(tensors)), model_spec, meta)[0]
 
 
 def write_chunks(path: str | os.PathLike, chunks: list[bytes]) -> Path:
@@ -312,7 +392,7 @@ def open_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPAN
     if max_memory is not None and (not is_int(max_memory) or max_memory < 0):
         raise ConfigError(f"max_memory must be a number of bytes >= 0 or None, got {max_memory!r}")
     try:
-        data = path.read_bytes()
+        data = _contents(path)
     except OSError as e:  # not a check on the contents: the base class
         raise FormatError(f"{path}: cannot read file ({e.strerror or e})") from None
     where = str(path)
@@ -382,6 +462,20 @@ def open_file(path: str | os.PathLike, *, max_expansion: int = DEFAULT_MAX_EXPAN
                for name, entry in sorted(header["tensors"].items())}
     return CompressedFile(path, len(data), PREFIX_SIZE + header_len, header, encoded, tied, dataset,
                           {label: (s.begin, s.end) for label, s in spans.items()})
+
+
+#: Files at least this large are memory-mapped, not read: their pages are the page cache's (the kernel
+#: can drop them), not a second copy of the file held by the process; each encoded tensor views them
+MMAP_MIN_BYTES = 16 << 20
+
+
+def _contents(path: Path) -> bytes | mmap.mmap:
+    """The file's bytes: read whole when small, mapped read-only when large. A mapped file truncated by
+    another process while open makes the next access fail with SIGBUS, as any memory-mapped loader does."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < MMAP_MIN_BYTES:
+            return f.read()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _inflate_header(data: bytes, where: str, padded: bool, dictionary: bool) -> bytes:

@@ -282,6 +282,30 @@ def retie(model: nn.Module, tied: dict[str, str]) -> None:
         setattr(alias_module, alias_name, target)
 
 
+def place(model: nn.Module, name: str, tensor: torch.Tensor, assign: bool = False) -> None:
+    """Put ``tensor`` at state-dict entry ``name`` of ``model``: copied into the tensor there (in place), or
+    with ``assign`` made that tensor (in the entry's dtype; a parameter keeps ``requires_grad``): what
+    ``load_state_dict`` does for one entry, through the owning module's own loading, so its hooks run.
+
+    Raises:
+        ConfigError: no module takes ``name``; RuntimeError: ``load_state_dict``'s, e.g. a shape mismatch.
+    """
+    prefix, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        owner = None
+    if owner is not None:
+        current = getattr(owner, attr, None)
+        if assign and isinstance(current, torch.Tensor):
+            tensor = tensor.to(current.dtype)
+        if attr not in owner.load_state_dict({attr: tensor}, strict=False, assign=assign).unexpected_keys:
+            return
+    # a state dict whose keys are not module paths (hooks rename them): the whole model's loading finds it
+    if name in model.load_state_dict({name: tensor}, strict=False, assign=assign).unexpected_keys:
+        raise ConfigError(f"the model's state dict has no entry {name!r} to load into")
+
+
 def as_patterns(value, what: str) -> tuple[str, ...]:
     """Normalise a config's glob list (a str, list or tuple of str; YAML gives lists) to a tuple."""
     if isinstance(value, str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -351,37 +352,63 @@ def restore_compression(
     tie_parametrizations(model)  # tied weights: one mask/codebook object under every name
 
 
+@dataclass(frozen=True)
+class PlainTensor:
+    """One entry of the state dict ``strip(model)`` would give, evaluated only when asked (``value``)."""
+
+    name: str
+    stored: torch.Tensor | None  # a plain parameter or buffer as the model holds it; None: parametrized
+    module: nn.Module | None = None  # a parametrized weight's module and attribute, evaluated by ``value``
+    attribute: str | None = None
+    shared: SharedWeights | None = None  # the weight's last parametrization, where it is SharedWeights
+    kind: str | None = None  # a parametrized weight's layer kind (``layers.weight_kind``)
+
+    def value(self) -> torch.Tensor:
+        """The detached tensor: the stored one itself, or a parametrized weight computed now (a new tensor)."""
+        if self.stored is not None:
+            return self.stored.detach()
+        with torch.no_grad():
+            return getattr(self.module, self.attribute).detach()
+
+
+def plain_tensors(model: nn.Module) -> dict[str, PlainTensor]:
+    """The plain state dict's entries in its order, none evaluated: a walk that holds one tensor at a time.
+
+    Plain parameters and buffers are the model's own tensors (no copy); a parametrized weight is
+    computed by ``PlainTensor.value`` when its turn comes, so no copy of the whole model is made.
+    """
+    state = model.state_dict(keep_vars=True)
+    replaced: dict[str, PlainTensor] = {}  # dropped prefix -> the weight it stands for
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, plist in module.parametrizations.items():
+            fqn = f"{module_name}.{param_name}" if module_name else param_name
+            prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
+            shared = plist[-1] if isinstance(plist[-1], SharedWeights) else None
+            replaced[prefix] = PlainTensor(fqn, None, module, param_name, shared, weight_kind(module, param_name))
+    plain: dict[str, PlainTensor] = {}
+    for key, value in state.items():
+        prefix = next((p for p in replaced if key.startswith(p)), None)
+        if prefix is None:
+            plain[key] = PlainTensor(key, value)
+        else:
+            plain.setdefault(replaced[prefix].name, replaced[prefix])
+    return plain
+
+
 def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[SharedWeights, str]]]:
-    """The state dict ``strip(model)`` would give, computed without touching the model.
+    """The state dict ``strip(model)`` would give, computed without touching the model (every parametrized
+    weight evaluated: a copy of each; ``plain_tensors`` walks them one at a time instead).
 
     Returns:
         (state, shared): ``state`` maps plain names ("fc1.weight") to detached tensors, parametrized
         weights evaluated; ``shared`` maps the names whose last parametrization is ``SharedWeights``
         to (that parametrization, layer kind).
     """
-    state = model.state_dict()
-    replaced: dict[str, tuple[str, torch.Tensor]] = {}  # dropped prefix -> (plain name, value)
-    shared: dict[str, tuple[SharedWeights, str]] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for param_name, plist in module.parametrizations.items():
-            kind = weight_kind(module, param_name)
-            fqn = f"{module_name}.{param_name}" if module_name else param_name
-            prefix = f"{module_name}.parametrizations.{param_name}.".lstrip(".")
-            with torch.no_grad():
-                replaced[prefix] = (fqn, getattr(module, param_name).detach())
-            if isinstance(plist[-1], SharedWeights):
-                shared[fqn] = (plist[-1], kind)
-    plain: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in replaced if key.startswith(p)), None)
-        if prefix is None:
-            plain[key] = value.detach()
-        else:
-            fqn, weight = replaced[prefix]
-            plain.setdefault(fqn, weight)
-    return plain, shared
+    tensors = plain_tensors(model)
+    plain = {name: t.value() for name, t in tensors.items()}
+    return plain, {name: (t.shared, t.kind) for name, t in tensors.items() if t.shared is not None}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ A codec is a class in its own module, registered with ``@register_codec``. It pa
 (`TensorCodec`): whether and how it stores a given tensor (``encode``, which ``encode.py`` asks of every
 codec, keeping the smallest answer), its header entry and payload sections, the loader's checks of
 that entry before anything is decoded, a view of the file's bytes, the decoded array, and its bytes
-for choosing and accounting. ``format.py`` lays entries out and knows no codec by name; a new codec is
+for choosing (optionally estimated first, ``estimate_bytes``) and accounting. ``format.py`` lays entries out and knows no codec by name; a new codec is
 one module here, and a test registers one from outside the package (``tests/test_registries.py``).
 
 Built in: ``raw`` and ``constant`` (``raw.py``), ``deep_compression`` (the paper's relative indices and
@@ -96,6 +96,12 @@ class TensorCodec:
         """This codec's encoding of ``tensor`` under ``config`` (an ``encode.EncodeConfig``), or None where it
         cannot store the tensor or ``config`` does not ask for it. The smallest answer is written."""
         raise NotImplementedError
+
+    def estimate_bytes(self, tensor: TensorToStore, config: Any) -> tuple[float, float] | None:
+        """Optional: bounds (low, high) on the ``stored_bytes`` of what ``encode`` would return, found for
+        much less than encoding; None (the default) where there are none, and the tensor is encoded.
+        For a large tensor ``encode.encode_tensor`` skips a codec whose low bound exceeds another's size."""
+        return None
 
     def entry(self, name: str, tensor: Any, add: AddSection) -> dict:
         """Tensor ``name``'s header entry, its bytes appended with ``add``."""

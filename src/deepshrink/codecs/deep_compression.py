@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
@@ -32,8 +33,8 @@ class CodedTensor:
     codebook: np.ndarray  # (K,) float32 or float16: the value of cluster symbol s is codebook[s]
     num_nonzero: int  # symbols in the weights stream
     num_entries: int  # symbols in the positions stream (non-zeros + fillers)
-    weights_stream: bytes
-    positions_stream: bytes
+    weights_stream: bytes | memoryview  # a file's tensor views its bytes
+    positions_stream: bytes | memoryview
     coder_params: dict = field(default_factory=dict)  # {"weights": {...}, "positions": {...}}
     # Shannon entropy of each stream's symbols, in bits: known when encoding, None for a tensor read
     # from a file (accounting then decodes the streams to measure it)
@@ -111,27 +112,79 @@ def encode_quantized(
     Raises:
         ConfigError: bad bits/index_bits/coder/dtype, or an index outside 0..K.
     """
+    return encode_with_coders(indices, codebook, bits, index_bits, (coder,), codebook_dtype, where)[0]
+
+
+def encode_with_coders(
+    indices: np.ndarray, codebook: np.ndarray, bits: int, index_bits: int, coders: tuple[str, ...],
+    codebook_dtype: str = "float32", where: str = "tensor",
+) -> list[CodedTensor]:
+    """``encode_quantized`` with each of ``coders``, the symbol streams made once (see ``symbol_streams``)."""
     where = where or "tensor"
     check_bits(index_bits, f"{where}: index_bits")
-    if coder not in CODERS:
-        raise ConfigError(f"{where}: unknown coder {coder!r}; valid: {', '.join(sorted(CODERS))}")
+    unknown = next((c for c in coders if c not in CODERS), None)
+    if unknown is not None:
+        raise ConfigError(f"{where}: unknown coder {unknown!r}; valid: {', '.join(sorted(CODERS))}")
     indices, codebook, codebook_dtype = check_quantized(indices, codebook, bits, codebook_dtype, where)
     num_centroids = len(codebook)
-    flat = indices.reshape(-1)  # C order
-    positions = np.flatnonzero(flat)
-    symbols = flat[positions].astype(np.int64) - 1
-    entries = positions_to_entries(positions, index_bits)
-    codec = get_coder(coder)
-    weights_stream, weights_params = _encode_stream(codec, symbols.astype(np.uint32), num_centroids)
-    positions_stream, positions_params = _encode_stream(codec, entries, 1 << index_bits)
-    return CodedTensor(
-        shape=tuple(int(d) for d in indices.shape), bits=int(bits), index_bits=int(index_bits), coder=coder,
-        codebook=codebook.astype(DTYPES[codebook_dtype][0]), num_nonzero=len(symbols), num_entries=len(entries),
-        weights_stream=weights_stream, positions_stream=positions_stream,
-        coder_params={"weights": weights_params, "positions": positions_params},
-        weights_entropy_bits=entropy_bits(symbols.astype(np.uint32), num_centroids) if len(symbols) else 0.0,
-        positions_entropy_bits=entropy_bits(entries, 1 << index_bits) if len(entries) else 0.0,
-    )
+    symbols, entries = symbol_streams(indices, index_bits)
+    weights_entropy = entropy_bits(symbols, num_centroids) if len(symbols) else 0.0
+    positions_entropy = entropy_bits(entries, 1 << index_bits) if len(entries) else 0.0
+    coded = []
+    for coder in coders:
+        codec = get_coder(coder)
+        weights_stream, weights_params = _encode_stream(codec, symbols, num_centroids)
+        positions_stream, positions_params = _encode_stream(codec, entries, 1 << index_bits)
+        coded.append(CodedTensor(
+            shape=tuple(int(d) for d in indices.shape), bits=int(bits), index_bits=int(index_bits), coder=coder,
+            codebook=codebook.astype(DTYPES[codebook_dtype][0]), num_nonzero=len(symbols), num_entries=len(entries),
+            weights_stream=weights_stream, positions_stream=positions_stream,
+            coder_params={"weights": weights_params, "positions": positions_params},
+            weights_entropy_bits=weights_entropy, positions_entropy_bits=positions_entropy,
+        ))
+    return coded
+
+
+def symbol_streams(indices: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster symbols ``index - 1`` of the non-zeros in C order, their ``positions_to_entries``), both
+    uint32, in one pass over the indices (no positions array: a few bytes per non-zero in all)."""
+    flat = np.ascontiguousarray(indices).reshape(-1)
+    filler = (1 << index_bits) - 1
+    num_nonzero, num_entries = _count_streams(flat, filler)
+    symbols = np.empty(num_nonzero, dtype=np.uint32)
+    entries = np.empty(num_entries, dtype=np.uint32)
+    _fill_streams(flat, filler, symbols, entries)
+    return symbols, entries
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_streams(flat, filler):
+    nonzero = entries = 0
+    last = -1
+    for i in range(flat.shape[0]):
+        if flat[i] != 0:
+            entries += (i - last - 1) // filler + 1
+            nonzero += 1
+            last = i
+    return nonzero, entries
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_streams(flat, filler, symbols, entries):
+    """``positions_to_entries`` of the non-zeros' positions, and their symbols, written as they are met."""
+    s = e = 0
+    last = -1
+    for i in range(flat.shape[0]):
+        if flat[i] != 0:
+            run = i - last - 1
+            for _ in range(run // filler):
+                entries[e] = filler
+                e += 1
+            entries[e] = run % filler
+            e += 1
+            symbols[s] = flat[i] - 1
+            s += 1
+            last = i
 
 
 def _encode_stream(codec, symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, dict]:
@@ -223,11 +276,13 @@ class DeepCompressionCodec(TensorCodec):
             return None
         names = [config.coder] if config.coder in CODERS else (
             sorted(CODERS, key=lambda n: (n != "huffman", n)) if config.coder == AUTO else [])
+        if not names:
+            return None
         q = tensor.quantized
         index_bits = config.index_bits_for(tensor.name, tensor.kind)
-        candidates = [encode_quantized(q.indices, q.codebook, q.bits, index_bits, coder, config.codebook_dtype,
-                                       tensor.name) for coder in names]
-        return min(candidates, key=self.stored_bytes, default=None)  # min keeps the first of equal sizes
+        candidates = encode_with_coders(q.indices, q.codebook, q.bits, index_bits, tuple(names), config.codebook_dtype,
+                                        tensor.name)
+        return min(candidates, key=self.stored_bytes)  # min keeps the first of equal sizes
 
     def entry(self, name: str, tensor: CodedTensor, add) -> dict:
         return {
@@ -271,8 +326,8 @@ class DeepCompressionCodec(TensorCodec):
         return CodedTensor(
             shape=tuple(entry["shape"]), bits=entry["bits"], index_bits=entry["index_bits"], coder=entry["coder"],
             codebook=codebook_view(name, entry, span), num_nonzero=entry["num_nonzero"],
-            num_entries=entry["num_entries"], weights_stream=bytes(span(f"{name}/weights_stream")),
-            positions_stream=bytes(span(f"{name}/positions_stream")), coder_params=entry["coder_params"],
+            num_entries=entry["num_entries"], weights_stream=span(f"{name}/weights_stream"),
+            positions_stream=span(f"{name}/positions_stream"), coder_params=entry["coder_params"],
         )
 
     def decode(self, tensor: CodedTensor, where: str) -> np.ndarray:

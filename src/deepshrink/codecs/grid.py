@@ -31,7 +31,7 @@ class GridTensor:
     shape: tuple[int, ...]
     step: float  # > 0, a float32 value
     num_nonzero: int  # non-zero levels
-    stream: bytes
+    stream: bytes | memoryview  # a file's tensor views its bytes
     coder_params: dict  # deepshrink.coding.level_coder params
     levels_entropy_bits: float | None = None  # as CabacTensor's
 
@@ -114,7 +114,7 @@ class GridCodec(TensorCodec):
 
     def view(self, name: str, entry: dict, span, at: str) -> GridTensor:
         return GridTensor(shape=tuple(entry["shape"]), step=entry["step"], num_nonzero=entry["num_nonzero"],
-                          stream=bytes(span(f"{name}/levels_stream")), coder_params=entry["coder_params"])
+                          stream=span(f"{name}/levels_stream"), coder_params=entry["coder_params"])
 
     def decode(self, tensor: GridTensor, where: str) -> np.ndarray:
         return decode_grid(tensor, where)
