@@ -167,13 +167,16 @@ def model_tensors(model: nn.Module, config: EncodeConfig = EncodeConfig()) -> di
 
 
 def _to_store(tensor: PlainTensor, folded: torch.Tensor | None, coded: bool) -> TensorToStore:
-    values = folded if folded is not None else tensor.value()
     quantized = None
     if coded:  # a centroid trained onto exactly 0 codes its weights as pruned: same values, fewer bits
         sw = tensor.shared
         centroids, indices = fold_zero_centroids(sw.centroids.detach().cpu().float(), sw.indices.detach().cpu())
         quantized = Quantized(indices.numpy(), centroids.numpy(), sw.bits)
-    return TensorToStore(tensor.name, values.cpu(), tensor.kind if tensor.shared is not None else None, quantized)
+    if folded is not None:
+        values = folded.cpu()
+    else:  # computed if a codec reads them: those of a weight coded over its codebook do not
+        values = functools.partial(lambda t: t.value().cpu(), tensor)
+    return TensorToStore(tensor.name, values, tensor.kind if tensor.shared is not None else None, quantized)
 
 
 class _Values(Mapping):

@@ -172,10 +172,10 @@ CENTROID_INITS: dict[CentroidInit, Callable[[_SortedValues, int, np.random.Gener
 }
 
 
-def _sorted_values(values: np.ndarray) -> tuple[np.ndarray, _SortedValues]:
-    # sort in the input dtype (float32 sorts ~2x faster), then widen: float32 -> float64 is exact
-    sorted_native = np.sort(values)
-    return sorted_native, _SortedValues(sorted_native.astype(np.float64))
+def sorted_float64(values: np.ndarray) -> np.ndarray:
+    """``values`` sorted, as float64: sorted in their own dtype (float32 sorts ~2x faster), then widened
+    (float32 -> float64 is exact). What ``kmeans_sorted`` takes; the native copy is freed at once."""
+    return np.sort(values).astype(np.float64)
 
 
 def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.ndarray:
@@ -197,8 +197,7 @@ def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.n
     values = check_values(values)
     k = check_k(k)
     method = CentroidInit(enum_value(CentroidInit, init, "centroid init"))
-    _, sv = _sorted_values(values)
-    return CENTROID_INITS[method](sv, k, np.random.default_rng(seed))
+    return CENTROID_INITS[method](_SortedValues(sorted_float64(values)), k, np.random.default_rng(seed))
 
 
 def _split_largest(sv: _SortedValues, bounds: np.ndarray, k: int) -> np.ndarray:
@@ -311,6 +310,26 @@ def kmeans_1d(
         ConfigError: empty or non-finite values, k < 1, unknown init, max_iter < 1, tol < 0.
     """
     values = check_values(values)
+    centers, thresholds = kmeans_sorted(sorted_float64(values), k, init, seed=seed, max_iter=max_iter, tol=tol)
+    return centers, kmeans_labels(values, thresholds)
+
+
+def kmeans_sorted(
+    x: np.ndarray,
+    k: int,
+    init: str = "linear",
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``kmeans_1d`` on values already sorted (``sorted_float64``): its centroids, and the thresholds that
+    give each value its label (``kmeans_labels``), so that the values themselves need not be held
+    while it runs (a large layer labels them in chunks afterwards).
+
+    Raises:
+        ConfigError: k < 1, unknown init, max_iter < 1, tol < 0 (the values are not checked again).
+    """
     k = check_k(k)
     method = CentroidInit(enum_value(CentroidInit, init, "centroid init"))
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
@@ -318,12 +337,12 @@ def kmeans_1d(
     if not (isinstance(tol, numbers.Real) and tol >= 0):
         raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
 
-    sorted_native, sv = _sorted_values(values)
+    sv = _SortedValues(x)
     # a strided sample with more than k distinct values settles it without a pass over all n
-    if _distinct(sorted_native[:: max(1, sv.n // (4 * k))]).size <= k:
-        distinct = _distinct(sorted_native)
+    if _distinct(x[:: max(1, sv.n // (4 * k))]).size <= k:
+        distinct = _distinct(x)
         if distinct.size <= k:
-            return distinct.astype(np.float64), _labels(values, distinct[:-1])
+            return distinct, distinct[:-1]
 
     mean = sv.s1[-1] / sv.n
     variance = float(np.dot(sv.x, sv.x)) / sv.n - mean * mean  # one fast pass; exact enough unless |mean| >> std
@@ -344,5 +363,10 @@ def kmeans_1d(
         if shift <= tol_abs:
             break
     bounds = _complete(sv, sv.assign(centers), centers, k)
-    centers = sv.means(bounds)
-    return centers, _labels(values, sorted_native[bounds[1:-1] - 1])
+    return sv.means(bounds), x[bounds[1:-1] - 1]
+
+
+def kmeans_labels(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Each value's cluster: the number of ``thresholds`` (``kmeans_sorted``'s) strictly below it (uint8
+    for up to 128 thresholds, else intp)."""
+    return _labels(values, thresholds)

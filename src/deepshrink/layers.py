@@ -326,7 +326,8 @@ def resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         raise ConfigError(f"model has no module {module_name!r} (from weight {fqn!r})") from None
-    if not hasattr(module, param_name):
+    # a parametrized tensor is a property that computes the whole weight: ask without reading it
+    if not (parametrize.is_parametrized(module, param_name) or hasattr(module, param_name)):
         raise ConfigError(f"module {module_name!r} has no tensor {param_name!r}")
     return module, param_name
 

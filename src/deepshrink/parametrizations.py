@@ -37,9 +37,10 @@ class Masked(nn.Module):
 
     kind = "masked"
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, copy: bool = True):
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool, copy=True))  # never alias the caller's tensor
+        # never alias the caller's tensor, unless told it is ours (``prune_model``'s own masks: no second copy)
+        self.register_buffer("mask", mask.to(torch.bool, copy=copy))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # where, not multiply: exact zeros even when the original holds inf/nan
@@ -115,9 +116,10 @@ class SharedWeights(nn.Module):
             # counts follow the indices buffer (e.g. after load_state_dict); identity on the values
             scale = 1.0 / self.member_counts().clamp_min(1).to(centroids.dtype)
             centroids = _ScaleGrad.apply(centroids, scale)
-        # index_select's backward is a scatter-add: each centroid's grad is the SUM of its weights' grads
+        # index_select's backward is a scatter-add: each centroid's grad is the SUM of its weights' grads.
+        # int32 indices: half the temporary of int64 ones, the same gather
         codebook = torch.cat([centroids.new_zeros(1), centroids])
-        flat = codebook.index_select(0, self.indices.reshape(-1).long())
+        flat = codebook.index_select(0, self.indices.reshape(-1).int())
         return flat.view(self.indices.shape).to(weight.dtype)
 
     def extra_repr(self) -> str:

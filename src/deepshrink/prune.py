@@ -123,12 +123,31 @@ def _check_scores(t: torch.Tensor, prev_mask: torch.Tensor | None, what: str) ->
     """Real dtype, and finite wherever the entry is still alive (pruned entries may hold anything)."""
     if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
         raise ConfigError(f"{what} must be a real-valued tensor, got dtype {t.dtype}")
-    if t.is_floating_point():
-        bad = ~torch.isfinite(t)
-        if prev_mask is not None:
-            bad &= prev_mask
-        if bad.any():
-            raise ConfigError(f"{what} holds {int(bad.sum())} NaN/inf values; magnitudes cannot be ranked")
+    bad = _count_nonfinite(t, prev_mask)
+    if bad:
+        raise ConfigError(f"{what} holds {bad} NaN/inf values; magnitudes cannot be ranked")
+
+
+#: Elements ranked or checked at a time: the temporaries of a large layer stay a few of these
+_CHUNK = 1 << 22
+
+
+def _flat_chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Views of ``t`` flattened, ``_CHUNK`` elements each (a copy only where ``t`` is not contiguous)."""
+    flat = t.reshape(-1)
+    return [flat[start:start + _CHUNK] for start in range(0, flat.numel(), _CHUNK)]
+
+
+def _count_nonfinite(t: torch.Tensor, alive: torch.Tensor | None = None) -> int:
+    """NaN/inf entries of ``t`` where ``alive`` (all when None), counted a chunk at a time."""
+    if not t.is_floating_point():
+        return 0
+    masks = [None] * len(_flat_chunks(t)) if alive is None else _flat_chunks(alive)
+    bad = 0
+    for values, mask in zip(_flat_chunks(t), masks):
+        nonfinite = ~torch.isfinite(values)
+        bad += int(torch.count_nonzero(nonfinite if mask is None else nonfinite & mask))
+    return bad
 
 
 def _check_like(t: torch.Tensor | None, weight: torch.Tensor, what: str, dtype: torch.dtype | None = None):
@@ -261,12 +280,16 @@ def global_masks(
         ranked.append((sc.detach(), prev_masks.get(name)))
 
     total = sum(w.numel() for w in weights.values())
-    already = sum(int((~m).sum()) for _, m in ranked if m is not None)
+    already = sum(m.numel() - int(torch.count_nonzero(m)) for _, m in ranked if m is not None)
     to_prune = max(0, round(q / 100 * total) - already)
     if to_prune and already > 0:
         logger.debug("%d entries already pruned; pruning %d more", already, to_prune)
-    prune = _smallest(ranked, to_prune)
-    return {name: (~p if m is None else m & ~p) for name, (_, m), p in zip(weights, ranked, prune)}
+    keep = _smallest(ranked, to_prune)
+    for (_, m), mask in zip(ranked, keep):  # in place: the pruned marks become the keep mask
+        torch.logical_not(mask, out=mask)
+        if m is not None:
+            mask &= m
+    return dict(zip(weights, keep))
 
 
 # --- exact k-smallest selection without concatenation ---------------------------------------------
@@ -281,38 +304,44 @@ def _magnitude_keys(scores: torch.Tensor, key_dtype: torch.dtype) -> torch.Tenso
 
 
 def _smallest(ranked: list[tuple[torch.Tensor, torch.Tensor | None]], k: int) -> list[torch.Tensor]:
-    """Bool masks marking the ``k`` smallest magnitudes among kept entries, ties by (layer, flat index)."""
+    """Bool masks marking the ``k`` smallest magnitudes among kept entries, ties by (layer, flat index).
+
+    Every pass goes a chunk of ``_CHUNK`` elements at a time (chunks in layer, then index order), so its
+    temporaries stay a few chunks whatever the layers' sizes."""
     prune = [torch.zeros(sc.shape, dtype=torch.bool, device=sc.device) for sc, _ in ranked]
     if k <= 0:
         return prune
     # float64 keys only when some input needs them; float16/bfloat16/int widen exactly to float32
     key_dtype = torch.int64 if any(sc.dtype == torch.float64 for sc, _ in ranked) else torch.int32
-    kept_count = sum(sc.numel() if m is None else int(m.sum()) for sc, m in ranked)
+    kept_count = sum(sc.numel() if m is None else int(torch.count_nonzero(m)) for sc, m in ranked)
     if k >= kept_count:
         return [torch.ones_like(p) if m is None else m.clone() for p, (_, m) in zip(prune, ranked)]
+    # (scores, mask or None, the output's view) of each chunk
+    chunks = [(sc_part, m_part, out_part) for (sc, m), out in zip(ranked, prune)
+              for sc_part, m_part, out_part in zip(_flat_chunks(sc), _flat_chunks(m) if m is not None else
+                                                   [None] * len(_flat_chunks(sc)), _flat_chunks(out))]
 
     def kept_keys(i: int) -> torch.Tensor:
-        sc, m = ranked[i]
+        sc, m, _ = chunks[i]
         keys = _magnitude_keys(sc, key_dtype)
-        return keys if m is None else keys[m.reshape(-1)]
+        return keys if m is None else keys[m]
 
-    threshold = _kth_smallest_key(kept_keys, len(ranked), k, 32 if key_dtype == torch.int32 else 64)
+    threshold = _kth_smallest_key(kept_keys, len(chunks), k, 32 if key_dtype == torch.int32 else 64)
     remaining = k
-    for i, (sc, m) in enumerate(ranked):
-        keys = _magnitude_keys(sc, key_dtype)
-        below = keys < threshold
+    for sc, m, out in chunks:
+        below = _magnitude_keys(sc, key_dtype) < threshold
         if m is not None:
-            below &= m.reshape(-1)
-        prune[i].view(-1).copy_(below)
-        remaining -= int(below.sum())
-    for i, (sc, m) in enumerate(ranked):  # the threshold value itself: first entries by (layer, index)
+            below &= m
+        out.copy_(below)
+        remaining -= int(torch.count_nonzero(below))
+    for sc, m, out in chunks:  # the threshold value itself: first entries by (layer, index)
         if remaining == 0:
             break
         at = _magnitude_keys(sc, key_dtype) == threshold
         if m is not None:
-            at &= m.reshape(-1)
+            at &= m
         idx = at.nonzero().reshape(-1)[:remaining]
-        prune[i].view(-1)[idx] = True
+        out[idx] = True
         remaining -= idx.numel()
     return prune
 
@@ -433,7 +462,8 @@ def prune_model(
         scores: optional ``{fqn: importance scores}`` ranking some weights instead of their magnitudes.
 
     Returns:
-        ``{fqn: bool mask}`` for every selected weight (True = keep), in module order.
+        ``{fqn: bool mask}`` for every selected weight (True = keep), in module order: the masks the model
+        now holds where a weight had none (no copy is made; clone one before changing it).
 
     Raises:
         ConfigError: a selected weight is quantized, holds NaN/inf, a pattern matches nothing, bad scores.
@@ -458,9 +488,8 @@ def prune_model(
         module, name = resolve(model, fqn)
         _refuse_quantized(fqn, parametrizations_of(module, name))
         weight, mask = _ranking_view(module, name)
-        alive = weight if mask is None else weight[mask]
-        if weight.is_floating_point() and not torch.isfinite(alive).all():
-            bad = int((~torch.isfinite(alive)).sum())
+        bad = _count_nonfinite(weight, mask)
+        if bad:
             raise ConfigError(f"{fqn}: {bad} of {weight.numel()} weights are NaN/inf; they cannot be ranked")
         views[fqn] = (weight, mask)
 
@@ -487,17 +516,18 @@ def prune_model(
 
     undo: list[Callable[[], None]] = []
     try:
-        for fqn, mask in new.items():
+        for fqn, mask in new.items():  # masks made here: the model takes them as they are, no copy
             undo.append(_apply_mask(model, fqn, mask))
     except BaseException:
         for step in reversed(undo):
             step()
         raise
     tie_parametrizations(model)
+    kept_by_layer = {fqn: int(torch.count_nonzero(mask)) for fqn, mask in new.items()}  # no int64 copy of a mask
     for fqn, mask in new.items():
-        logger.debug("pruned %s: sparsity %.4f", fqn, 1 - mask.float().mean().item())
+        logger.debug("pruned %s: sparsity %.4f", fqn, 1 - kept_by_layer[fqn] / max(mask.numel(), 1))
     total = sum(m.numel() for m in new.values())
-    kept = sum(int(m.sum()) for m in new.values())
+    kept = sum(kept_by_layer.values())
     logger.info("pruned %d weights (%s): sparsity %.4f", len(new), rule.name, 1 - kept / max(total, 1))
     return new
 
@@ -511,12 +541,13 @@ def apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> None:
     Raises:
         ConfigError: unknown ``fqn``, a non-bool mask, a shape mismatch, or a quantized weight.
     """
-    _apply_mask(model, fqn, mask)
+    _apply_mask(model, fqn, mask.clone() if isinstance(mask, torch.Tensor) else mask)
     tie_parametrizations(model)
 
 
 def _apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> Callable[[], None]:
-    """apply_mask that returns a function undoing it (prune_model rolls back several layers)."""
+    """apply_mask that returns a function undoing it (prune_model rolls back several layers). A new
+    ``Masked`` holds ``mask`` itself (moved to the weight's device), not a copy: the caller's is a copy."""
     module, name = resolve(model, fqn)
     if not isinstance(mask, torch.Tensor):
         raise ConfigError(f"{fqn}: mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -537,7 +568,8 @@ def _apply_mask(model: nn.Module, fqn: str, mask: torch.Tensor) -> Callable[[], 
 
     device = module.parametrizations[name].original.device if plist else getattr(module, name).device
     try:
-        parametrize.register_parametrization(module, name, Masked(mask.to(device, copy=True)))
+        # unsafe: no trial forward (a copy of the weight) to learn what the checked shape already says
+        parametrize.register_parametrization(module, name, Masked(mask.to(device), copy=False), unsafe=True)
     except Exception as e:
         _drop_last_parametrization(module, name, len(plist))
         raise ConfigError(f"{fqn}: cannot attach a mask ({type(e).__name__}: {e})") from None
@@ -570,7 +602,7 @@ def zero_pruned_(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
             for value in optimizer.state.get(original, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == original.shape:
                     value.masked_fill_(pruned, 0)
-        logger.debug("zeroed %d pruned entries of %s", int(pruned.sum()), fqn)
+        logger.debug("zeroed %d pruned entries of %s", int(torch.count_nonzero(pruned)), fqn)
 
 
 @torch.no_grad()
@@ -581,5 +613,5 @@ def sparsity(model: nn.Module, include: Sequence[str] | None = None) -> float:
         module, name = resolve(model, ref.fqn)
         w = getattr(module, name)
         total += w.numel()
-        zeros += int((w == 0).sum())
+        zeros += w.numel() - int(torch.count_nonzero(w))
     return zeros / total if total else 0.0

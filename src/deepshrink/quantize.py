@@ -35,8 +35,9 @@ from .config import check_bits, check_lam, check_patterns_match, enum_value, fir
 from .errors import ConfigError
 from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights,
                      tie_parametrizations)
-from .parametrizations import GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype, shared_weights_of
-from .kmeans import CentroidInit, kmeans_1d
+from .parametrizations import (GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype,
+                               parametrizations_of, shared_weights_of)
+from .kmeans import CentroidInit, check_values, kmeans_labels, kmeans_sorted, sorted_float64
 from .quantizers import QuantizeMethod, dependent_1d, ecsq_1d, uniform_1d
 
 logger = logging.getLogger(__name__)
@@ -135,43 +136,94 @@ def quantize_weight(
     bits = check_bits(bits)
     method = QuantizeMethod(enum_value(QuantizeMethod, method, "quantization method"))
     flat = weight.detach().reshape(-1).to("cpu", torch.float32)
-    keep = flat != 0
-    values = flat[keep].numpy()
+    centroids, indices = _quantize_flat(flat, flat != 0, tuple(weight.shape), bits, init, seed, max_iter, method, lam,
+                                        importance)
+    return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
+
+
+#: Elements handled at a time where a whole layer's temporaries would be several bytes per weight
+#: (labels, the error of the quantized weights); a layer this small is done in one piece, as ever
+CHUNK = 1 << 22
+
+
+def _quantize_flat(flat: torch.Tensor, keep: torch.Tensor, shape: tuple[int, ...], bits: int, init: str, seed: int,
+                   max_iter: int, method: QuantizeMethod, lam: float, importance: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight`` of a flat CPU float32 weight whose non-zero entries are where ``keep`` is true
+    (elsewhere ``flat`` may hold anything: a masked weight's pruned originals). Indices are flat, CPU."""
+    keep_np, flat_np = keep.numpy(), flat.numpy()
     h = None
     if importance is not None:
-        if tuple(importance.shape) != tuple(weight.shape):
-            raise ConfigError(f"importance has shape {tuple(importance.shape)}, the weight {tuple(weight.shape)}")
-        h = importance.detach().reshape(-1).to("cpu", torch.float64)[keep].numpy()
-    zeros = int(flat.numel() - values.size)
-    if values.size == 0:
+        if tuple(importance.shape) != shape:
+            raise ConfigError(f"importance has shape {tuple(importance.shape)}, the weight {shape}")
+        h = importance.detach().reshape(-1).to("cpu", torch.float64).numpy()[keep_np]
+    kept = int(np.count_nonzero(keep_np))
+    zeros = flat_np.size - kept
+    labels = None  # k-means labels the values chunk by chunk, as it writes the indices
+    if kept == 0:
         levels, labels = np.zeros(0), np.zeros(0, dtype=np.intp)
     elif method is QuantizeMethod.KMEANS:
-        levels, labels = kmeans_1d(values, 2**bits, init, seed=seed, max_iter=max_iter)
+        values = check_values(flat_np[keep_np])
+        x = sorted_float64(values)
+        del values  # only the sorted copy while k-means runs; the values are read again to label them
+        levels, thresholds = kmeans_sorted(x, 2**bits, init, seed=seed, max_iter=max_iter)
+        del x
     elif method is QuantizeMethod.ECSQ:
-        levels, labels = ecsq_1d(values, 2**bits, lam, h, init=init, iters=max_iter, seed=seed, zeros=zeros)
+        levels, labels = ecsq_1d(flat_np[keep_np], 2**bits, lam, h, init=init, iters=max_iter, seed=seed, zeros=zeros)
     elif method is QuantizeMethod.DQ:
         # the trellis runs over the whole tensor in scan order (pruned zeros included: the state machine
         # moves through them); the codebook is every grid level between the extremes in index order, so
         # that a weight's index gives back its level j and the coder can follow the state machine
         full_h = None if importance is None else importance.detach().reshape(-1).to("cpu", torch.float64).numpy()
-        step, j = dependent_1d(flat.numpy(), max(2, 2**bits - 2), lam, full_h, row_length=row_length_of(weight.shape),
-                               iters=min(max_iter, 4))
+        step, j = dependent_1d(np.where(keep_np, flat_np, np.float32(0)), max(2, 2**bits - 2), lam, full_h,
+                               row_length=row_length_of(shape), iters=min(max_iter, 4))
         grid = np.arange(int(j.min()), int(j.max()) + 1)
         levels = grid * step
-        labels = (j - grid[0])[keep.numpy()]
+        labels = (j - grid[0])[keep_np]
     else:
         # 2^bits - 2 non-zero levels (+-L): with the zero level, indices still fit in ``bits`` bits
-        step, q = uniform_1d(values, max(2, 2**bits - 2), lam, h, iters=max_iter, zeros=zeros)
+        step, q = uniform_1d(flat_np[keep_np], max(2, 2**bits - 2), lam, h, iters=max_iter, zeros=zeros)
         ints, labels = np.unique(q, return_inverse=True)
         levels = ints * step
     # levels exactly 0.0 (the zero level) become index 0; the others 1..K in sorted order
     nonzero_level = levels != 0 if method is not QuantizeMethod.KMEANS else np.ones(levels.size, dtype=bool)
-    renumber = np.where(nonzero_level, np.cumsum(nonzero_level), 0)
     centroids = torch.from_numpy(levels[nonzero_level]).float()
-    indices = torch.zeros(flat.numel(), dtype=index_dtype(centroids.numel()))
-    indices[keep] = torch.from_numpy(renumber[np.asarray(labels, dtype=np.intp)]).to(indices.dtype)
-    centroids, indices = fold_zero_centroids(centroids, indices)
-    return centroids.to(weight.device), indices.view(weight.shape).to(weight.device)
+    indices = torch.zeros(flat_np.size, dtype=index_dtype(centroids.numel()))
+    renumber = np.where(nonzero_level, np.cumsum(nonzero_level), 0).astype(indices.numpy().dtype)
+    out, done = indices.numpy(), 0
+    for start in range(0, flat_np.size, CHUNK):  # k-means never holds a label array of the whole layer
+        part = slice(start, start + CHUNK)
+        chunk_keep = keep_np[part]
+        if labels is None:
+            chunk_labels = kmeans_labels(flat_np[part][chunk_keep], thresholds)
+        else:
+            chunk_labels = labels[done:done + int(np.count_nonzero(chunk_keep))]
+        out[part][chunk_keep] = renumber[chunk_labels]
+        done += chunk_labels.size
+    return fold_zero_centroids(centroids, indices)
+
+
+def _layer_info(flat: torch.Tensor, keep: torch.Tensor, indices: torch.Tensor, centroids: torch.Tensor,
+                bits: int) -> dict:
+    """What ``quantize_model`` reports of a layer: mse over the weights that were non-zero, counts."""
+    codebook = torch.cat([centroids.new_zeros(1), centroids]).double()
+    nonzero = int(torch.count_nonzero(indices))
+    if flat.numel() <= CHUNK:
+        err = codebook[indices.long()][keep] - flat.double()[keep]
+        mse = float(err.square().mean()) if err.numel() else 0.0
+        zeroed = int(torch.count_nonzero(keep & (indices == 0)))
+    else:  # in chunks: a float64 copy of a large layer would be 8 bytes a weight
+        total, count, zeroed = 0.0, 0, 0
+        for start in range(0, flat.numel(), CHUNK):
+            part = slice(start, start + CHUNK)
+            chunk_keep = keep[part]
+            err = codebook[indices[part].long()][chunk_keep] - flat[part].double()[chunk_keep]
+            total += float(err.square().sum())
+            count += err.numel()
+            zeroed += int(torch.count_nonzero(chunk_keep & (indices[part] == 0)))
+        mse = total / count if count else 0.0
+    return {"bits": bits, "num_centroids": centroids.numel(), "mse": mse, "nonzero": nonzero,
+            "numel": flat.numel(), "zeroed": zeroed}
 
 
 def _layer_seed(seed: int, fqn: str) -> int:
@@ -187,10 +239,11 @@ def quantize_model(
     """Share weights in every selected layer: k-means (or ECSQ, or a uniform grid) on its non-zero
     *effective* entries.
 
-    A layer's ``Masked`` mask is baked in first, so its zeros form the pruned set (index 0);
-    ``SharedWeights`` is attached instead and the stored original is frozen (``requires_grad=False``):
-    train the centroids with a fresh optimizer. All layers are clustered before any is changed, so an
-    error leaves the model as it was.
+    A layer's ``Masked`` mask is baked in, so its zeros form the pruned set (index 0); ``SharedWeights``
+    is attached instead and the stored original is frozen (``requires_grad=False``): train the
+    centroids with a fresh optimizer. Layers are quantized one at a time, each replacing its mask by
+    its indices (a whole-model copy of either is never made); an error puts back the layers already
+    changed, so the model is left as it was.
 
     With "ecsq"/"uniform", weights sent to the zero level become pruned (index 0), exactly as
     pruned weights: they stay zero through any training.
@@ -220,61 +273,146 @@ def quantize_model(
     if not refs:
         logger.warning("quantize_model: the model has no weights of kinds %s", list(config.kinds or ("any",)))
         return {}
+    targets = [_target(model, ref, config, importance) for ref in refs]  # every check that needs no clustering
 
-    plans = []
-    for ref in refs:
-        module, name = resolve(model, ref.fqn)
-        shared = shared_weights_of(module, name)
-        if shared is not None:
-            raise ConfigError(f"{ref.fqn} is already quantized ({shared.bits} bits); strip() the model to re-quantize")
-        if parametrize.is_parametrized(module, name):
-            # only masks get baked in
-            foreign = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, Masked)]
-            if foreign:
-                raise ConfigError(f"{ref.fqn} carries parametrizations deepshrink did not attach "
-                                  f"({', '.join(foreign)}); remove them first")
-        bits = bits_for(ref, config)
-        with torch.no_grad():
-            weight = getattr(module, name).detach()
-        if not weight.is_floating_point():
-            raise ConfigError(f"{ref.fqn}: expected a floating-point weight, got {weight.dtype}")
-        h = None
-        if importance is not None:
-            if ref.fqn not in importance:
-                raise ConfigError(f"{ref.fqn}: no importance given for this weight")
-            h = importance[ref.fqn]
-        try:
-            seed = _layer_seed(config.seed, ref.fqn)
-            centroids, indices = quantize_weight(weight, bits, config.init, seed, config.max_iter,
-                                                 method=config.method, lam=config.lam, importance=h)
-        except ConfigError as e:
-            raise ConfigError(f"{ref.fqn}: {e}") from None
-        nonzero = indices != 0
-        was_nonzero = weight != 0
-        with torch.no_grad():
-            codebook = torch.cat([centroids.new_zeros(1), centroids]).double()
-            err = codebook[indices.long()][was_nonzero] - weight.double()[was_nonzero]
-            mse = float(err.square().mean()) if err.numel() else 0.0
-        info = {"bits": bits, "num_centroids": centroids.numel(), "mse": mse,
-                "nonzero": int(nonzero.sum()), "numel": weight.numel(),
-                "zeroed": int((was_nonzero & ~nonzero).sum())}
-        plans.append((ref.fqn, module, name, centroids, indices, info))
-
-    layers = {}
-    for fqn, module, name, centroids, indices, info in plans:
-        if parametrize.is_parametrized(module, name):
-            # leave_parametrized: the Parameter object stays, now holding the masked values
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        shared = SharedWeights(centroids, indices, info["bits"], config.gradient)
-        parametrize.register_parametrization(module, name, shared)
-        module.parametrizations[name].original.requires_grad_(False)
-        layers[fqn] = info
-        logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
-                     fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
+    layers: dict[str, dict] = {}
+    changed: list[_SharedInPlace] = []
+    try:
+        for fqn, module, name, bits, h in targets:
+            flat, keep = _layer_values(module, name)
+            shape = tuple(keep.shape)
+            try:
+                seed = _layer_seed(config.seed, fqn)
+                method = QuantizeMethod(config.method)
+                centroids, indices = _quantize_flat(flat.reshape(-1), keep.reshape(-1), shape, bits, config.init,
+                                                    seed, config.max_iter, method, config.lam, h)
+            except ConfigError as e:
+                raise ConfigError(f"{fqn}: {e}") from None
+            info = _layer_info(flat.reshape(-1), keep.reshape(-1), indices, centroids, bits)
+            del flat, keep
+            device = _stored(module, name).device
+            changed.append(_SharedInPlace(module, name, SharedWeights(
+                centroids.to(device), indices.view(shape).to(device), bits, config.gradient)))
+            layers[fqn] = info
+            logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
+                         fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
+    except BaseException:
+        for layer in reversed(changed):
+            layer.revert()
+        raise
+    for layer in changed:
+        layer.commit()
     tie_parametrizations(model)
     logger.info("quantized %d weights (%s, %s init%s)", len(layers), config.method, config.init,
                 f", lambda {config.lam:g}" if config.method != QuantizeMethod.KMEANS.value else "")
     return layers
+
+
+def _target(model: nn.Module, ref: WeightRef, config: QuantizeConfig, importance: dict | None) -> tuple:
+    """(fqn, module, name, bits, importance) of a weight ``quantize_model`` may quantize (ConfigError if not)."""
+    module, name = resolve(model, ref.fqn)
+    shared = shared_weights_of(module, name)
+    if shared is not None:
+        raise ConfigError(f"{ref.fqn} is already quantized ({shared.bits} bits); strip() the model to re-quantize")
+    if parametrize.is_parametrized(module, name):
+        # only masks get baked in
+        foreign = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, Masked)]
+        if foreign:
+            raise ConfigError(f"{ref.fqn} carries parametrizations deepshrink did not attach "
+                              f"({', '.join(foreign)}); remove them first")
+    if not _stored(module, name).is_floating_point():
+        raise ConfigError(f"{ref.fqn}: expected a floating-point weight, got {_stored(module, name).dtype}")
+    h = None
+    if importance is not None:
+        if ref.fqn not in importance:
+            raise ConfigError(f"{ref.fqn}: no importance given for this weight")
+        h = importance[ref.fqn]
+    return ref.fqn, module, name, bits_for(ref, config), h
+
+
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor a weight keeps: its parametrizations' original, or itself."""
+    return module.parametrizations[name].original if parametrize.is_parametrized(module, name) else getattr(module, name)
+
+
+def _layer_values(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 CPU values, bool keep) shaped like the weight: ``keep`` marks its non-zero effective entries,
+    where ``values`` holds them. A masked weight is read through its original and masks, not computed
+    (elsewhere ``values`` holds what the masks hide)."""
+    with torch.no_grad():
+        masks = [p.mask for p in parametrizations_of(module, name)]
+        values = (_stored(module, name) if masks else getattr(module, name)).detach().to("cpu", torch.float32)
+        keep = values != 0
+        for mask in masks:
+            keep &= mask.cpu()
+    return values, keep
+
+
+class _SharedInPlace:
+    """A weight's ``SharedWeights`` attached in place of its masks, until ``commit`` (or ``revert``).
+
+    Its stored original keeps every value (the masks' pruned ones too) until ``commit`` zeroes the pruned
+    entries, as baking the masks in would have; meanwhile each mask is kept as what it adds to the
+    non-zero indices (usually nothing), so its memory goes to the indices and ``revert`` can rebuild it.
+    """
+
+    def __init__(self, module: nn.Module, name: str, shared: SharedWeights):
+        self.module, self.name = module, name
+        self.masked = parametrizations_of(module, name)  # Masked only (``_target`` checked)
+        self.requires_grad = _stored(module, name).requires_grad
+        nonzero = shared.indices != 0
+        self.kept = [_MaskBeyond(p.mask, nonzero) for p in self.masked]
+        del nonzero
+        if self.masked:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)  # the original again
+        try:  # unsafe: no trial forward (a gather of the whole weight) to learn what the shapes already say
+            parametrize.register_parametrization(module, name, shared, unsafe=True)
+        except BaseException:
+            for p in self.masked:
+                parametrize.register_parametrization(module, name, p, unsafe=True)
+            raise
+        module.parametrizations[name].original.requires_grad_(False)
+        for p in self.masked:  # a tied alias still lists these objects: ``tie_parametrizations`` replaces them
+            p.mask = torch.zeros(0, dtype=torch.bool, device=p.mask.device)
+
+    def commit(self) -> None:
+        """Zero the stored original where the masks had pruned it."""
+        if self.masked:
+            indices = self.module.parametrizations[self.name][0].indices
+            pruned = torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+            for kept in self.kept:
+                pruned |= ~kept.restore(indices)
+            with torch.no_grad():
+                self.module.parametrizations[self.name].original.masked_fill_(pruned, 0)
+
+    def revert(self) -> None:
+        """Back to the masks and the trainable original the weight had."""
+        indices = self.module.parametrizations[self.name][0].indices
+        parametrize.remove_parametrizations(self.module, self.name, leave_parametrized=False)
+        getattr(self.module, self.name).requires_grad_(self.requires_grad)
+        for p, kept in zip(self.masked, self.kept):
+            p.mask = kept.restore(indices)
+            parametrize.register_parametrization(self.module, self.name, p, unsafe=True)
+
+
+class _MaskBeyond:
+    """A bool mask that is true wherever ``nonzero`` is, kept as the positions it adds (or packed bits, when
+    those would take more)."""
+
+    def __init__(self, mask: torch.Tensor, nonzero: torch.Tensor):
+        self.shape, self.device = mask.shape, mask.device
+        extra = (mask & ~nonzero.to(mask.device)).reshape(-1)
+        count = int(torch.count_nonzero(extra))
+        self.positions = extra.nonzero().reshape(-1) if 64 * count <= extra.numel() else None
+        self.bits = None if self.positions is not None else np.packbits(mask.reshape(-1).cpu().numpy())
+
+    def restore(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.positions is None:
+            flat = torch.from_numpy(np.unpackbits(self.bits, count=indices.numel()).astype(bool))
+            return flat.view(self.shape).to(self.device)
+        mask = (indices != 0).to(self.device).reshape(-1)
+        mask[self.positions] = True
+        return mask.view(self.shape)
 
 
 def codebooks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:

@@ -35,14 +35,30 @@ class Quantized:
     bits: int  # the layer's cluster bits (K <= 2**bits)
 
 
-@dataclass(frozen=True)
 class TensorToStore:
-    """One tensor of a model on its way into a file: what every codec's ``encode`` is given."""
+    """One tensor of a model on its way into a file: what every codec's ``encode`` is given.
 
-    name: str
-    values: torch.Tensor  # as the model holds it (a quantized weight's effective values), CPU
-    kind: str | None = None  # a compressible weight's kind (``layers.KINDS``: conv, fc, ...), else None
-    quantized: Quantized | None = None  # a weight-shared tensor the file codes over its codebook
+    ``values``: the tensor as the model holds it (a quantized weight's effective values), CPU; it may be
+    given as a function that computes it, called the first time a codec reads ``values`` (a weight
+    coded over its codebook then never has its dense values made). ``kind``: a compressible weight's
+    kind (``layers.KINDS``: conv, fc, ...), else None. ``quantized``: a weight-shared tensor the file
+    codes over its codebook.
+    """
+
+    __slots__ = ("name", "kind", "quantized", "_values")
+
+    def __init__(self, name: str, values: torch.Tensor | Callable[[], torch.Tensor], kind: str | None = None,
+                 quantized: Quantized | None = None):
+        self.name, self.kind, self.quantized, self._values = name, kind, quantized, values
+
+    @property
+    def values(self) -> torch.Tensor:
+        if not isinstance(self._values, torch.Tensor):
+            self._values = self._values()
+        return self._values
+
+    def __repr__(self) -> str:
+        return f"TensorToStore({self.name!r}, kind={self.kind!r}, quantized={self.quantized is not None})"
 
 
 class EncodedTensor(Protocol):

@@ -17,7 +17,7 @@ from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
 from deepshrink.codecs.common import (CODEBOOK_DTYPE_HELP, DTYPES, check_codebook, check_entry, check_levels_stream, check_quantized,
                                       codebook_entry, codebook_view, decode_levels_stream, expect, header_share,
                                       int_field, levels_entropy)
-from deepshrink.coding import level_coder, row_length_of
+from deepshrink.coding import count_values, entropy_of_counts, level_coder, row_length_of
 from deepshrink.config import MAX_BITS
 from deepshrink.errors import TensorInfoMismatch
 
@@ -60,11 +60,22 @@ def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.nda
 
 
 def levels_to_values(levels: np.ndarray, codebook: np.ndarray, num_negative: int) -> np.ndarray:
-    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range."""
-    levels = np.asarray(levels).astype(np.int64)
-    slot = levels + num_negative - (levels > 0)
-    table = np.concatenate([codebook.astype(np.float32), np.zeros(1, np.float32)])
-    return table[np.where(levels == 0, codebook.size, slot)]
+    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range.
+
+    One lookup by ``level + num_negative`` (the negative values, 0.0, then the others), a chunk at a time:
+    no int64 copy of the levels."""
+    levels = np.asarray(levels)
+    table = np.concatenate([codebook[:num_negative].astype(np.float32), np.zeros(1, np.float32),
+                            codebook[num_negative:].astype(np.float32)])
+    flat, out = levels.reshape(-1), np.empty(levels.size, dtype=np.float32)
+    for start in range(0, flat.size, _LOOKUP_CHUNK):
+        part = flat[start:start + _LOOKUP_CHUNK].astype(np.int64)
+        part += num_negative
+        np.take(table, part, out=out[start:start + _LOOKUP_CHUNK])
+    return out.reshape(levels.shape)
+
+
+_LOOKUP_CHUNK = 1 << 20  # levels looked up at a time
 
 
 def encode_levels(
@@ -85,18 +96,44 @@ def encode_levels(
     shape = tuple(int(d) for d in indices.shape)
     row_length = row_length_of(shape)
     stream, params = level_coder.encode(levels.reshape(-1), row_length)
-    dependent = (levels, ordered, num_negative) if level_coder.is_dependent(levels.reshape(-1)) else _dependent_order(
+    dependent = (levels, ordered, num_negative) if _is_dependent(levels.reshape(-1)) else _dependent_order(
         indices, codebook)
+    entropy = None
     if dependent is not None:
         coded = level_coder.encode(dependent[0].reshape(-1), row_length, context_model=level_coder.DEPENDENT_CONTEXT_MODEL)
         if len(coded[0]) < len(stream):
             (stream, params), (levels, ordered, num_negative) = coded, dependent
-    flat = levels.reshape(-1)
+            entropy = levels_entropy(levels.reshape(-1))
+    if entropy is None:  # the levels' histogram from the indices': no int64 copy of the levels
+        entropy = _levels_entropy_of_indices(indices, codebook)
     return CabacTensor(
         shape=shape, bits=int(bits), codebook=ordered.astype(DTYPES[codebook_dtype][0]),
-        num_negative=num_negative, num_nonzero=int(np.count_nonzero(flat)), stream=stream, coder_params=params,
-        levels_entropy_bits=levels_entropy(flat),
+        num_negative=num_negative, num_nonzero=int(np.count_nonzero(levels)), stream=stream, coder_params=params,
+        levels_entropy_bits=entropy,
     )
+
+
+def _is_dependent(levels: np.ndarray) -> bool:
+    """``level_coder.is_dependent``, settled on a prefix where it can be (one that has a non-zero and is not
+    dependent): the whole is then not, and no copy of it is made."""
+    head = levels[:_PREFIX]
+    if head.any() and not level_coder.is_dependent(head):
+        return False
+    return level_coder.is_dependent(levels)
+
+
+def _levels_entropy_of_indices(indices: np.ndarray, codebook: np.ndarray) -> float:
+    """``levels_entropy`` of ``indices_to_levels(indices, codebook)``'s levels, from the indices' histogram:
+    each level is one index's, so the same histogram (in level order) and the same float."""
+    counts = count_values(indices, len(codebook) + 1)
+    lookup = indices_to_levels(np.arange(len(codebook) + 1), codebook)[0].astype(np.int64)
+    used = counts > 0
+    if not counts.sum():
+        return 0.0
+    max_abs = int(np.abs(lookup[used]).max())
+    level_counts = np.zeros(2 * max_abs + 1, dtype=np.int64)
+    np.add.at(level_counts, lookup[used] + max_abs, counts[used])
+    return entropy_of_counts(level_counts)
 
 
 #: how far from the count of negative values ``_dependent_order`` looks for a dependent quantizer's zero

@@ -146,7 +146,7 @@ def levels_entropy(levels: np.ndarray) -> float:
     """Memoryless entropy of signed levels in bits, zeros included (the context coder may go below it)."""
     if not levels.size:
         return 0.0
-    max_abs = int(np.abs(levels.astype(np.int64)).max())
+    max_abs = max(-int(levels.min()), int(levels.max()))  # no int64 copy of the levels
     return float(entropy_bits(levels + max_abs, 2 * max_abs + 1))
 
 

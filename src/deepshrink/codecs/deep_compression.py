@@ -229,10 +229,51 @@ def decode_quantized(coded: CodedTensor, where: str = "tensor") -> np.ndarray:
     Raises:
         CodecError, TensorInfoMismatch: see ``decode_symbols`` and ``entries_to_positions``.
     """
-    positions, symbols = decode_nonzeros(coded, where)
-    dense = np.zeros(math.prod(coded.shape), dtype=np.float32)
-    dense[positions] = coded.codebook.astype(np.float32)[symbols]
+    symbols, entries = decode_symbols(coded, where)
+    numel, filler = math.prod(coded.shape), (1 << coded.index_bits) - 1
+    # checked as ``entries_to_positions`` and ``decode_nonzeros`` check, in their order, without their arrays
+    if len(entries) and int(entries.max()) > filler:
+        raise TensorInfoMismatch(f"{where}: position entry {int(entries.max())} exceeds the "
+                                 f"{coded.index_bits}-bit alphabet")
+    weights, last = _count_positions(entries, filler)
+    if len(entries) and entries[-1] == filler:
+        raise TensorInfoMismatch(f"{where}: positions stream ends with a filler entry (the writer never emits one)")
+    if weights and last >= numel:
+        raise TensorInfoMismatch(f"{where}: positions stream places a weight at {last}, "
+                                 f"past the end of a tensor of {numel} elements")
+    if weights != coded.num_nonzero:
+        raise TensorInfoMismatch(f"{where}: positions stream places {weights} weights, "
+                                 f"header says num_nonzero={coded.num_nonzero}")
+    dense = np.zeros(numel, dtype=np.float32)
+    _scatter(entries, symbols, filler, coded.codebook.astype(np.float32), dense)
     return dense.reshape(coded.shape)
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_positions(entries, filler):
+    """(weights the entries place, the last one's position; -1 for none)."""
+    weights, cursor, last = 0, 0, -1
+    for i in range(entries.shape[0]):
+        if entries[i] == filler:
+            cursor += filler
+        else:
+            cursor += entries[i] + 1
+            last = cursor - 1
+            weights += 1
+    return weights, last
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter(entries, symbols, filler, codebook, out):
+    """``out[position] = codebook[symbol]`` for each weight the (checked) entries place."""
+    cursor, s = 0, 0
+    for i in range(entries.shape[0]):
+        if entries[i] == filler:
+            cursor += filler
+        else:
+            cursor += entries[i] + 1
+            out[cursor - 1] = codebook[symbols[s]]
+            s += 1
 
 
 def decode_nonzeros(coded: CodedTensor, where: str = "tensor") -> tuple[np.ndarray, np.ndarray]:

@@ -84,9 +84,10 @@ class GridCodec(TensorCodec):
 
     def encode(self, tensor: TensorToStore, config) -> GridTensor | None:
         """1-D float tensors on the grid ``config.grid_bits`` asks for (None when it asks for none)."""
+        if config.grid_bits is None or tensor.quantized is not None:
+            return None
         values = tensor.values
-        if config.grid_bits is None or tensor.quantized is not None or values.dim() != 1 \
-                or not values.dtype.is_floating_point:
+        if values.dim() != 1 or not values.dtype.is_floating_point:
             return None
         return encode_grid(values.detach().cpu().float().numpy(), config.grid_bits, tensor.name)
 

@@ -171,9 +171,30 @@ def histogram(symbols: Any, alphabet_size: int) -> np.ndarray:
     return counts
 
 
+def count_values(values: np.ndarray, size: int) -> np.ndarray:
+    """int64 (size,) count of each value of an integer array within [0, size): ``histogram`` without its
+    uint32 copy of the symbols (a uint8 index array stays as it is).
+
+    Raises:
+        CodecError: a value outside [0, size).
+    """
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.dtype.kind not in "iu":
+        raise CodecError(f"values to count must be integers, got {flat.dtype}")
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= size):
+        raise CodecError(f"values must lie in [0, {size}), got values in [{int(flat.min())}, {int(flat.max())}]")
+    counts = np.zeros(size, dtype=np.int64)
+    _count(flat, counts)
+    return counts
+
+
 def entropy_bits(symbols: Any, alphabet_size: int) -> float:
     """Empirical Shannon entropy times the symbol count: the lower bound on any coder's payload in bits."""
-    counts = histogram(symbols, alphabet_size)
+    return entropy_of_counts(histogram(symbols, alphabet_size))
+
+
+def entropy_of_counts(counts: np.ndarray) -> float:
+    """``entropy_bits`` of the symbols a histogram counts (int64 counts, symbol order)."""
     total = int(counts.sum())
     used = counts[counts > 0].astype(np.float64)
     if total == 0:

@@ -167,7 +167,9 @@ class AnsCoder:
             return b"", params
         coder = constriction.stream.stack.AnsCoder()
         # symbols < 2**16, so int32 (constriction's symbol dtype) holds the shifted indices
-        coder.encode_reverse(array.astype(np.int32) + SYMBOL_OFFSET, _model(freqs, precision))
+        shifted = array.astype(np.int32)
+        shifted += SYMBOL_OFFSET  # in place: one temporary the size of the stream
+        coder.encode_reverse(shifted, _model(freqs, precision))
         return coder.get_compressed().astype("<u4").tobytes(), params
 
     def validate_params(self, params: dict, alphabet_size: int) -> None:
@@ -205,4 +207,5 @@ class AnsCoder:
                 f"ans payload does not end where {count} symbols do "
                 "(truncated, corrupted, trailing words or wrong count)"
             )
-        return (out - SYMBOL_OFFSET).astype(np.uint32)
+        out -= SYMBOL_OFFSET  # in place: every index is >= SYMBOL_OFFSET (checked above)
+        return out.astype(np.uint32, copy=False)
