@@ -473,7 +473,8 @@ def _contents(path: Path) -> bytes | mmap.mmap:
     """The file's bytes: read whole when small, mapped read-only when large. A mapped file truncated by
     another process while open makes the next access fail with SIGBUS, as any memory-mapped loader does."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < MMAP_MIN_BYTES:
+        size = os.fstat(f.fileno()).st_size
+        if size < MMAP_MIN_BYTES or size == 0:  # an empty file cannot be mapped
             return f.read()
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 

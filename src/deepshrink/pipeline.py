@@ -332,6 +332,7 @@ def run_recipe(
     resume: bool = False,
     on_stage: Callable[[dict], None] | None = None,
     trust_factory: bool = False,
+    progress: bool = True,
 ) -> RunResult:
     """Run every stage of ``recipe``, writing checkpoints, metrics and ``report.md`` under ``out_dir``.
 
@@ -340,6 +341,7 @@ def run_recipe(
             temp files of writes a killed run left (``.*.tmp``) are removed first.
         on_stage: called with each stage's metrics as it completes (the CLI prints a row).
         trust_factory: build a recipe model given as ``{"factory": "pkg.module:fn"}`` (runs that code).
+        progress: a bar per tensor while an ``encode`` stage writes and reads back its file (on a terminal).
 
     Raises:
         ConfigError: a bad recipe, or ``out_dir`` holds a different recipe's run.
@@ -360,7 +362,7 @@ def run_recipe(
             log.info("removed %s, left by an interrupted write", tmp)
     torch.manual_seed(recipe.seed)
     ctx = StageContext.for_dataset(recipe.dataset, device=device or recipe.device, data_dir=data_dir,
-                                   trust_factory=trust_factory)
+                                   trust_factory=trust_factory, progress=progress)
     record = dataset_record(recipe.dataset, ctx.splits.train)
     spec = recipe.model
     model = build_model(spec, trust_factory=trust_factory)  # before writing anything: a bad model leaves no folder

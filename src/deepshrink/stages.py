@@ -41,12 +41,13 @@ class StageContext:
     splits: Splits
     device: torch.device
     trust_factory: bool = False  # build models that files or checkpoints name by factory (runs their code)
+    progress: bool = True  # a bar per tensor while a file is written or loaded (on a terminal)
 
     @classmethod
     def for_dataset(cls, dataset: dict, *, device: str | torch.device = "auto", data_dir: str | None = None,
-                    trust_factory: bool = False) -> StageContext:
+                    trust_factory: bool = False, progress: bool = True) -> StageContext:
         """The splits of a dataset entry (``data.load_splits``) on the resolved device."""
-        return cls(load_splits(dataset, data_dir), resolve_device(device), trust_factory)
+        return cls(load_splits(dataset, data_dir), resolve_device(device), trust_factory, progress)
 
     def split(self, name: str):
         """The "test" or "validation" split (ConfigError when the dataset holds out none)."""
@@ -104,7 +105,7 @@ def model_metrics(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
 
 def _decoded_model(file: str | os.PathLike | CompressedFile, ctx: StageContext, model: nn.Module | None = None
                    ) -> nn.Module:
-    decoded = load(file, model=model, trust_factory=ctx.trust_factory)
+    decoded = load(file, model=model, trust_factory=ctx.trust_factory, progress=ctx.progress)
     if isinstance(decoded, dict):
         raise ConfigError(f"{getattr(file, 'path', file)}: the file names no model this run may build (none, or a "
                           "factory without trust_factory): pass the model to fill")
@@ -117,7 +118,7 @@ def compress_and_evaluate(model: nn.Module, path: str | os.PathLike, config: Enc
     """Write the compressed file, decode it once, and score the decoded model on ``splits`` (validation only
     where the dataset holds one out): the file is what counts (float16 storage and grids round what the
     model in memory holds)."""
-    file_report = compress_model(model.cpu(), path, config, model_spec=model_spec, meta=meta)
+    file_report = compress_model(model.cpu(), path, config, model_spec=model_spec, meta=meta, progress=ctx.progress)
     decoded = _decoded_model(path, ctx)
     metrics = {
         "config": dataclasses.asdict(config), "file": str(path), "file_bytes": file_report.file_bytes,

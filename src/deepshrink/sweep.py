@@ -72,6 +72,7 @@ def run_sweep(
     encode: EncodeConfig | None = None,
     reassign_epochs: int = 0,
     reassign_lr: float = 0.01,
+    progress: bool = True,
 ) -> SweepResult:
     """Run one of the lab's sweeps from ``checkpoint`` (its meta names the dataset).
 
@@ -85,6 +86,7 @@ def run_sweep(
         reassign_epochs, reassign_lr: the ``rate`` sweep's quantization-aware retraining of each point
             (``TrainConfig.reassign_lam`` = the point's lambda) before its centroid training; 0 = none.
         split: "test" (report) or "validation" (choose: needs a checkpoint whose dataset has one).
+        progress: a bar per tensor while the ``rate`` sweep's files are written and read (on a terminal).
     """
     spec = _sweeps().get(kind)
     if spec is None:
@@ -98,7 +100,8 @@ def run_sweep(
     dataset = dict(payload["meta"].get("dataset") or {})
     if not dataset:
         raise ConfigError(f"{checkpoint}: the checkpoint names no dataset (meta.dataset)")
-    ctx = StageContext.for_dataset(dataset, device=device, data_dir=data_dir, trust_factory=trust_factory)
+    ctx = StageContext.for_dataset(dataset, device=device, data_dir=data_dir, trust_factory=trust_factory,
+                                   progress=progress)
     eval_data = ctx.split(split)  # the validation split is held out of retraining
     retrain = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4 if kind.startswith("prune") else 0.0,
                           schedule="cosine", progress=False)

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_defaults, quantize_defaults = PruneConfig(), QuantizeConfig()
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no per-epoch lines)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings only (no per-epoch lines, no progress bars)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train, prune, retrain, quantize and encode an MLP on scikit-learn's digits")
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_encode_args(p)
     p.add_argument("--include", nargs="*", help="quantized weights to entropy code (default: all)")
     p.add_argument("--exclude", nargs="*", default=[], help="quantized weights to store raw instead")
+    p.add_argument("--workers", type=int, help="tensors encoded at once (threads; default: one per CPU)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="encode every codec in full on every tensor, also where estimates show it cannot be the smallest")
     add_trust_arg(p)
     p.set_defaults(func=cmd_encode)
 

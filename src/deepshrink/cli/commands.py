@@ -13,8 +13,8 @@ from rich.console import Console
 
 from .. import report
 from ..errors import ConfigError
-from .options import (context, dataset_entry, encode_config, file_model, pattern_value, selection, teacher_model,
-                      train_config, user_model, user_spec)
+from .options import (context, dataset_entry, encode_config, file_model, pattern_value, selection, show_progress,
+                      teacher_model, train_config, user_model, user_spec)
 
 # a fixed width when piped, so tables stay readable in logs instead of wrapping at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 170)
@@ -66,7 +66,7 @@ def _run(recipe, out, args) -> None:
 
     result = run_recipe(recipe, out, data_dir=getattr(args, "data_dir", None), device=getattr(args, "device", None),
                         resume=getattr(args, "resume", False), on_stage=on_stage,
-                        trust_factory=getattr(args, "trust_factory", False))
+                        trust_factory=getattr(args, "trust_factory", False), progress=show_progress(args))
     console.print(report.render_table(result.stages, report.STAGE_COLUMNS, title=f"{recipe.name}: stages"))
     console.print(report.render_table(result.layers + [report.summary_totals(result.layers)], report.LAYER_COLUMNS,
                                       title="per-layer summary (final model)"))
@@ -238,7 +238,8 @@ def cmd_encode(args) -> None:
 
     model, payload = load_checkpoint(args.checkpoint, trust_factory=args.trust_factory)
     config = encode_config(args, include=tuple(args.include) if args.include else None, exclude=tuple(args.exclude))
-    file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"])
+    file_report = compress_model(model, args.out, config, model_spec=payload["model"], meta=payload["meta"],
+                                 workers=args.workers, progress=show_progress(args), exhaustive=args.exhaustive)
     _print_file_report(file_report)
 
 
@@ -339,6 +340,7 @@ def cmd_sweep(args) -> None:
             "encode": encode, "reassign_epochs": args.reassign_epochs,
             "reassign_lr": args.reassign_lr} if args.kind == "rate" else {}
     result = run_sweep(args.kind, args.checkpoint, args.out, data_dir=args.data_dir, device=args.device,
-                       epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory, **rate)
+                       epochs=args.epochs, lr=args.lr, split=args.split, trust_factory=args.trust_factory,
+                       progress=show_progress(args), **rate)
     console.print(report.render_table(result.rows, result.columns, title=f"sweep: {args.kind}"))
     console.print(f"report: {result.report}")

@@ -54,7 +54,8 @@ def train_config(args):
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, step_epochs=tuple(args.step_epochs), seed=args.seed,
-        augment=not args.no_augment, progress=sys.stderr.isatty(), keep_best=args.keep_best, patience=args.patience,
+        augment=not args.no_augment, progress=sys.stderr.isatty() and show_progress(args), keep_best=args.keep_best,
+        patience=args.patience,
         distill_weight=args.distill_weight if args.distill_weight is not None else (0.5 if args.teacher else 0.0),
         distill_temperature=args.distill_temperature, reassign_lam=getattr(args, "reassign_lambda", None),
     )
@@ -164,7 +165,7 @@ def file_model(file, args, need_model: bool = True):
                               "factory the file names (this imports and runs its code)")
         if not need_model:
             return model_for(file, trust_factory=args.trust_factory, on_meta=True)  # checks that the file fits it
-    model = load(file, model=model, trust_factory=args.trust_factory)
+    model = load(file, model=model, trust_factory=args.trust_factory, progress=show_progress(args))
     if isinstance(model, dict):
         raise ConfigError(f"{file.path}: the file names no model; pass --model pkg.module:factory")
     return model
@@ -175,7 +176,12 @@ def context(args, meta: dict | None = None):
     from ..stages import StageContext
 
     return StageContext.for_dataset(dataset_entry(args, meta), device=getattr(args, "device", "auto"),
-                                    trust_factory=getattr(args, "trust_factory", False))
+                                    trust_factory=getattr(args, "trust_factory", False), progress=show_progress(args))
+
+
+def show_progress(args) -> bool:
+    """Progress bars (training's, and a bar per tensor while files are written or loaded), unless ``--quiet``."""
+    return not getattr(args, "quiet", False)
 
 
 
