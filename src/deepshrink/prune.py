@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .parametrizations import Masked, SharedWeights, parametrizations_of, parametrized_tensors
+from .ranking import count_nonfinite, smallest_magnitudes
 from .config import check_patterns_match, enum_value, first_match, pattern_values
 from .errors import ConfigError
 from .layers import MIN_DIMS, as_kinds, as_patterns, by_kind, kind_pairs, resolve, select_weights, tie_parametrizations
@@ -123,31 +124,9 @@ def _check_scores(t: torch.Tensor, prev_mask: torch.Tensor | None, what: str) ->
     """Real dtype, and finite wherever the entry is still alive (pruned entries may hold anything)."""
     if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
         raise ConfigError(f"{what} must be a real-valued tensor, got dtype {t.dtype}")
-    bad = _count_nonfinite(t, prev_mask)
+    bad = count_nonfinite(t, prev_mask)
     if bad:
         raise ConfigError(f"{what} holds {bad} NaN/inf values; magnitudes cannot be ranked")
-
-
-#: Elements ranked or checked at a time: the temporaries of a large layer stay a few of these
-_CHUNK = 1 << 22
-
-
-def _flat_chunks(t: torch.Tensor) -> list[torch.Tensor]:
-    """Views of ``t`` flattened, ``_CHUNK`` elements each (a copy only where ``t`` is not contiguous)."""
-    flat = t.reshape(-1)
-    return [flat[start:start + _CHUNK] for start in range(0, flat.numel(), _CHUNK)]
-
-
-def _count_nonfinite(t: torch.Tensor, alive: torch.Tensor | None = None) -> int:
-    """NaN/inf entries of ``t`` where ``alive`` (all when None), counted a chunk at a time."""
-    if not t.is_floating_point():
-        return 0
-    masks = [None] * len(_flat_chunks(t)) if alive is None else _flat_chunks(alive)
-    bad = 0
-    for values, mask in zip(_flat_chunks(t), masks):
-        nonfinite = ~torch.isfinite(values)
-        bad += int(torch.count_nonzero(nonfinite if mask is None else nonfinite & mask))
-    return bad
 
 
 def _check_like(t: torch.Tensor | None, weight: torch.Tensor, what: str, dtype: torch.dtype | None = None):
@@ -284,85 +263,12 @@ def global_masks(
     to_prune = max(0, round(q / 100 * total) - already)
     if to_prune and already > 0:
         logger.debug("%d entries already pruned; pruning %d more", already, to_prune)
-    keep = _smallest(ranked, to_prune)
+    keep = smallest_magnitudes(ranked, to_prune)
     for (_, m), mask in zip(ranked, keep):  # in place: the pruned marks become the keep mask
         torch.logical_not(mask, out=mask)
         if m is not None:
             mask &= m
     return dict(zip(weights, keep))
-
-
-# --- exact k-smallest selection without concatenation ---------------------------------------------
-
-_DIGIT = 16  # radix-select digit width: 2**16 histogram bins per pass, 2 passes for float32 magnitudes
-
-
-def _magnitude_keys(scores: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
-    """Flat integer keys ordered like ``|scores|``: bit patterns of non-negative floats sort as integers."""
-    float_dtype = torch.float64 if key_dtype == torch.int64 else torch.float32
-    return scores.abs().reshape(-1).to(float_dtype).view(key_dtype)  # abs clears the sign bit of -0.0
-
-
-def _smallest(ranked: list[tuple[torch.Tensor, torch.Tensor | None]], k: int) -> list[torch.Tensor]:
-    """Bool masks marking the ``k`` smallest magnitudes among kept entries, ties by (layer, flat index).
-
-    Every pass goes a chunk of ``_CHUNK`` elements at a time (chunks in layer, then index order), so its
-    temporaries stay a few chunks whatever the layers' sizes."""
-    prune = [torch.zeros(sc.shape, dtype=torch.bool, device=sc.device) for sc, _ in ranked]
-    if k <= 0:
-        return prune
-    # float64 keys only when some input needs them; float16/bfloat16/int widen exactly to float32
-    key_dtype = torch.int64 if any(sc.dtype == torch.float64 for sc, _ in ranked) else torch.int32
-    kept_count = sum(sc.numel() if m is None else int(torch.count_nonzero(m)) for sc, m in ranked)
-    if k >= kept_count:
-        return [torch.ones_like(p) if m is None else m.clone() for p, (_, m) in zip(prune, ranked)]
-    # (scores, mask or None, the output's view) of each chunk
-    chunks = [(sc_part, m_part, out_part) for (sc, m), out in zip(ranked, prune)
-              for sc_part, m_part, out_part in zip(_flat_chunks(sc), _flat_chunks(m) if m is not None else
-                                                   [None] * len(_flat_chunks(sc)), _flat_chunks(out))]
-
-    def kept_keys(i: int) -> torch.Tensor:
-        sc, m, _ = chunks[i]
-        keys = _magnitude_keys(sc, key_dtype)
-        return keys if m is None else keys[m]
-
-    threshold = _kth_smallest_key(kept_keys, len(chunks), k, 32 if key_dtype == torch.int32 else 64)
-    remaining = k
-    for sc, m, out in chunks:
-        below = _magnitude_keys(sc, key_dtype) < threshold
-        if m is not None:
-            below &= m
-        out.copy_(below)
-        remaining -= int(torch.count_nonzero(below))
-    for sc, m, out in chunks:  # the threshold value itself: first entries by (layer, index)
-        if remaining == 0:
-            break
-        at = _magnitude_keys(sc, key_dtype) == threshold
-        if m is not None:
-            at &= m
-        idx = at.nonzero().reshape(-1)[:remaining]
-        out[idx] = True
-        remaining -= idx.numel()
-    return prune
-
-
-def _kth_smallest_key(keys_of: Callable[[int], torch.Tensor], n_chunks: int, k: int, nbits: int) -> int:
-    """Exact k-th smallest (1-based) non-negative integer key across chunks, by most-significant-digit
-    radix select: each pass histograms one 16-bit digit of the keys that share the prefix found so far."""
-    prefix = 0
-    for shift in range(nbits - _DIGIT, -1, -_DIGIT):
-        counts = None
-        for i in range(n_chunks):
-            keys = keys_of(i)
-            if shift + _DIGIT < nbits:
-                keys = keys[(keys >> (shift + _DIGIT)) == prefix]
-            c = torch.bincount((keys >> shift) & (2**_DIGIT - 1), minlength=2**_DIGIT).cpu()
-            counts = c if counts is None else counts + c
-        cumulative = counts.cumsum(0)
-        digit = int(torch.searchsorted(cumulative, torch.tensor([k]))[0])
-        k -= int(cumulative[digit - 1]) if digit > 0 else 0
-        prefix = (prefix << _DIGIT) | digit
-    return prefix
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,7 +394,7 @@ def prune_model(
         module, name = resolve(model, fqn)
         _refuse_quantized(fqn, parametrizations_of(module, name))
         weight, mask = _ranking_view(module, name)
-        bad = _count_nonfinite(weight, mask)
+        bad = count_nonfinite(weight, mask)
         if bad:
             raise ConfigError(f"{fqn}: {bad} of {weight.numel()} weights are NaN/inf; they cannot be ranked")
         views[fqn] = (weight, mask)
