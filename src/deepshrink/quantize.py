@@ -25,6 +25,7 @@ import numbers
 import zlib
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from .layers import (MIN_DIMS, WeightRef, as_kinds, as_patterns, by_kind, kind_p
                      tie_parametrizations)
 from .parametrizations import (GradientMode, Masked, SharedWeights, fold_zero_centroids, index_dtype,
                                parametrizations_of, shared_weights_of)
+from .parallel import map_in_order
 from .kmeans import CentroidInit, check_values, kmeans_labels, kmeans_sorted, sorted_float64
 from .quantizers import QuantizeMethod, dependent_1d, ecsq_1d, uniform_1d
 
@@ -212,18 +214,24 @@ def _layer_info(flat: torch.Tensor, keep: torch.Tensor, indices: torch.Tensor, c
         err = codebook[indices.long()][keep] - flat.double()[keep]
         mse = float(err.square().mean()) if err.numel() else 0.0
         zeroed = int(torch.count_nonzero(keep & (indices == 0)))
-    else:  # in chunks: a float64 copy of a large layer would be 8 bytes a weight
-        total, count, zeroed = 0.0, 0, 0
-        for start in range(0, flat.numel(), CHUNK):
-            part = slice(start, start + CHUNK)
-            chunk_keep = keep[part]
-            err = codebook[indices[part].long()][chunk_keep] - flat[part].double()[chunk_keep]
-            total += float(err.square().sum())
-            count += err.numel()
-            zeroed += int(torch.count_nonzero(chunk_keep & (indices[part] == 0)))
+    else:  # in one pass: a float64 copy of a large layer would be 8 bytes a weight (the sum's order differs)
+        total, count, zeroed = _squared_error(flat.numpy(), keep.numpy(), indices.numpy(), codebook.numpy())
         mse = total / count if count else 0.0
     return {"bits": bits, "num_centroids": centroids.numel(), "mse": mse, "nonzero": nonzero,
             "numel": flat.numel(), "zeroed": zeroed}
+
+
+@numba.njit(cache=True, nogil=True)
+def _squared_error(values, keep, indices, codebook):
+    """(sum of squared errors over the kept values, their count, how many of them got index 0)."""
+    total, count, zeroed = 0.0, 0, 0
+    for i in range(values.shape[0]):
+        if keep[i]:
+            err = codebook[indices[i]] - np.float64(values[i])
+            total += err * err
+            count += 1
+            zeroed += indices[i] == 0
+    return total, count, zeroed
 
 
 def _layer_seed(seed: int, fqn: str) -> int:
@@ -235,6 +243,8 @@ def quantize_model(
     model: nn.Module,
     config: QuantizeConfig = QuantizeConfig(),
     importance: dict[str, torch.Tensor] | None = None,
+    *,
+    workers: int | None = None,
 ) -> dict[str, dict]:
     """Share weights in every selected layer: k-means (or ECSQ, or a uniform grid) on its non-zero
     *effective* entries.
@@ -251,6 +261,7 @@ def quantize_model(
     Args:
         importance: ``{fqn: h}`` per-weight importances (``fisher_diagonal``); required when
             ``config.hessian``, refused otherwise.
+        workers: layers clustered at once (threads; None = one per CPU); the results do not depend on it.
 
     Returns:
         ``{fqn: {"bits", "num_centroids", "mse", "nonzero", "numel", "zeroed"}}`` in module order; mse
@@ -275,24 +286,26 @@ def quantize_model(
         return {}
     targets = [_target(model, ref, config, importance) for ref in refs]  # every check that needs no clustering
 
+    def plan(target) -> tuple:
+        fqn, module, name, bits, h = target
+        flat, keep = _layer_values(module, name)
+        try:
+            centroids, indices = _quantize_flat(flat.reshape(-1), keep.reshape(-1), tuple(keep.shape), bits,
+                                                config.init, _layer_seed(config.seed, fqn), config.max_iter,
+                                                QuantizeMethod(config.method), config.lam, h)
+        except ConfigError as e:
+            raise ConfigError(f"{fqn}: {e}") from None
+        info = _layer_info(flat.reshape(-1), keep.reshape(-1), indices, centroids, bits)
+        return centroids, indices.view(keep.shape), info
+
     layers: dict[str, dict] = {}
     changed: list[_SharedInPlace] = []
-    try:
-        for fqn, module, name, bits, h in targets:
-            flat, keep = _layer_values(module, name)
-            shape = tuple(keep.shape)
-            try:
-                seed = _layer_seed(config.seed, fqn)
-                method = QuantizeMethod(config.method)
-                centroids, indices = _quantize_flat(flat.reshape(-1), keep.reshape(-1), shape, bits, config.init,
-                                                    seed, config.max_iter, method, config.lam, h)
-            except ConfigError as e:
-                raise ConfigError(f"{fqn}: {e}") from None
-            info = _layer_info(flat.reshape(-1), keep.reshape(-1), indices, centroids, bits)
-            del flat, keep
+    try:  # layers clustered ``workers`` at once (sorts and kernels release the GIL), attached in order
+        for (fqn, module, name, bits, _), (centroids, indices, info) in zip(targets,
+                                                                              map_in_order(plan, targets, workers)):
             device = _stored(module, name).device
             changed.append(_SharedInPlace(module, name, SharedWeights(
-                centroids.to(device), indices.view(shape).to(device), bits, config.gradient)))
+                centroids.to(device), indices.to(device), bits, config.gradient)))
             layers[fqn] = info
             logger.debug("quantized %s: %d centroids (%d bits), mse %.3g over %d non-zero weights",
                          fqn, info["num_centroids"], info["bits"], info["mse"], info["nonzero"])
