@@ -15,11 +15,13 @@ Each case runs in two child processes: one builds the model (seeded), prunes, qu
 a fresh one builds the model on the meta device, allocates it and loads the file into it
 (``deepshrink.load(path, model=m)``). Before each stage the child resets its peak RSS (``/proc/self/clear_refs``)
 and afterwards reads it (``VmHWM``), so every stage's peak includes what the earlier stages left alive (the
-model), which is what "peak / dense" compares. The parent samples each child's RSS and kills it past
-``--max-rss-gb`` (the machine is shared: no child may push it into OOM). ``--nnc-venv`` adds NNCodec
-(``bench/nnc_worker.py --stages``) on the pruned and quantized VGG-16 weights: encode and decode time and
-peak RSS, beside ours from the same run. ``--reference SRC`` runs the children on another checkout's
-``src`` (the "before" numbers; only ``sha256`` is compared).
+model), which is what "peak / dense" compares. A first child runs a small model through every stage and
+both coders, so that numba's compiled kernels are cached before anything is timed. The parent samples
+each child's RSS and kills it past ``--max-rss-gb`` (the machine is shared: no child may push it into
+OOM). ``--nnc-venv`` adds NNCodec (``bench/nnc_worker.py --stages``) on the pruned and quantized VGG-16
+weights: encode and decode time and peak RSS, beside ours from the same run. ``--src SRC`` runs the
+children on another copy of the package (an older commit's ``src`` for the "before" numbers, or a
+snapshot of this one, so that edits made while it runs do not reach it).
 
 Prints a table and writes bench/results/scale.json (machine, load average, date, git SHA, every stage).
 """
@@ -159,6 +161,24 @@ def child_compress(case: str, path: Path, npz: Path | None) -> None:
         np.savez(npz, **{k: v.numpy() for k, v in strip(model).state_dict().items()})
 
 
+def child_warmup(folder: Path) -> None:
+    """A small model through every stage, with both coders: numba compiles (and caches) every kernel."""
+    from torch import nn
+
+    import deepshrink
+    from deepshrink.compress import compress_model
+    from deepshrink.encode import EncodeConfig
+    from deepshrink.prune import PruneConfig, prune_model
+    from deepshrink.quantize import QuantizeConfig, quantize_model
+
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 64))
+    prune_model(model, PruneConfig(q=60))
+    quantize_model(model, QuantizeConfig(bits=4))
+    for coder in ("auto", "cabac", "huffman"):
+        compress_model(model, folder / "warmup.dsz", EncodeConfig(coder=coder))
+        deepshrink.load(folder / "warmup.dsz", model=nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 64)))
+
+
 def child_load(case: str, path: Path) -> None:
     import torch
 
@@ -199,8 +219,8 @@ def watch(command: list[str], limit: int, env: dict | None = None) -> tuple[list
 def run_case(case: str, args, folder: Path) -> dict:
     path, npz = folder / f"{case}.dsz", folder / f"{case}.npz"
     env = dict(os.environ)
-    if args.reference:
-        env["PYTHONPATH"] = str(Path(args.reference).resolve())
+    if args.src:
+        env["PYTHONPATH"] = str(Path(args.src).resolve())
     me = [sys.executable, __file__, "--child", case, "--file", str(path)]
     nnc = args.nnc_venv and case == "vgg16-cabac"
     result = {"case": case, "load_average_before": os.getloadavg()}
@@ -260,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", default=list(CASES[:4]), help=f"of {', '.join(CASES)} (default: all but gpt2-xl)")
     parser.add_argument("--max-rss-gb", type=float, default=10.0, help="kill a child whose RSS passes this")
     parser.add_argument("--nnc-venv", help="NNCodec's environment (bench/nnc.py --setup); beside vgg16-cabac")
-    parser.add_argument("--reference", help="another checkout's src folder to run the children on")
+    parser.add_argument("--src", help="the package's src folder to run the children on (default: the installed one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -269,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:  # bench/ leaves sys.path: its kernels.py would shadow the package transformers imports
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-        (child_load(args.child, args.file) if args.load else child_compress(args.child, args.file, args.npz))
+        if args.child == "warmup":
+            child_warmup(args.file)
+        elif args.load:
+            child_load(args.child, args.file)
+        else:
+            child_compress(args.child, args.file, args.npz)
         return 0
     unknown = sorted(set(args.cases) - set(CASES))
     if unknown:
@@ -277,11 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     args.limit = int(args.max_rss_gb * 2**30)
     results = []
     with tempfile.TemporaryDirectory(prefix="deepshrink-scale-") as folder:
+        env = {**os.environ, **({"PYTHONPATH": str(Path(args.src).resolve())} if args.src else {})}
+        _, error = watch([sys.executable, __file__, "--child", "warmup", "--file", folder], args.limit, env)
+        if error:
+            raise SystemExit(f"the warm-up child failed ({error})")
         for case in args.cases:
             results.append(run_case(case, args, Path(folder)))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
-    write_json(args.out, {"machine": machine_info(load_average=os.getloadavg()), "cases": results})
+    write_json(args.out, {"machine": machine_info(load_average=os.getloadavg(), src=args.src), "cases": results})
     return 0
 
 

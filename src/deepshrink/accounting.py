@@ -1,7 +1,9 @@
 """Where the bytes of a compressed file go, from the encoded tensors themselves.
 
 ``account`` builds a ``FileReport`` from encoded tensors and the file's size: right after writing,
-the streams and their entropies are still in memory, so nothing is read back or decoded. A tensor
+the streams and their entropies are still in memory, so nothing is read back or decoded (``compress``
+makes each tensor's row with ``account_row`` as it is written, and ``report_from_rows`` the report, so
+that no tensor is kept for it). A tensor
 read from a file does not carry its streams' entropy; ``account`` then decodes those streams to
 measure it (that is what ``format.inspect_file`` does, and what ``compress_model(verify=True)``
 compares against).

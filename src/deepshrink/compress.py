@@ -1,10 +1,11 @@
 """The public API of stage 4: a model to a compressed file (``compress_model``) and back (``load``).
 
-``compress_model`` encodes the model (``encode.py``), writes the container (``format.py``) once and
-accounts for it from the encoded streams still in memory (``accounting.py``): nothing is read back
-or decoded unless ``verify=True``. ``load`` opens the file through the one gate (``format.open_file``),
-finds the model it fills (``model_for``: also what the sparse runtime uses) and decodes every tensor
-into it once.
+``compress_model`` encodes the model one tensor at a time (``encode.py``), in threads, writes each to
+the container as its turn comes (``format.write_tensors``) and accounts for it from its streams in
+memory (``accounting.account_row``): nothing is read back or decoded unless ``verify=True``, and no
+more than a few encoded tensors are held. ``load`` opens the file through the one gate
+(``format.open_file``), finds the model it fills (``model_for``: also what the sparse runtime uses)
+and decodes every tensor into its place once, one at a time.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def compress_model(
 
     def written(advance):
         nonlocal dense_bytes
-        for name, encoded in zip(names, map_in_order(encode, names, workers)):
+        for name, encoded in zip(names, map_in_order(encode, names, workers, release_memory=True)):
             rows.append(account_row(name, encoded, str(path)))
             dense_bytes += dense_bytes_of(encoded)
             advance(name)
@@ -154,7 +155,7 @@ def _fill(net: nn.Module, file: CompressedFile, workers: int | None, progress: b
         retie(net, file.tied)
     names = list(file.encoded)
     with tensor_progress(f"loading {file.path.name}", len(names), progress) as advance:
-        for name, tensor in zip(names, map_in_order(file.decode, names, workers)):
+        for name, tensor in zip(names, map_in_order(file.decode, names, workers, release_memory=True)):
             place(net, name, tensor, assign)
             advance(name)
     if assign:

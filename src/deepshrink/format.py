@@ -3,9 +3,10 @@
 Layout (specified in ``docs/format.md``): ``b"DSHRINK\\0"``, u16 version, u16 flags, u64 header
 length N, N bytes of zlib-compressed JSON header (with a preset dictionary from version 4), then the
 payload: the sections (raw tensors, codebooks, coded streams) back to back in tensor-name order,
-their lengths in the header and one CRC32 over the payload. How each tensor lies in it is its codec's
-business (``deepshrink.codecs``); this module knows no codec by name. Only the current version is
-written; versions 1 to 3 are still read.
+their lengths in the header and one CRC32 over the payload. ``write_tensors`` takes the tensors as
+they are encoded (the payload spools, the header follows from it); ``serialize`` lays out a dict.
+How each tensor lies in it is its codec's business (``deepshrink.codecs``); this module knows no
+codec by name. Only the current version is written; versions 1 to 3 are still read.
 
 ``open_file`` treats every file as hostile: every check that needs no decoding runs first, in a fixed
 order, each failure raising its own ``FormatError`` subclass, and every bound (expansion, memory,
@@ -36,20 +37,8 @@ from .accounting import FileReport, account
 from .codecs import CODECS, EncodedTensor, codec_of, codecs_in
 from .codecs.common import HEADER_DICTIONARY, check_keys, expect, is_int, one_of
 from .data import check_dataset_record
-from .errors import (
-    BadMagic,
-    ChecksumMismatch,
-    ConfigError,
-    FormatError,
-    HeaderTooLarge,
-    HeaderTooSmall,
-    InvalidHeader,
-    InvalidOffset,
-    TensorInfoMismatch,
-    TrailingBytes,
-    UnsupportedVersion,
-    WriteError,
-)
+from .errors import (BadMagic, ChecksumMismatch, ConfigError, FormatError, HeaderTooLarge, HeaderTooSmall, InvalidHeader,
+                     InvalidOffset, TensorInfoMismatch, TrailingBytes, UnsupportedVersion, WriteError)
 from .files import atomic_write
 
 MAGIC = b"DSHRINK\0"
@@ -88,6 +77,9 @@ EXPANSION_ALLOWANCE = 1 << 16
 #: position entries and int64 positions of the tensor being decoded): bench/expansion.py measured
 #: 12.8-16.9 on unpruned layers and 4.0 on 99%-pruned ones, so 24 is an upper bound.
 DECODE_BYTES_PER_ELEMENT = 24
+#: ``write_tensors`` keeps this much payload in memory before it spills to a temporary file
+SPOOL_BYTES = 64 << 20
+COPY_BYTES = 4 << 20  # chunks of the payload's copy into the file
 
 SECTION_KEYS = {"offsets", "crc32"}  # versions 1-2: where each section lies, and its checksum
 TOP_KEYS = {"format", "version", "model", "meta", "tensors"}  # + "payload_crc32" from version 3
@@ -148,7 +140,7 @@ def write_tensors(path: str | os.PathLike, tensors: Iterable[tuple[str, EncodedT
                 raise WriteError(f"cannot write {path}'s payload: {e.strerror or e}; no partial file was left") from e
 
         payload = _Payload(append)
-        head = _header_chunk(_entries(tensors, payload, ordered=True), payload.crc32, model_spec, meta)
+        head = _header_chunk(_entries(tensors, payload), payload.crc32, model_spec, meta)
 
         def write(f) -> None:
             f.write(head)
@@ -156,11 +148,6 @@ def write_tensors(path: str | os.PathLike, tensors: Iterable[tuple[str, EncodedT
             shutil.copyfileobj(spool, f, COPY_BYTES)
 
         return atomic_write(path, write), len(head)
-
-
-#: ``write_tensors`` keeps this much payload in memory before it spills to a temporary file
-SPOOL_BYTES = 64 << 20
-COPY_BYTES = 4 << 20  # chunks of the payload's copy into the file
 
 
 class _Payload:
@@ -193,14 +180,14 @@ def _check_header_parts(model_spec: dict | None, meta: dict | None, count: int =
         raise ConfigError(f"model spec, meta or coder params are not plain JSON ({e})") from None
 
 
-def _entries(tensors: Iterable[tuple[str, EncodedTensor]], payload: _Payload, ordered: bool = False) -> dict[str, dict]:
-    """Each tensor's header entry, its sections appended to ``payload``; ``ordered``: names must arrive sorted."""
+def _entries(tensors: Iterable[tuple[str, EncodedTensor]], payload: _Payload) -> dict[str, dict]:
+    """Each tensor's header entry, its sections appended to ``payload``; names must arrive sorted."""
     entries: dict[str, dict] = {}
     last = None
     for name, tensor in tensors:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"tensor names must be non-empty strings, got {name!r}")
-        if ordered and last is not None and not last < name:
+        if last is not None and not last < name:
             raise ConfigError(f"tensors must come in name order, without repeats: {name!r} after {last!r}")
         if len(entries) == MAX_TENSORS:
             raise ConfigError(f"more tensors than the format's limit of {MAX_TENSORS} per file")

@@ -4,10 +4,17 @@ Threads, not processes: the coders' numba kernels release the GIL (``nogil=True`
 torch's kernels do too, and threads share the model instead of copying it. Results come back in the
 order the items were given (a file is written in name order, whichever tensor finishes first), and
 only ``workers`` of them are computed ahead, so memory holds a bounded number of tensors.
+
+Each thread allocates from an arena of its own, and glibc gives an arena's freed pages back to the OS
+only from its top: after a few tensors, their freed temporaries would stay resident beside the next
+ones' (0.8 GB after quantizing GPT-2 medium's 355M weights). ``release_free_memory`` hands them back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,15 +40,20 @@ def worker_count(workers: int | None) -> int:
     return workers
 
 
-def map_in_order(fn: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None) -> Iterator[Result]:
+def map_in_order(fn: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None, *,
+                 release_memory: bool = False) -> Iterator[Result]:
     """``fn(item)`` for each item, in order, with up to ``workers`` calls running at once.
 
     At most ``workers`` results wait beside the one being consumed. The first exception is raised when
     its item's turn comes; calls not yet started are cancelled (running ones finish first).
+    ``release_memory``: ``release_free_memory`` once each result has been consumed (large items).
     """
     workers = worker_count(workers)
     if workers == 1:
-        yield from map(fn, items)
+        for item in items:
+            yield fn(item)
+            if release_memory:
+                release_free_memory()
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="deepshrink")
     pending: deque = deque()
@@ -50,7 +62,28 @@ def map_in_order(fn: Callable[[Item], Result], items: Iterable[Item], workers: i
             pending.append(pool.submit(fn, item))
             if len(pending) > workers:
                 yield pending.popleft().result()
+                if release_memory:
+                    release_free_memory()
         while pending:
             yield pending.popleft().result()
+            if release_memory:
+                release_free_memory()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free pages back to the OS: glibc's ``malloc_trim(0)`` (a millisecond or two),
+    which walks every arena; nothing where the C library has no such call."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None

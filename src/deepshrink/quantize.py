@@ -300,9 +300,9 @@ def quantize_model(
 
     layers: dict[str, dict] = {}
     changed: list[_SharedInPlace] = []
+    plans = map_in_order(plan, targets, workers, release_memory=True)
     try:  # layers clustered ``workers`` at once (sorts and kernels release the GIL), attached in order
-        for (fqn, module, name, bits, _), (centroids, indices, info) in zip(targets,
-                                                                              map_in_order(plan, targets, workers)):
+        for (fqn, module, name, bits, _), (centroids, indices, info) in zip(targets, plans):
             device = _stored(module, name).device
             changed.append(_SharedInPlace(module, name, SharedWeights(
                 centroids.to(device), indices.to(device), bits, config.gradient)))
