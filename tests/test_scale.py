@@ -230,19 +230,21 @@ def test_a_memory_mapped_file_reads_and_refuses_as_a_read_one(mapped, tmp_path, 
 # ---------------------------------------------------------------- bounded memory, the same results
 
 
-def test_quantize_model_puts_back_every_layer_it_changed_when_a_later_one_fails():
+@pytest.mark.parametrize("config", [QuantizeConfig(bits=3), QuantizeConfig(bits=3, method="ecsq", lam=0.5)])
+def test_quantize_model_puts_back_every_layer_it_changed_when_a_later_one_fails(config):
     """Layers are quantized and attached one at a time; an error in a later layer restores the earlier ones
-    exactly: masks, stored originals (their pruned values too), requires_grad and parametrizations."""
+    exactly: masks (kept as what they add to the indices: kept zeros, weights ECSQ sent to zero), stored
+    originals (their pruned values too), requires_grad and parametrizations."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 20), nn.Linear(20, 10))
-    model[0].weight = model[0].weight  # plain
     prune_model(model, PruneConfig(q=60, include=("0.*", "2.*")))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
+        model[0].parametrizations.weight.original[tuple(model[0].parametrizations.weight[0].mask.nonzero()[:3].T)] = 0.0
         model[2].parametrizations.weight.original[0, 0] = float("nan")
         model[2].parametrizations.weight[0].mask[0, 0] = True
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="2.weight.*NaN"):
-        quantize_model(model, QuantizeConfig(bits=3))
+        quantize_model(model, config, workers=1)
     after = model.state_dict()
     assert before.keys() == after.keys()
     for name in before:

@@ -373,9 +373,7 @@ class _SharedInPlace:
         self.module, self.name = module, name
         self.masked = parametrizations_of(module, name)  # Masked only (``_target`` checked)
         self.requires_grad = _stored(module, name).requires_grad
-        nonzero = shared.indices != 0
-        self.kept = [_MaskBeyond(p.mask, nonzero) for p in self.masked]
-        del nonzero
+        self.kept = [_MaskBeyond(p.mask, shared.indices) for p in self.masked]
         if self.masked:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)  # the original again
         try:  # unsafe: no trial forward (a gather of the whole weight) to learn what the shapes already say
@@ -409,15 +407,17 @@ class _SharedInPlace:
 
 
 class _MaskBeyond:
-    """A bool mask that is true wherever ``nonzero`` is, kept as the positions it adds (or packed bits, when
-    those would take more)."""
+    """A bool mask that is true wherever ``indices`` are not 0, kept as the positions it adds (usually none;
+    packed bits when those would take more)."""
 
-    def __init__(self, mask: torch.Tensor, nonzero: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, indices: torch.Tensor):
         self.shape, self.device = mask.shape, mask.device
-        extra = (mask & ~nonzero.to(mask.device)).reshape(-1)
-        count = int(torch.count_nonzero(extra))
-        self.positions = extra.nonzero().reshape(-1) if 64 * count <= extra.numel() else None
-        self.bits = None if self.positions is not None else np.packbits(mask.reshape(-1).cpu().numpy())
+        count = int(torch.count_nonzero(mask)) - int(torch.count_nonzero(indices))  # the mask holds every index
+        self.positions, self.bits = torch.zeros(0, dtype=torch.long, device=mask.device), None
+        if count and 64 * count <= mask.numel():
+            self.positions = (mask & (indices.to(mask.device) == 0)).reshape(-1).nonzero().reshape(-1)
+        elif count:
+            self.positions, self.bits = None, np.packbits(mask.reshape(-1).cpu().numpy())
 
     def restore(self, indices: torch.Tensor) -> torch.Tensor:
         if self.positions is None:
