@@ -9,6 +9,7 @@ weight, bias and BatchNorm tensors form one block); decompression unfolds it aga
 more keyword arguments of ``nnc.compress`` (e.g. ``{"use_dq": false, "param_opt": false}``). ``--stages``
 (``bench/scale.py``) times compression and decompression apart, each with its peak RSS (reset before it
 through ``/proc/self/clear_refs``), adds them to the JSON line and writes no decoded ``.npz``.
+``NNC_PYTHON bench/nnc_worker.py --decode FILE.nnc`` times one decompression alone (its peak RSS too).
 
 NNCodec's framework package imports torchvision and OpenCV when it is imported, although
 compress/decompress never use them: stubs stand in for them (torchvision would pull another torch build).
@@ -72,6 +73,16 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--decode"] and len(argv) == 2:  # decompression alone, timed with its peak RSS
+        sys.meta_path.insert(0, _TorchvisionStub())
+        from nncodec import nnc
+
+        _peak_reset()
+        start = time.perf_counter()
+        with redirect_stdout(io.StringIO()):
+            nnc.decompress(argv[1], verbose=False)
+        print(json.dumps({"decode_seconds": round(time.perf_counter() - start, 2), "decode_peak_rss": _peak()}))
+        return 0
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2

@@ -238,6 +238,8 @@ def run_case(case: str, args, folder: Path) -> dict:
         result["error"] = error
     if nnc and not error:
         result["nncodec"] = run_nncodec(Path(args.nnc_venv), npz, folder, args.limit)
+        if "error" not in result["nncodec"]:
+            result["decode_rounds"] = decode_rounds(me, env, Path(args.nnc_venv), folder, args)
     path.unlink(missing_ok=True)
     npz.unlink(missing_ok=True)
     return result
@@ -250,6 +252,24 @@ def run_nncodec(venv: Path, npz: Path, folder: Path, limit: int) -> dict:
         return {"error": f"no NNCodec environment at {venv} (python bench/nnc.py --setup)"}
     records, error = watch([str(python), str(WORKER), "--stages", str(npz), str(folder / "nnc"), "-38"], limit)
     return {"error": error} if error else records[-1]
+
+
+def decode_rounds(me: list[str], env: dict, venv: Path, folder: Path, args) -> dict:
+    """Our load and NNCodec's decompression of the same weights, alternately, each in a fresh process: on a
+    shared machine one run of each says little, the medians of ``--decode-rounds`` more."""
+    ours, theirs = [], []
+    for _ in range(args.decode_rounds):
+        records, error = watch(me + ["--load"], args.limit, env)
+        ours += [r for r in records if r.get("stage") == "load"]
+        records, error = watch([str(venv / "bin" / "python"), str(WORKER), "--decode", str(folder / "nnc" / "qp-38.nnc")],
+                               args.limit)
+        theirs += records
+    median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
+    return {"ours_load_seconds": [r["seconds"] for r in ours], "ours_load_peak_rss": [r["peak_rss"] for r in ours],
+            "nncodec_decode_seconds": [r["decode_seconds"] for r in theirs],
+            "nncodec_decode_peak_rss": [r["decode_peak_rss"] for r in theirs],
+            "ours_median_seconds": median([r["seconds"] for r in ours]),
+            "nncodec_median_seconds": median([r["decode_seconds"] for r in theirs])}
 
 
 def table(results: list[dict]) -> str:
@@ -272,6 +292,10 @@ def table(results: list[dict]) -> str:
             lines.append(f"| NNCodec (qp {n['qp']}) on {r['case']}'s weights | | | | {n['encode_seconds']:.0f} s | "
                          f"{n['decode_seconds']:.0f} s | -, -, {n['encode_peak_rss'] / dense:.2f}, "
                          f"{n['decode_peak_rss'] / dense:.2f} | {n['bytes'] / 2**20:.1f} MiB | |")
+        if r.get("decode_rounds", {}).get("ours_median_seconds") is not None:
+            d = r["decode_rounds"]
+            lines.append(f"| {r['case']}: load / NNCodec decode, median of {len(d['ours_load_seconds'])} alternate "
+                         f"runs | | | | | {d['ours_median_seconds']:.1f} s / {d['nncodec_median_seconds']:.1f} s | | | |")
     return "\n".join(lines)
 
 
@@ -280,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", default=list(CASES[:4]), help=f"of {', '.join(CASES)} (default: all but gpt2-xl)")
     parser.add_argument("--max-rss-gb", type=float, default=10.0, help="kill a child whose RSS passes this")
     parser.add_argument("--nnc-venv", help="NNCodec's environment (bench/nnc.py --setup); beside vgg16-cabac")
+    parser.add_argument("--decode-rounds", type=int, default=3,
+                        help="with --nnc-venv: our load and NNCodec's decode, alternately, this many times each")
     parser.add_argument("--src", help="the package's src folder to run the children on (default: the installed one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ and decodes every tensor into its place once, one at a time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .encode import EncodeConfig, encode_tensor, model_tensors
 from .errors import ConfigError, DeepShrinkError, FormatError, TensorInfoMismatch
 from .format import DEFAULT_MAX_EXPANSION, TIED_KEY, CompressedFile, inspect_file, open_file, write_tensors
 from .layers import place, retie, tied_weights
-from .parallel import map_in_order
+from .parallel import map_in_order, map_unordered
 from .progress import tensor_progress
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,10 @@ def _fill(net: nn.Module, file: CompressedFile, workers: int | None, progress: b
     assign = any(t.is_meta for t in net.state_dict().values())
     if not assign:  # the aliases share their first name's storage, which the copy fills
         retie(net, file.tied)
-    names = list(file.encoded)
+    # largest first: the others decode on the remaining threads meanwhile (the order changes no value)
+    names = sorted(file.encoded, key=lambda n: -math.prod(file.encoded[n].shape))
     with tensor_progress(f"loading {file.path.name}", len(names), progress) as advance:
-        for name, tensor in zip(names, map_in_order(file.decode, names, workers, release_memory=True)):
+        for name, tensor in map_unordered(file.decode, names, workers, release_memory=True):
             place(net, name, tensor, assign)
             advance(name)
     if assign:

@@ -18,7 +18,7 @@ import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from .errors import ConfigError
@@ -70,6 +70,33 @@ def map_in_order(fn: Callable[[Item], Result], items: Iterable[Item], workers: i
                 release_free_memory()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map_unordered(fn: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None, *,
+                  release_memory: bool = False) -> Iterator[tuple[Item, Result]]:
+    """``(item, fn(item))`` as each call finishes, up to ``workers`` calls running at once (started in the
+    order given: put the longest first, and the others fill the remaining threads around it). The first
+    exception is raised as soon as its call finishes; calls not yet started are cancelled."""
+    workers = worker_count(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="deepshrink")
+    running: dict = {}
+    try:
+        for item in items:
+            if len(running) == workers:
+                yield from _finished(running, release_memory)
+            running[pool.submit(fn, item)] = item
+        while running:
+            yield from _finished(running, release_memory)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished(running: dict, release_memory: bool) -> Iterator[tuple]:
+    done, _ = wait(running, return_when=FIRST_COMPLETED)
+    for future in done:
+        yield running.pop(future), future.result()
+        if release_memory:
+            release_free_memory()
 
 
 def release_free_memory() -> None:
