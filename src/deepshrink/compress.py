@@ -119,6 +119,9 @@ def load(
     Tensors are decoded one at a time (``workers`` at once) and each goes straight into its place: copied
     into the given model's own parameter or buffer, or, for a model built from the spec on the meta
     device, becoming it; memory holds the model plus a few tensors being decoded, never a second copy.
+    So a stream that fails to decode (a file that passed every check of the gate, then holds a corrupt
+    stream) raises once the tensors before it are in place: the given model then holds some of the
+    file's tensors; load into a fresh model where that matters.
 
     Args:
         path: a ``.dsz`` file, or one already opened by ``format.open_file``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
@@ -62,20 +63,24 @@ def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.nda
 def levels_to_values(levels: np.ndarray, codebook: np.ndarray, num_negative: int) -> np.ndarray:
     """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range.
 
-    One lookup by ``level + num_negative`` (the negative values, 0.0, then the others), a chunk at a time:
+    One lookup by ``level + num_negative`` in the negative values, 0.0, then the others: a single pass,
     no int64 copy of the levels."""
     levels = np.asarray(levels)
     table = np.concatenate([codebook[:num_negative].astype(np.float32), np.zeros(1, np.float32),
                             codebook[num_negative:].astype(np.float32)])
-    flat, out = levels.reshape(-1), np.empty(levels.size, dtype=np.float32)
-    for start in range(0, flat.size, _LOOKUP_CHUNK):
-        part = flat[start:start + _LOOKUP_CHUNK].astype(np.int64)
-        part += num_negative
-        np.take(table, part, out=out[start:start + _LOOKUP_CHUNK])
+    flat = np.ascontiguousarray(levels).reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    if flat.size and (int(flat.min()) + num_negative < 0 or int(flat.max()) + num_negative >= table.size):
+        raise IndexError(f"levels span {int(flat.min())}..{int(flat.max())}, outside the codebook's "
+                         f"-{num_negative}..{table.size - 1 - num_negative}")
+    _lookup(flat, num_negative, table, out)
     return out.reshape(levels.shape)
 
 
-_LOOKUP_CHUNK = 1 << 20  # levels looked up at a time
+@numba.njit(cache=True, nogil=True)
+def _lookup(levels, offset, table, out):
+    for i in range(levels.shape[0]):
+        out[i] = table[levels[i] + offset]
 
 
 def encode_levels(
