@@ -36,7 +36,7 @@ RECIPES = {
     "lenet300-mnist-100x": ("LeNet-300-100", "MNIST", "paper: 40x at 1.58%"),
     "lenet5-mnist-130x": ("LeNet-5", "MNIST", "paper: 39x at 0.74%"),
     "resnet20-cifar10-25x": ("ResNet-20", "CIFAR-10 JPEG", "lab: q=50 + 4 bits, est. 24x"),
-    "resnet56-cifar10-40x": ("ResNet-56", "CIFAR-10 JPEG", "-"),
+    "resnet56-cifar10-ecsq": ("ResNet-56", "CIFAR-10 JPEG", "-"),
 }
 
 
