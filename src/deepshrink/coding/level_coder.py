@@ -81,72 +81,56 @@ _WINDOW = 8  # the significance context counts the non-zeros among this many pre
 _PARAM_KEYS = {"row_length", "max_abs", "num_gt", "prob_bits", "shifts", "init_prob", "context_model"}
 
 _OK, _BAD_LEVEL, _BAD_START = 0, 1, 2
-# 1 + floor(log2(n + 1)) for a context seen n = 0..255 times (the warm-up adaptation shift before its cap)
-_RATE = np.array([1 + int(np.log2(n + 1)) for n in range(256)], dtype=np.int64)
+# The adaptation shifts min(1 + floor(log2(n + 1)), cap) of a context seen n times: from n = 63 on both
+# are at their caps, so the kernels stop counting there (the format's n saturates at 255: the same shifts)
+_SEEN_CAP = 63
+_FAST_SHIFT = np.array([min(1 + int(np.log2(n + 1)), SHIFTS[0]) for n in range(_SEEN_CAP + 1)], dtype=np.int32)
+_SLOW_SHIFT = np.array([min(1 + int(np.log2(n + 1)), SHIFTS[1]) for n in range(_SEEN_CAP + 1)], dtype=np.int32)
+_HISTORY = 1 << _WINDOW  # a row's non-zero flags of its last _WINDOW levels, bit 0 the level just before
 
 
-# --- encoder ------------------------------------------------------------------------------------
+def _significance_contexts() -> np.ndarray:
+    """[rules, col_class * _HISTORY + history] -> significance context, for rules 0 (version 2's, without
+    ``left``) and 1 (the others')."""
+    history = np.arange(_HISTORY)
+    window = np.minimum(np.array([bin(h).count("1") for h in history]), 3)
+    col_class = np.arange(3)[:, None]
+    legacy = 4 * col_class + window
+    with_left = 8 * col_class + 4 * (history & 1) + window
+    return np.stack([legacy.reshape(-1), with_left.reshape(-1)]).astype(np.int32)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _shift_low(state, out):
-    """Move the top byte of ``low`` out (through the one-byte cache that absorbs carries); returns ``out``."""
-    low = state[0]
-    if low < 0xFF000000 or low >= (1 << 32):
-        carry = low >> 32
-        byte = state[2]
-        pos = state[4]
-        if pos + state[3] + 8 > out.shape[0]:
-            bigger = np.empty(2 * out.shape[0] + state[3] + 64, dtype=np.uint8)
-            bigger[:pos] = out[:pos]
-            out = bigger
-        while state[3] > 0:
-            out[pos] = np.uint8((byte + carry) & 0xFF)
-            pos += 1
-            byte = 0xFF
-            state[3] -= 1
-        state[4] = pos
-        state[2] = (low >> 24) & 0xFF
-    state[3] += 1
-    state[0] = (low & 0x00FFFFFF) << 8
-    return out
+_SIG_CONTEXT = _significance_contexts()
+
+
+# Kernel conventions: every index is cast to unsigned (numba wraps negative signed indices, a compare
+# and an add per access), coder state lives in local variables, and the level loops run row by row,
+# the significance bin of a zero level being the hot path (90% and more of the levels of a pruned layer).
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _put(state, out, bit, p):
-    """Code ``bit`` with P(1) = p / 2**15: the 1 takes the lower part of the range."""
-    bound = (state[1] >> PROB_BITS) * p
-    if bit:
-        state[1] = bound
-    else:
-        state[0] += bound
-        state[1] -= bound
-    while state[1] < _TOP:
-        state[1] <<= 8
-        out = _shift_low(state, out)
-    return out
+def _u(index):
+    return np.uint64(index)
+
+
+# --- context rules (docs/format.md), shared by encoder and decoder so that they cannot drift apart -----
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _prob(probs, ctx):
-    return (probs[ctx, 0] + probs[ctx, 1]) >> 2
+def _layout(model):
+    """The context rules' constants of a model: (rules, sign base, sign weight of ``left``, gt base,
+    gt stride, gt weights of the sign, of near_k and of ``|left| > k``)."""
+    if model == 0:
+        return 0, _SIGN[0], 0, _GT[0], _GT_STRIDE[0], 3, 1, 0
+    return 1, _SIGN[model], 9, _GT[model], _GT_STRIDE[model], 6, 2, 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _adapt(probs, ctx, bit, fast, slow):
-    # warm-up: a context seen n times adapts with shift min(1 + floor(log2(n + 1)), cap), so its
-    # first bins move the estimate like a running mean and later ones like a fixed-rate average
-    seen = probs[ctx, 2]
-    rate = _RATE[seen] if _RATE[seen] < slow else slow
-    rate_fast = rate if rate < fast else fast
-    if bit:
-        probs[ctx, 0] += (65536 - probs[ctx, 0]) >> rate_fast
-        probs[ctx, 1] += (65536 - probs[ctx, 1]) >> rate
-    else:
-        probs[ctx, 0] -= probs[ctx, 0] >> rate_fast
-        probs[ctx, 1] -= probs[ctx, 1] >> rate
-    if seen < 255:
-        probs[ctx, 2] = seen + 1
+def _sig_context(sig_contexts, seen, row, history):
+    """Significance: how dense column j has been in the rows before (never / in under 1/8 of them /
+    more) x the row's recent non-zeros."""
+    col_class = 0 if seen == 0 else (1 if 8 * seen < row else 2)
+    return sig_contexts[_u(col_class * _HISTORY + history)]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -154,53 +138,62 @@ def _sign_class(v):
     return 0 if v == 0 else (1 if v < 0 else 2)
 
 
-# The context rules (docs/format.md), one function each so that encoder and decoder cannot drift apart.
 @numba.njit(cache=True, nogil=True, inline="always")
-def _row_window(levels, i, col, window):
-    """The non-zeros among the previous _WINDOW levels of the row, slid forward to position i (column col)."""
-    if col == 0:
-        return 0
-    window += levels[i - 1] != 0
-    if col > _WINDOW:
-        window -= levels[i - 1 - _WINDOW] != 0
-    return window
+def _sign_context(sign_base, sign_left, left, column, row_last):
+    return sign_base + sign_left * _sign_class(left) + 3 * _sign_class(column) + _sign_class(row_last)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _sig_context(seen, i, row_length, window, left, model):
-    """Significance: how dense this column has been so far (never / sparse / dense) x non-zeros in the row
-    window (x whether the level just before is non-zero)."""
-    col_class = 0 if seen == 0 else (1 if 8 * seen < i // row_length else 2)
-    if model == 0:
-        return 4 * col_class + min(window, 3)
-    return 8 * col_class + 4 * (left != 0) + min(window, 3)
+def _gt_context(base, k, stride, near, near_row, near_col, near_left, gt_left):
+    """Flag "|level| > k": ``base`` holds the model's base, the sign's and the quantizer's part."""
+    return base + stride * (k - 1) + near * ((near_row > k) + (near_col > k)) + gt_left * (near_left > k)
+
+
+# --- probability model ---------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _fresh_estimates(contexts):
+    """Context c at [4c: 4c + 3]: the fast and slow estimate of P(1), the times seen (capped at _SEEN_CAP)."""
+    estimates = np.full(4 * contexts, INIT_PROB, dtype=np.int32)
+    estimates[2::4] = 0
+    return estimates
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _sign_context(column, row_last, left, model):
-    """Sign: the signs of the column's and the row's last non-zero levels (and of the level just before)."""
-    if model == 0:
-        return _SIGN[0] + 3 * _sign_class(column) + _sign_class(row_last)
-    return _SIGN[model] + 9 * _sign_class(left) + 3 * _sign_class(column) + _sign_class(row_last)
+def _prob(estimates, ctx):
+    return np.int64(estimates[_u(4 * ctx)] + estimates[_u(4 * ctx + 1)]) >> 2
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gt_context(k, negative, near_row, near_col, near_left, quantizer, model):
-    """Flag "|level| > k": k, the sign, and whether the row's and column's last non-zeros (and the level
-    just before) exceed k (and the dependent quantizer in use)."""
-    if model == 0:
-        return _GT[0] + 6 * (k - 1) + 3 * negative + (near_row > k) + (near_col > k)
-    return (_GT[model] + _GT_STRIDE[model] * (k - 1) + 12 * quantizer + 6 * negative
-            + 2 * ((near_row > k) + (near_col > k)) + (near_left > k))
+def _adapted(fast, slow, seen, bit):
+    """A context's (fast, slow, seen) after coding ``bit``."""
+    if bit:
+        fast += (65536 - fast) >> _FAST_SHIFT[_u(seen)]
+        slow += (65536 - slow) >> _SLOW_SHIFT[_u(seen)]
+    else:
+        fast -= fast >> _FAST_SHIFT[_u(seen)]
+        slow -= slow >> _SLOW_SHIFT[_u(seen)]
+    return fast, slow, (seen + 1 if seen < _SEEN_CAP else seen)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _next_state(state, levels, i, model):
-    """The dependent quantizer's state at position i, from the state at i - 1 and the level coded there
-    (always 0 outside model 2)."""
-    if model != 2 or i == 0:
-        return 0
-    return _DQ_NEXT[state, abs(np.int64(levels[i - 1])) & 1]
+def _adapt(estimates, ctx, bit):
+    at = _u(4 * ctx)
+    fast, slow, seen = _adapted(estimates[at], estimates[at + 1], estimates[at + 2], bit)
+    estimates[at], estimates[at + 1], estimates[at + 2] = fast, slow, seen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _swap_context(estimates, held, fast, slow, seen, ctx):
+    """Store the estimates of context ``held`` (kept in variables while it repeats), load those of ``ctx``."""
+    at = _u(4 * held)
+    estimates[at], estimates[at + 1], estimates[at + 2] = fast, slow, seen
+    at = _u(4 * ctx)
+    return estimates[at], estimates[at + 1], estimates[at + 2]
+
+
+# --- dependent quantization ----------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
@@ -225,99 +218,142 @@ def _dependent_to_coded(levels, out):
     return -1
 
 
-@numba.njit(cache=True, nogil=True)
-def _coded_to_dependent(levels):
-    """In place: each coded level k becomes its reconstruction level j = 2k - sign(k) * quantizer."""
-    state = 0
-    for i in range(levels.shape[0]):
-        k = np.int64(levels[i])
-        quantizer = state & 1
-        state = _DQ_NEXT[state, abs(k) & 1]
-        if k > 0:
-            levels[i] = 2 * k - quantizer
-        elif k < 0:
-            levels[i] = 2 * k + quantizer
+# --- encoder ------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shift_low(low, cache, pending, pos, out):
+    """Move the top byte of ``low`` out through the one-byte ``cache`` that absorbs carries (``pending``
+    counts the cache and the 0xFF bytes behind it); returns (low, cache, pending, pos)."""
+    if low < 0xFF000000 or low >= (1 << 32):
+        carry = low >> 32
+        byte = cache
+        while pending > 0:
+            out[_u(pos)] = np.uint8((byte + carry) & 0xFF)
+            pos += 1
+            byte = 0xFF
+            pending -= 1
+        cache = (low >> 24) & 0xFF
+    return (low & 0x00FFFFFF) << 8, cache, pending + 1, pos
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _encode_bin(bit, p, low, rng, cache, pending, pos, out):
+    """Code ``bit`` with P(1) = p / 2**15 (the 1 takes the lower part of the range); returns the coder state."""
+    bound = (rng >> PROB_BITS) * p
+    if bit:
+        rng = bound
+    else:
+        low += bound
+        rng -= bound
+    while rng < _TOP:
+        rng <<= 8
+        low, cache, pending, pos = _shift_low(low, cache, pending, pos, out)
+    return low, rng, cache, pending, pos
 
 
 @numba.njit(cache=True, nogil=True)
-def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob, model):
+def _grown(out, pos, needed):
+    """``out`` with room for ``needed`` more bytes after ``pos`` (a new array when it had none)."""
+    if pos + needed <= out.shape[0]:
+        return out
+    bigger = np.empty(2 * out.shape[0] + needed, dtype=np.uint8)
+    bigger[:pos] = out[:pos]
+    return bigger
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(levels, row_length, max_abs, num_gt, model):
     """Code ``levels``; returns the payload bytes as uint8 (leading zero byte dropped, trailing zeros stripped)."""
     n = levels.shape[0]
-    probs = np.full((_GT[model] + _GT_STRIDE[model] * num_gt, 3), init_prob, dtype=np.int64)
-    probs[:, 2] = 0  # times seen
-    state = np.zeros(5, dtype=np.int64)  # low, range, cache, cache_size, pos
-    state[1] = 0xFFFFFFFF
-    state[3] = 1
-    out = np.empty(n // 4 + 64, dtype=np.uint8)
+    rules, sign_base, sign_left, gt_base, gt_stride, gt_neg, gt_near, gt_left = _layout(model)
+    sig_contexts = _SIG_CONTEXT[rules]
+    estimates = _fresh_estimates(gt_base + gt_stride * num_gt)
+    low, rng, cache, pending, pos = np.int64(0), np.int64(0xFFFFFFFF), np.int64(0), np.int64(1), np.int64(0)
+    out = np.empty(n // 8 + 1024, dtype=np.uint8)
+    # the bytes one level can emit at most: 2 per bin (p >= 35 / 2**15 leaves range >= 2**14), over at
+    # most 2 + num_gt + 2 * 17 bins (an Exp-Golomb remainder is below 2**17), besides those pending
+    level_bytes = 2 * (2 + num_gt + 2 * 17) + 16
     last = min(num_gt, max_abs - 1)  # T: the unary code's last flag
-    col_last = np.zeros(min(row_length, n), dtype=np.int64)  # last non-zero level of each column
-    col_count = np.zeros(min(row_length, n), dtype=np.int64)  # non-zeros of each column so far
-    col = 0
-    row_last = np.int64(0)  # last non-zero level of the current row
-    window = 0  # non-zeros among the previous WINDOW levels of the row
+    col_last = np.zeros(min(row_length, n), dtype=np.int32)  # last non-zero level of each column
+    col_count = np.zeros(min(row_length, n), dtype=np.int32)  # non-zeros of each column so far
     dq_state = 0  # the dependent quantizer's (model 2)
-    for i in range(n if max_abs > 0 else 0):
-        if col == 0:
-            row_last = 0
-        window = _row_window(levels, i, col, window)
-        dq_state = _next_state(dq_state, levels, i, model)
-        quantizer = dq_state & 1
-        column = col_last[col]
-        seen = col_count[col]
-        left = np.int64(levels[i - 1]) if col > 0 else np.int64(0)
-        ctx = _sig_context(seen, i, row_length, window, left, model)
-        v = np.int64(levels[i])
-        sig = 1 if v != 0 else 0
-        out = _put(state, out, sig, _prob(probs, ctx))
-        _adapt(probs, ctx, sig, fast, slow)
-        if sig == 0:
-            col += 1
-            if col == row_length:
-                col = 0
-            continue
-        negative = 1 if v < 0 else 0
-        ctx = _sign_context(column, row_last, left, model)
-        out = _put(state, out, negative, _prob(probs, ctx))
-        _adapt(probs, ctx, negative, fast, slow)
-        magnitude = -v if negative else v
-        near_row = abs(row_last)
-        near_col = abs(column)
-        col_last[col] = v
-        col_count[col] += 1
-        row_last = v
-        col += 1
-        if col == row_length:
-            col = 0
-        k = 1
-        while k <= last:
-            flag = 1 if magnitude > k else 0
-            ctx = _gt_context(k, negative, near_row, near_col, abs(left), quantizer, model)
-            out = _put(state, out, flag, _prob(probs, ctx))
-            _adapt(probs, ctx, flag, fast, slow)
-            if flag == 0:
-                break
-            k += 1
-        if magnitude > last and last < max_abs - 1:
-            value = magnitude - last  # remainder + 1 >= 1
-            width = 0
-            while (value >> (width + 1)) > 0:
-                width += 1
-            for _ in range(width):
-                out = _put(state, out, 1, _HALF)
-            out = _put(state, out, 0, _HALF)
-            for b in range(width - 1, -1, -1):
-                out = _put(state, out, (value >> b) & 1, _HALF)
+    # a zero level's significance context mostly repeats: its estimates stay in variables while it does
+    held = 0
+    fast, slow, times = estimates[0], estimates[1], estimates[2]
+    for row in range((n + row_length - 1) // row_length if max_abs > 0 else 0):
+        start = row * row_length
+        row_levels = levels[start: min(start + row_length, n)]
+        history = 0  # bit b: level col - 1 - b of the row is non-zero
+        left = 0  # the level just before in the row (while history & 1)
+        row_last = 0  # the row's last non-zero level
+        for col in range(row_levels.shape[0]):
+            if pos + pending + level_bytes > out.shape[0]:
+                out = _grown(out, pos, pending + level_bytes)
+            v = np.int64(row_levels[_u(col)])
+            seen = col_count[_u(col)]
+            ctx = _sig_context(sig_contexts, seen, row, history)
+            if ctx != held:
+                fast, slow, times = _swap_context(estimates, held, fast, slow, times, ctx)
+                held = ctx
+            sig = 1 if v != 0 else 0
+            low, rng, cache, pending, pos = _encode_bin(sig, (fast + slow) >> 2, low, rng, cache, pending, pos, out)
+            fast, slow, times = _adapted(fast, slow, times, sig)
+            if sig == 0:
+                history = (history << 1) & (_HISTORY - 1)
+                if model == 2:
+                    dq_state = _DQ_NEXT[_u(dq_state), 0]
+                continue
+            if history & 1 == 0:
+                left = 0
+            negative = 1 if v < 0 else 0
+            column = np.int64(col_last[_u(col)])
+            ctx = _sign_context(sign_base, sign_left, left, column, row_last)
+            low, rng, cache, pending, pos = _encode_bin(negative, _prob(estimates, ctx), low, rng, cache, pending,
+                                                        pos, out)
+            _adapt(estimates, ctx, negative)
+            magnitude = -v if negative else v
+            near_row, near_col, near_left = abs(row_last), abs(column), abs(left)
+            base = gt_base + 12 * (dq_state & 1) + gt_neg * negative
+            k = 1
+            while k <= last:
+                flag = 1 if magnitude > k else 0
+                ctx = _gt_context(base, k, gt_stride, gt_near, near_row, near_col, near_left, gt_left)
+                low, rng, cache, pending, pos = _encode_bin(flag, _prob(estimates, ctx), low, rng, cache, pending,
+                                                            pos, out)
+                _adapt(estimates, ctx, flag)
+                if flag == 0:
+                    break
+                k += 1
+            if magnitude > last and last < max_abs - 1:
+                value = magnitude - last  # remainder + 1 >= 1
+                width = 0
+                while (value >> (width + 1)) > 0:
+                    width += 1
+                for _ in range(width):
+                    low, rng, cache, pending, pos = _encode_bin(1, _HALF, low, rng, cache, pending, pos, out)
+                low, rng, cache, pending, pos = _encode_bin(0, _HALF, low, rng, cache, pending, pos, out)
+                for b in range(width - 1, -1, -1):
+                    low, rng, cache, pending, pos = _encode_bin((value >> b) & 1, _HALF, low, rng, cache, pending,
+                                                                pos, out)
+            col_last[_u(col)] = v
+            col_count[_u(col)] = seen + 1
+            row_last = v
+            left = v
+            history = ((history << 1) | 1) & (_HISTORY - 1)
+            if model == 2:
+                dq_state = _DQ_NEXT[_u(dq_state), magnitude & 1]
     # flush: the value in [low, low + range) with the most trailing zero bits, then strip them
-    low, rng = state[0], state[1]
     for bits in range(32, -1, -1):
         mask = (np.int64(1) << bits) - 1
         value = (low + mask) & ~mask
         if value < low + rng:
-            state[0] = value
+            low = value
             break
+    out = _grown(out, pos, pending + 16)
     for _ in range(5):
-        out = _shift_low(state, out)
-    end = state[4]
+        low, cache, pending, pos = _shift_low(low, cache, pending, pos, out)
+    end = pos
     while end > 1 and out[end - 1] == 0:
         end -= 1
     return out[1:end].copy()  # the first byte is the initial cache, always 0
@@ -327,107 +363,115 @@ def _encode(levels, row_length, max_abs, num_gt, fast, slow, init_prob, model):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _get(state, data, p):
-    """Decode one bin with P(1) = p / 2**15; bytes past the payload read as zero (and are counted)."""
-    bound = (state[0] >> PROB_BITS) * p
-    if state[1] < bound:
-        state[0] = bound
+def _decode_bin(p, rng, code, pos, data):
+    """Decode one bin with P(1) = p / 2**15; bytes past the payload read as zero (and are counted).
+    Returns (bit, rng, code, pos)."""
+    bound = (rng >> PROB_BITS) * p
+    if code < bound:
+        rng = bound
         bit = 1
     else:
-        state[1] -= bound
-        state[0] -= bound
+        code -= bound
+        rng -= bound
         bit = 0
-    while state[0] < _TOP:
-        pos = state[2]
-        byte = np.int64(data[pos]) if pos < data.shape[0] else 0
-        state[0] <<= 8
-        state[1] = (state[1] << 8) | byte
-        state[2] = pos + 1
-    return bit
+    while rng < _TOP:
+        byte = np.int64(data[_u(pos)]) if pos < data.shape[0] else np.int64(0)
+        rng <<= 8
+        code = (code << 8) | byte
+        pos += 1
+    return bit, rng, code, pos
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode(data, count, row_length, max_abs, num_gt, fast, slow, init_prob, model, out):
-    """Decode ``count`` levels into ``out``; returns (status, bytes read including zeros past the end)."""
-    probs = np.full((_GT[model] + _GT_STRIDE[model] * num_gt, 3), init_prob, dtype=np.int64)
-    probs[:, 2] = 0  # times seen
-    state = np.zeros(3, dtype=np.int64)  # range, code, pos
-    state[0] = 0xFFFFFFFF
-    code = 0
+def _decode(data, count, row_length, max_abs, num_gt, model, out):
+    """Decode ``count`` levels into ``out``, which holds zeros (model 2: the reconstruction levels j);
+    returns (status, bytes read including zeros past the end)."""
+    rules, sign_base, sign_left, gt_base, gt_stride, gt_neg, gt_near, gt_left = _layout(model)
+    sig_contexts = _SIG_CONTEXT[rules]
+    estimates = _fresh_estimates(gt_base + gt_stride * num_gt)
+    rng = np.int64(0xFFFFFFFF)
+    code = np.int64(0)
     for j in range(4):
-        code = (code << 8) | (np.int64(data[j]) if j < data.shape[0] else 0)
-    state[1] = code
-    state[2] = 4
-    if code >= state[0]:
-        return _BAD_START, 4
-    if max_abs == 0:
-        out[:count] = 0
-        return _OK, 4
+        code = (code << 8) | (np.int64(data[j]) if j < data.shape[0] else np.int64(0))
+    pos = np.int64(4)
+    if code >= rng:
+        return _BAD_START, pos
     last = min(num_gt, max_abs - 1)
     max_width = 0
     while (max_abs >> (max_width + 1)) > 0:
         max_width += 1
-    col_last = np.zeros(min(row_length, count), dtype=np.int64)
-    col_count = np.zeros(min(row_length, count), dtype=np.int64)
-    col = 0
-    row_last = np.int64(0)
-    window = 0
+    col_last = np.zeros(min(row_length, count), dtype=np.int32)
+    col_count = np.zeros(min(row_length, count), dtype=np.int32)
     dq_state = 0
-    for i in range(count):
-        if col == 0:
-            row_last = 0
-        window = _row_window(out, i, col, window)
-        dq_state = _next_state(dq_state, out, i, model)
-        quantizer = dq_state & 1
-        column = col_last[col]
-        seen = col_count[col]
-        left = np.int64(out[i - 1]) if col > 0 else np.int64(0)
-        ctx = _sig_context(seen, i, row_length, window, left, model)
-        sig = _get(state, data, _prob(probs, ctx))
-        _adapt(probs, ctx, sig, fast, slow)
-        if sig == 0:
-            out[i] = 0
-            col += 1
-            if col == row_length:
-                col = 0
-            continue
-        ctx = _sign_context(column, row_last, left, model)
-        negative = _get(state, data, _prob(probs, ctx))
-        _adapt(probs, ctx, negative, fast, slow)
-        near_row = abs(row_last)
-        near_col = abs(column)
-        here = col
-        col += 1
-        if col == row_length:
-            col = 0
-        magnitude = 1
-        k = 1
-        while k <= last:
-            ctx = _gt_context(k, negative, near_row, near_col, abs(left), quantizer, model)
-            flag = _get(state, data, _prob(probs, ctx))
-            _adapt(probs, ctx, flag, fast, slow)
-            if flag == 0:
-                break
-            magnitude += 1
-            k += 1
-        if magnitude > last and last < max_abs - 1:
-            width = 0
-            while _get(state, data, _HALF):
-                width += 1
-                if width > max_width:  # remainder + 1 <= max_abs needs at most max_width ones
-                    return _BAD_LEVEL, state[2]
-            value = 1
-            for _ in range(width):
-                value = (value << 1) | _get(state, data, _HALF)
-            magnitude = last + value
-            if magnitude > max_abs:
-                return _BAD_LEVEL, state[2]
-        v = -magnitude if negative else magnitude
-        out[i] = v
-        col_last[here] = v
-        col_count[here] += 1
-        row_last = v
-    return _OK, state[2]
+    # a zero level's significance context mostly repeats: its estimates stay in variables while it does
+    held = 0
+    fast, slow, times = estimates[0], estimates[1], estimates[2]
+    for row in range((count + row_length - 1) // row_length if max_abs > 0 else 0):
+        start = row * row_length
+        row_out = out[start: min(start + row_length, count)]
+        history = 0
+        left = 0
+        row_last = 0
+        for col in range(row_out.shape[0]):
+            seen = col_count[_u(col)]
+            ctx = _sig_context(sig_contexts, seen, row, history)
+            if ctx != held:
+                fast, slow, times = _swap_context(estimates, held, fast, slow, times, ctx)
+                held = ctx
+            sig, rng, code, pos = _decode_bin((fast + slow) >> 2, rng, code, pos, data)
+            fast, slow, times = _adapted(fast, slow, times, sig)
+            if sig == 0:
+                history = (history << 1) & (_HISTORY - 1)
+                if model == 2:
+                    dq_state = _DQ_NEXT[_u(dq_state), 0]
+                continue
+            if history & 1 == 0:
+                left = 0
+            column = np.int64(col_last[_u(col)])
+            ctx = _sign_context(sign_base, sign_left, left, column, row_last)
+            negative, rng, code, pos = _decode_bin(_prob(estimates, ctx), rng, code, pos, data)
+            _adapt(estimates, ctx, negative)
+            near_row, near_col, near_left = abs(row_last), abs(column), abs(left)
+            quantizer = dq_state & 1
+            base = gt_base + 12 * quantizer + gt_neg * negative
+            magnitude = 1
+            k = 1
+            while k <= last:
+                ctx = _gt_context(base, k, gt_stride, gt_near, near_row, near_col, near_left, gt_left)
+                flag, rng, code, pos = _decode_bin(_prob(estimates, ctx), rng, code, pos, data)
+                _adapt(estimates, ctx, flag)
+                if flag == 0:
+                    break
+                magnitude += 1
+                k += 1
+            if magnitude > last and last < max_abs - 1:
+                width = 0
+                while True:
+                    one, rng, code, pos = _decode_bin(_HALF, rng, code, pos, data)
+                    if not one:
+                        break
+                    width += 1
+                    if width > max_width:  # remainder + 1 <= max_abs needs at most max_width ones
+                        return _BAD_LEVEL, pos
+                value = 1
+                for _ in range(width):
+                    bit, rng, code, pos = _decode_bin(_HALF, rng, code, pos, data)
+                    value = (value << 1) | bit
+                magnitude = last + value
+                if magnitude > max_abs:
+                    return _BAD_LEVEL, pos
+            v = -magnitude if negative else magnitude
+            if model == 2:  # the output is j = 2k - sign(k) * quantizer; the contexts go on with k
+                row_out[_u(col)] = 2 * v - quantizer if negative == 0 else 2 * v + quantizer
+                dq_state = _DQ_NEXT[_u(dq_state), magnitude & 1]
+            else:
+                row_out[_u(col)] = v
+            col_last[_u(col)] = v
+            col_count[_u(col)] = seen + 1
+            row_last = v
+            left = v
+            history = ((history << 1) | 1) & (_HISTORY - 1)
+    return _OK, pos
 
 
 # --- API ----------------------------------------------------------------------------------------
@@ -495,10 +539,9 @@ def encode(levels, row_length: int, num_gt: int = DEFAULT_NUM_GT,
     array = as_levels(levels)
     if context_model == DEPENDENT_CONTEXT_MODEL:
         array = coded_levels(array)
-    max_abs = int(np.abs(array.astype(np.int64)).max()) if array.size else 0
+    max_abs = max(-int(array.min()), int(array.max())) if array.size else 0
     params = make_params(row_length, max_abs, num_gt, context_model)
-    payload = _encode(array, params["row_length"], max_abs, params["num_gt"], SHIFTS[0], SHIFTS[1], INIT_PROB,
-                      CONTEXT_MODELS[context_model])
+    payload = _encode(array, params["row_length"], max_abs, params["num_gt"], CONTEXT_MODELS[context_model])
     return payload.tobytes(), params
 
 
@@ -519,16 +562,14 @@ def decode(payload, params: dict, count: int) -> np.ndarray:
         if data.size:
             raise CodecError(f"cabac payload holds {data.size} bytes but codes no bins (count {count}, max_abs {max_abs})")
         return np.zeros(count, dtype=np.int32)
-    out = np.empty(count, dtype=np.int32)
-    status, read = _decode(data, count, row_length, max_abs, num_gt, SHIFTS[0], SHIFTS[1], INIT_PROB, model, out)
+    out = np.zeros(count, dtype=np.int32)  # the kernel writes the non-zero levels only
+    status, read = _decode(data, count, row_length, max_abs, num_gt, model, out)
     if status == _BAD_START:
         raise CodecError("cabac payload starts with a value outside the coder's range")
     if status == _BAD_LEVEL:
         raise CodecError(f"cabac payload codes a level beyond max_abs={max_abs} (at byte {read})")
     if read < data.size:
         raise CodecError(f"cabac payload has {data.size - read} trailing bytes after {count} levels")
-    if model == 2:
-        _coded_to_dependent(out)
     return out
 
 
