@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepshrink.coding import level_coder
+from deepshrink.codecs.cabac import levels_to_values
+from deepshrink.coding import level_coder, level_kernels
 from deepshrink.errors import CodecError
 
 
@@ -273,6 +274,34 @@ def test_numba_coder_agrees_with_the_plain_python_reference(seed, context_model)
     payload, params = level_coder.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
                                    context_model=context_model)
     assert reference_decode(payload, params, levels.size) == levels.tolist()
+
+
+@pytest.mark.parametrize("context_model", level_coder.CONTEXT_MODELS)
+def test_streams_longer_than_the_encoders_chunks_agree_with_the_reference(context_model):
+    # the encoder codes _CHUNK levels at a time (a chunk ends at a row's end with rows of 64, inside one
+    # with rows of 100); the dense 4000-level stream outgrows the output buffer's first allocation
+    rng = np.random.default_rng(9)
+    count = 2 * level_kernels._CHUNK + 77
+    for row_length, max_abs, density, num_gt in ((64, 7, 0.1, 32), (100, 40, 0.3, 2), (1, 4000, 1.0, 5)):
+        levels = levels_for(context_model, sparse_levels(rng, count, max_abs, density))
+        payload, params = level_coder.encode(levels, row_length, num_gt, context_model)
+        assert reference_decode(payload, params, count) == levels.tolist()
+
+
+def test_the_kernels_release_the_gil():
+    # a thread pool can code tensors in parallel only if the hot loops run without the GIL
+    for kernel in (level_kernels.encode_payload, level_kernels._encode_chunk, level_kernels.decode_payload):
+        assert kernel.targetoptions.get("nogil") is True
+
+
+def test_levels_to_values_is_one_lookup_that_refuses_levels_outside_the_codebook():
+    codebook = np.array([-2.0, -0.25, 0.5, 3.0], np.float16)  # levels -2, -1, 1, 2
+    levels = np.array([[0, -2, -1], [1, 2, 0]], np.int32)
+    values = levels_to_values(levels, codebook, 2)
+    assert values.dtype == np.float32 and values.tolist() == [[0.0, -2.0, -0.25], [0.5, 3.0, 0.0]]
+    for outside in (3, -3):
+        with pytest.raises(ValueError, match="outside the codebook"):
+            levels_to_values(np.array([0, outside]), codebook, 2)
 
 
 # --- coded size ---------------------------------------------------------------------------------
