@@ -14,9 +14,11 @@ For each tensor and each implementation (``new`` = this checkout, ``base`` = ``l
 ``--baseline``, loaded from git into a temporary module): ``encode`` (``level_coder.encode``), ``decode``
 (``level_coder.decode``: the int32 levels) and ``tensor`` (the float32 weight from the stream: the
 ``cabac`` codec's ``decode_cabac`` for ``new``; the baseline's decode plus the baseline's glue, copied
-below, for ``base``). Each is timed ``--runs`` times, A/B alternating which goes first, single thread
-(numba compiled beforehand); the medians are reported as levels/s and MB/s of float32 output (4 bytes a
-level). Both implementations' streams are checked byte-identical and both decodes equal.
+below, for ``base``). Each is timed ``--runs`` times, A/B alternating which goes first, in one thread
+(numba compiled beforehand), by the thread's CPU time and by the wall clock; the table gives the medians
+as levels/s of CPU time (the coder's own speed also on a shared machine) and MB/s of float32 output (4
+bytes a level), the JSON every time. Both implementations' streams are checked byte-identical and both
+decodes equal.
 
 NNCodec (``--nnc-venv``, made by ``bench/nnc.py --setup``): its DeepCABAC coder (the C++ ``deepCABAC``
 extension NNCodec's bitstream writer calls, without dependent quantization) encodes and decodes the same
@@ -115,10 +117,11 @@ def baseline_tensor_decode(coder, stream: bytes, params: dict, shape, num_nonzer
     return table[np.where(levels == 0, codebook.size, slot)].reshape(shape)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(thread CPU seconds, wall seconds) of one call: on a shared machine the CPU time is the coder's own."""
+    cpu, wall = time.thread_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.thread_time() - cpu, time.perf_counter() - wall
 
 
 def nnc_times(venv: Path, levels: np.ndarray, runs: int, work: Path) -> dict:
@@ -134,6 +137,14 @@ def nnc_times(venv: Path, levels: np.ndarray, runs: int, work: Path) -> dict:
     if done.returncode != 0:
         return {"error": f"worker failed: {done.stderr.strip().splitlines()[-3:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table_row(name: str, count: int, zeros: float, size: int, what: str, speeds: dict) -> str:
+    nnc = (f"{speeds['nnc_Mlevels_per_s']:>7.1f} {speeds['new_vs_nnc']:>7.2f}" if "new_vs_nnc" in speeds
+           else f"{'-':>7} {'-':>7}")
+    return (f"{name:<18} {count:>11,} {zeros:>6.3f} {size:>10,} {what:<7} {speeds['base_Mlevels_per_s']:>7.1f} "
+            f"{speeds['new_Mlevels_per_s']:>7.1f} {speeds['new_MBps']:>8.0f} {speeds['speedup']:>8.2f} {nnc} "
+            f"{speeds['new_wall_MBps']:>9.0f}")
 
 
 def main() -> None:
@@ -152,8 +163,9 @@ def main() -> None:
     for coder in (base, level_coder):  # compile both outside the timings
         payload, params = coder.encode(np.array([0, 3, -1, 0, 2, 0]), 3)
         coder.decode(payload, params, 6)
-    print(f"{'tensor':<18} {'levels':>11} {'zeros':>6} {'bytes':>10} {'what':<7} {'base Mlev/s':>11} "
-          f"{'new Mlev/s':>10} {'new MB/s':>9} {'new/base':>8} {'nnc Mlev/s':>10}")
+    print("Mlevels/s of thread CPU time (wall-clock MB/s of float32 in the last column), medians of "
+          f"{args.runs} runs\n{'tensor':<18} {'levels':>11} {'zeros':>6} {'bytes':>10} {'what':<7} {'base':>7} "
+          f"{'new':>7} {'new MB/s':>8} {'new/base':>8} {'nnc':>7} {'new/nnc':>7} {'wall MB/s':>9}")
     for seed, (name, (shape, zeros, max_abs, model)) in enumerate(TENSORS.items()):
         if args.only and name not in args.only:
             continue
@@ -174,21 +186,25 @@ def main() -> None:
         tensor = CabacTensor(shape=shape, bits=max(1, math.ceil(math.log2(codebook.size))), codebook=codebook,
                              num_negative=widest, num_nonzero=num_nonzero, stream=stream, coder_params=params)
         values = decode_cabac(tensor)
-        assert np.array_equal(values, baseline_tensor_decode(base, stream, params, shape, num_nonzero, codebook, widest))
+        def base_tensor():
+            return baseline_tensor_decode(base, stream, params, shape, num_nonzero, codebook, widest)
+
+        assert np.array_equal(values, base_tensor())
         assert np.array_equal(level_coder.decode(stream, params, count), flat)
         jobs = {
             "encode": {"base": lambda: base.encode(flat, row_length, context_model=model),
                        "new": lambda: level_coder.encode(flat, row_length, context_model=model)},
             "decode": {"base": lambda: base.decode(stream, params, count),
                        "new": lambda: level_coder.decode(stream, params, count)},
-            "tensor": {"base": lambda: baseline_tensor_decode(base, stream, params, shape, num_nonzero, codebook, widest),
-                       "new": lambda: decode_cabac(tensor)},
+            "tensor": {"base": base_tensor, "new": lambda: decode_cabac(tensor)},
         }
-        times = {what: {"base": [], "new": []} for what in jobs}
+        times = {what: {"base": [], "new": [], "base_wall": [], "new_wall": []} for what in jobs}
         for run in range(args.runs):
             for what, pair in jobs.items():
                 for impl in (("base", "new") if run % 2 == 0 else ("new", "base")):
-                    times[what][impl].append(timed(pair[impl]))
+                    cpu, wall = timed(pair[impl])
+                    times[what][impl].append(cpu)
+                    times[what][f"{impl}_wall"].append(wall)
         nnc = {"error": "dependent quantization's levels: NNCodec codes them with its own state machine"}
         if model != level_coder.DEPENDENT_CONTEXT_MODEL and model != level_coder.LEGACY_CONTEXT_MODEL:
             with tempfile.TemporaryDirectory() as work:
@@ -199,19 +215,17 @@ def main() -> None:
                "max_abs": widest, "context_model": model, "bytes": len(stream), "seconds": times, "nnc": nnc}
         for what in jobs:
             median = {impl: float(np.median(t)) for impl, t in times[what].items()}
+            for suffix in ("", "_wall"):
+                if nnc.get(f"{what}{suffix}_s"):
+                    median[f"nnc{suffix}"] = float(np.median(nnc[f"{what}{suffix}_s"]))
             row[what] = {
                 **{f"{impl}_Mlevels_per_s": count / s / 1e6 for impl, s in median.items()},
                 **{f"{impl}_MBps": 4 * count / s / 1e6 for impl, s in median.items()},
                 "speedup": median["base"] / median["new"],
             }
-            nnc_s = nnc.get(f"{what}_s")
-            if nnc_s:
-                row[what]["nnc_Mlevels_per_s"] = count / float(np.median(nnc_s)) / 1e6
-                row[what]["new_vs_nnc"] = float(np.median(nnc_s)) / median["new"]
-            nnc_cell = f"{row[what]['nnc_Mlevels_per_s']:>10.1f}" if nnc_s else f"{'-':>10}"
-            print(f"{name:<18} {count:>11,} {row['zeros']:>6.3f} {len(stream):>10,} {what:<7} "
-                  f"{row[what]['base_Mlevels_per_s']:>11.1f} {row[what]['new_Mlevels_per_s']:>10.1f} "
-                  f"{row[what]['new_MBps']:>9.0f} {row[what]['speedup']:>8.2f} {nnc_cell}", flush=True)
+            if "nnc" in median:
+                row[what]["new_vs_nnc"] = median["nnc"] / median["new"]
+            print(table_row(name, count, row["zeros"], len(stream), what, row[what]), flush=True)
         if "error" in nnc:
             print(f"{'':<18} NNCodec: {nnc['error']}")
         elif "bytes" in nnc:

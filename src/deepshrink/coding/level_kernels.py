@@ -29,8 +29,9 @@ DQ_NEXT = np.array([[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 
 _WINDOW = 8  # the significance context counts the non-zeros among this many previous levels of the row
 
 OK, BAD_LEVEL, BAD_START = 0, 1, 2  # decode_payload's status
-# The adaptation shifts min(1 + floor(log2(n + 1)), cap) of a context seen n times: from n = 63 on both
-# are at their caps, so the kernels stop counting there (the format's n saturates at 255: the same shifts)
+# The adaptation shifts min(1 + floor(log2(n + 1)), cap) of a context seen n times (a young context's
+# estimates move like a running mean, later ones like a fixed-rate average): from n = 63 on both are at
+# their caps, so the kernels stop counting there (the format's n saturates at 255: the same shifts)
 _SEEN_CAP = 63
 _FAST_SHIFT = np.array([min(1 + int(np.log2(n + 1)), SHIFTS[0]) for n in range(_SEEN_CAP + 1)], dtype=np.int32)
 _SLOW_SHIFT = np.array([min(1 + int(np.log2(n + 1)), SHIFTS[1]) for n in range(_SEEN_CAP + 1)], dtype=np.int32)
@@ -84,6 +85,7 @@ def _sign_class(v):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _sign_context(sign_base, sign_left, left, column, row_last):
+    """Sign: the signs of the column's and the row's last non-zero levels (and of the level just before)."""
     return sign_base + sign_left * _sign_class(left) + 3 * _sign_class(column) + _sign_class(row_last)
 
 
@@ -106,6 +108,7 @@ def _fresh_estimates(contexts):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _prob(estimates, ctx):
+    """The 15-bit P(1) of context ``ctx``: its two estimates' sum shifted right by 2."""
     return np.int64(estimates[_u(4 * ctx)] + estimates[_u(4 * ctx + 1)]) >> 2
 
 
@@ -123,8 +126,10 @@ def _adapted(fast, slow, seen, bit):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _adapt(estimates, ctx, bit):
-    fast, slow, seen = _u(4 * ctx), _u(4 * ctx + 1), _u(4 * ctx + 2)
-    estimates[fast], estimates[slow], estimates[seen] = _adapted(estimates[fast], estimates[slow], estimates[seen], bit)
+    """Context ``ctx``'s estimates, in place, after coding ``bit``."""
+    at_fast, at_slow, at_seen = _u(4 * ctx), _u(4 * ctx + 1), _u(4 * ctx + 2)
+    estimates[at_fast], estimates[at_slow], estimates[at_seen] = _adapted(estimates[at_fast], estimates[at_slow],
+                                                                          estimates[at_seen], bit)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
