@@ -12,7 +12,7 @@ fc7 and a 512x512x3x3 conv; 5-bit layers have max_abs 15, 8-bit 127, 4-bit 7.
 
 For each tensor and each implementation (``new`` = this checkout, ``base`` = ``level_coder.py`` of
 ``--baseline``, loaded from git into a temporary module): ``encode`` (``level_coder.encode``), ``decode``
-(``level_coder.decode``: the int32 levels) and ``tensor`` (the float32 weight from the stream: the
+(``level_coder.decode``: the int32 levels) and ``weight`` (the float32 weight from the stream: the
 ``cabac`` codec's ``decode_cabac`` for ``new``; the baseline's decode plus the baseline's glue, copied
 below, for ``base``). Each is timed ``--runs`` times, A/B alternating which goes first, in one thread
 (numba compiled beforehand), by the thread's CPU time and by the wall clock; the table gives the medians
@@ -185,19 +185,17 @@ def main() -> None:
         num_nonzero = int(np.count_nonzero(flat))
         tensor = CabacTensor(shape=shape, bits=max(1, math.ceil(math.log2(codebook.size))), codebook=codebook,
                              num_negative=widest, num_nonzero=num_nonzero, stream=stream, coder_params=params)
-        values = decode_cabac(tensor)
-        def base_tensor():
-            return baseline_tensor_decode(base, stream, params, shape, num_nonzero, codebook, widest)
-
-        assert np.array_equal(values, base_tensor())
-        assert np.array_equal(level_coder.decode(stream, params, count), flat)
         jobs = {
             "encode": {"base": lambda: base.encode(flat, row_length, context_model=model),
                        "new": lambda: level_coder.encode(flat, row_length, context_model=model)},
             "decode": {"base": lambda: base.decode(stream, params, count),
                        "new": lambda: level_coder.decode(stream, params, count)},
-            "tensor": {"base": base_tensor, "new": lambda: decode_cabac(tensor)},
+            "weight": {"base": lambda: baseline_tensor_decode(base, stream, params, shape, num_nonzero, codebook,
+                                                              widest),
+                       "new": lambda: decode_cabac(tensor)},
         }
+        assert np.array_equal(jobs["decode"]["new"](), flat)
+        assert np.array_equal(jobs["weight"]["new"](), jobs["weight"]["base"]())
         times = {what: {"base": [], "new": [], "base_wall": [], "new_wall": []} for what in jobs}
         for run in range(args.runs):
             for what, pair in jobs.items():
@@ -205,12 +203,13 @@ def main() -> None:
                     cpu, wall = timed(pair[impl])
                     times[what][impl].append(cpu)
                     times[what][f"{impl}_wall"].append(wall)
-        nnc = {"error": "dependent quantization's levels: NNCodec codes them with its own state machine"}
-        if model != level_coder.DEPENDENT_CONTEXT_MODEL and model != level_coder.LEGACY_CONTEXT_MODEL:
+        if model == level_coder.DEPENDENT_CONTEXT_MODEL:
+            nnc = {"error": "dependent quantization's levels: NNCodec codes them with its own state machine"}
+        elif model == level_coder.LEGACY_CONTEXT_MODEL:
+            nnc = {"error": "the same levels as 'conv 8-bit'"}
+        else:
             with tempfile.TemporaryDirectory() as work:
                 nnc = nnc_times(args.nnc_venv, levels, args.runs, Path(work))
-        elif model == level_coder.LEGACY_CONTEXT_MODEL:
-            nnc = {"error": "same levels as 'conv 8-bit'"}
         row = {"tensor": name, "shape": list(shape), "levels": count, "zeros": 1 - num_nonzero / count,
                "max_abs": widest, "context_model": model, "bytes": len(stream), "seconds": times, "nnc": nnc}
         for what in jobs:
