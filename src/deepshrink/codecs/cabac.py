@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from deepshrink.codecs import AUTO, TensorCodec, TensorToStore, register_codec
@@ -60,11 +61,32 @@ def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.nda
 
 
 def levels_to_values(levels: np.ndarray, codebook: np.ndarray, num_negative: int) -> np.ndarray:
-    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range."""
-    levels = np.asarray(levels).astype(np.int64)
-    slot = levels + num_negative - (levels > 0)
-    table = np.concatenate([codebook.astype(np.float32), np.zeros(1, np.float32)])
-    return table[np.where(levels == 0, codebook.size, slot)]
+    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0), shaped like ``levels``.
+
+    Raises:
+        ValueError: a level outside -num_negative..K - num_negative.
+    """
+    levels = np.asarray(levels)
+    codebook = np.asarray(codebook).astype(np.float32)
+    # level -num_negative..K - num_negative is table[level + num_negative]: one lookup, no temporaries
+    table = np.concatenate([codebook[:num_negative], np.zeros(1, np.float32), codebook[num_negative:]])
+    values = np.empty(levels.shape, dtype=np.float32)
+    outside = _lookup(np.ascontiguousarray(levels).reshape(-1), table, num_negative, values.reshape(-1))
+    if outside >= 0:
+        raise ValueError(f"level {levels.reshape(-1)[outside]} outside the codebook's -{num_negative}.."
+                         f"{codebook.size - num_negative}")
+    return values
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup(levels, table, offset, out):
+    """out[i] = table[levels[i] + offset]; returns the first i whose slot is outside the table (-1 if none)."""
+    for i in range(levels.shape[0]):
+        slot = np.uint64(np.int64(levels[i]) + offset)  # a negative slot becomes huge: one compare checks both ends
+        if slot >= table.shape[0]:
+            return i
+        out[i] = table[slot]
+    return -1
 
 
 def encode_levels(
