@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from deepshrink.codecs.cabac import CabacTensor, decode_cabac
-from deepshrink.coding import level_coder
+from deepshrink.coding import level_coder, level_kernels
 
 from common import ROOT, machine_info, write_json
 
@@ -81,7 +81,7 @@ def dependent_levels(levels: np.ndarray) -> np.ndarray:
     parity = np.abs(k) & 1
     state = np.zeros(k.size, dtype=np.int64)
     s = 0
-    table = level_coder.DQ_NEXT
+    table = level_kernels.DQ_NEXT
     for i, p in enumerate(parity.tolist()):  # a few seconds at most: the bench tensors are small enough
         state[i] = s
         s = table[s, p]

@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from deepshrink.coding import as_payload, check_count, int_array
-from deepshrink.coding.level_kernels import (BAD_LEVEL, BAD_START, DQ_NEXT, INIT_PROB, PROB_BITS, SHIFTS,
+from deepshrink.coding.level_kernels import (BAD_LEVEL, BAD_START, INIT_PROB, PROB_BITS, SHIFTS,
                                              decode_payload, dependent_to_coded, encode_payload)
 from deepshrink.errors import CodecError
 
