@@ -212,12 +212,13 @@ def test_gpt2_from_a_config_exports_token_ids_to_logits(tmp_path):
         assert_same(ort_outputs(result.path, ids), reference(loaded, ids))
 
 
-def test_opset_21_packs_few_levels_as_uint4(tmp_path, digits):
+def test_a_palettized_graph_packs_few_levels_as_uint4_unless_an_older_opset_is_asked(tmp_path, digits):
     spec = model_spec("mlp")
     path = compressed(build_model(spec), tmp_path / "m.dsz", spec=spec, bits=2,
                       meta={"dataset": dataset_record({"name": "digits"}, digits)})
-    uint8 = export.to_onnx(path, tmp_path / "uint8.onnx", palettized=True)
-    uint4 = export.to_onnx(path, tmp_path / "uint4.onnx", palettized=True, opset=21)
+    uint8 = export.to_onnx(path, tmp_path / "uint8.onnx", palettized=True, opset=18)
+    uint4 = export.to_onnx(path, tmp_path / "uint4.onnx", palettized=True)  # the default: opset 21
+    assert (uint4.opset, uint8.opset) == (21, 18) and export.to_onnx(path, tmp_path / "d.onnx").opset == 18
     assert {t.index_bits for t in uint4.palettized} == {4} and {t.index_bits for t in uint8.palettized} == {8}
     assert uint4.onnx_bytes < 0.6 * uint8.onnx_bytes
     graph = onnx.load(uint4.path).graph

@@ -15,7 +15,7 @@ from deepshrink.coding import level_coder
 from deepshrink.codecs.cabac import CabacTensor, decode_cabac, encode_levels, indices_to_levels, levels_to_values
 from deepshrink.coding import row_length_of
 from deepshrink.codecs.deep_compression import CodedTensor, encode_quantized
-from deepshrink.codecs.grid import GridTensor, decode_grid, encode_grid
+from deepshrink.codecs.grid import decode_grid, encode_grid
 from deepshrink.codecs.raw import RawTensor
 from deepshrink.encode import EncodeConfig, encode_weight, stored_bytes
 from deepshrink.errors import ConfigError, UnsupportedVersion

@@ -38,7 +38,7 @@ def _file_with_an_empty_weight(tmp_path, rows: int):
 def test_s1_an_empty_weight_with_a_billion_rows_is_refused_before_anything_is_sized(tmp_path, rows):
     path = _file_with_an_empty_weight(tmp_path, rows)
     for load in (lambda: deepshrink.load(path), lambda: deepshrink.load(path, runtime="sparse"),
-                 lambda: deepshrink.load(path, runtime="sparse", model=torch.nn.Linear(0, 4)), lambda: fmt.read_file(path)):
+                 lambda: deepshrink.load(path, runtime="sparse", model=torch.nn.Linear(1, 4)), lambda: fmt.read_file(path)):
         with pytest.raises(TensorInfoMismatch, match="elements and rows"):
             load()
     # a handful of rows is a valid (if odd) file: the bound counts rows, it does not refuse empty tensors

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import tracemalloc
@@ -7,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepshrink.coding import level_coder
+from deepshrink.codecs.cabac import levels_to_values
+from deepshrink.coding import level_coder, level_kernels
 from deepshrink.errors import CodecError
 
 
@@ -139,6 +141,52 @@ GOLDEN = {"sig12-sign9-gt6k-eg0-warmup": (_PINNED, "aa620f40"), "sig24-sign27-gt
           "sig24-sign27-gt24k-eg0-warmup-dq8": (_PINNED * 4, "aa620f57088e25a5712b80")}
 
 
+def pinned_levels(seed, n, max_abs, density):
+    """Seeded levels: mostly small magnitudes, 2% anywhere up to max_abs (long Exp-Golomb remainders)."""
+    rng = np.random.default_rng(seed)
+    magnitude = np.minimum(rng.geometric(0.35, n), max_abs)
+    magnitude = np.where(rng.random(n) < 0.02, rng.integers(1, max_abs + 1, n), magnitude)
+    levels = np.where(rng.random(n) < 0.5, -magnitude, magnitude)
+    return np.where(rng.random(n) < density, levels, 0)
+
+
+# (seed, count, row_length, max_abs, density, num_gt): a sparse conv filter bank, a sparse fc slice,
+# few flags and large levels, no flags at all (every magnitude an Exp-Golomb remainder)
+PINNED_CASES = [(0, 4608, 288, 7, 0.08, 32), (1, 20_000, 784, 127, 0.05, 32), (2, 6000, 50, 4000, 0.6, 2),
+                (3, 3000, 7, level_coder.MAX_ABS // 2, 0.9, 0)]
+PINNED_SHA256 = {
+    "sig12-sign9-gt6k-eg0-warmup": [
+        "569ddc5e1766cc136e4577765e3f50ae5e4db482e9621a38a834ba72f89d7da7",
+        "c8b898dc494b198b41ac3825f8c1f12e887c2d5e4d8284ed01b5ac6b516fda9c",
+        "e08191f66c1b72f042769a7090c06b678a2c6b749343a81d91225d40c727c411",
+        "b9d51b1ad3066f1d71be2b7cda3816d622300778d048d769a498e1e76eda908d",
+    ],
+    "sig24-sign27-gt12k-eg0-warmup": [
+        "10130f486455d079eb37537e9b9db326647557489159329a47d82126d41b9f32",
+        "acfcbb32543695669bb8c5a540c1a89168bdf204419ac76ec157de64bc0b885c",
+        "52dd7f6ad49fe891a3f7dc56339272146318664a3d39275d75a1217c7f344163",
+        "518a13c0227ca4ec3cd0562d64c474a1cab2464e99237588cb2fa8b87ae51499",
+    ],
+    "sig24-sign27-gt24k-eg0-warmup-dq8": [
+        "48499085e67dc8408a29818baffd56415be6d309a3948a6a56ce91e1bbd769aa",
+        "e61e1fe8318616ce2b73b35ae6e0fab25d7d734eeaa0159e18efa640dfd90af2",
+        "f5f2100e0f043c7c7963d8a15210ce21df64ccf456724cd206cceb10e153dfe7",
+        "518a13c0227ca4ec3cd0562d64c474a1cab2464e99237588cb2fa8b87ae51499",
+    ],
+}
+
+
+@pytest.mark.parametrize("context_model", level_coder.CONTEXT_MODELS)
+def test_larger_streams_are_pinned(context_model):
+    # sha256 of the bytes the coder wrote before it was optimised (2026, issue 26): any change of the
+    # bitstream, in any context model, fails here
+    for (seed, count, row_length, max_abs, density, num_gt), digest in zip(PINNED_CASES, PINNED_SHA256[context_model]):
+        levels = levels_for(context_model, pinned_levels(seed, count, max_abs, density))
+        payload, params = level_coder.encode(levels, row_length, num_gt, context_model)
+        assert hashlib.sha256(payload).hexdigest() == digest, (seed, context_model)
+        assert np.array_equal(level_coder.decode(payload, params, count), levels)
+
+
 def test_the_encoder_writes_the_context_model_with_left_neighbours():
     assert level_coder.encode(np.array([1, 0]), 2)[1]["context_model"] == level_coder.CONTEXT_MODEL == "sig24-sign27-gt12k-eg0-warmup"
 
@@ -226,6 +274,34 @@ def test_numba_coder_agrees_with_the_plain_python_reference(seed, context_model)
     payload, params = level_coder.encode(levels, [1, 7, 40, 2000, 33, 100][seed], num_gt=[0, 2, 16, 5, 64, 8][seed],
                                    context_model=context_model)
     assert reference_decode(payload, params, levels.size) == levels.tolist()
+
+
+@pytest.mark.parametrize("context_model", level_coder.CONTEXT_MODELS)
+def test_streams_longer_than_the_encoders_chunks_agree_with_the_reference(context_model):
+    # the encoder codes _CHUNK levels at a time (a chunk ends at a row's end with rows of 64, inside one
+    # with rows of 100); the dense 4000-level stream outgrows the output buffer's first allocation
+    rng = np.random.default_rng(9)
+    count = 2 * level_kernels._CHUNK + 77
+    for row_length, max_abs, density, num_gt in ((64, 7, 0.1, 32), (100, 40, 0.3, 2), (1, 4000, 1.0, 5)):
+        levels = levels_for(context_model, sparse_levels(rng, count, max_abs, density))
+        payload, params = level_coder.encode(levels, row_length, num_gt, context_model)
+        assert reference_decode(payload, params, count) == levels.tolist()
+
+
+def test_the_kernels_release_the_gil():
+    # a thread pool can code tensors in parallel only if the hot loops run without the GIL
+    for kernel in (level_kernels.encode_payload, level_kernels._encode_chunk, level_kernels.decode_payload):
+        assert kernel.targetoptions.get("nogil") is True
+
+
+def test_levels_to_values_is_one_lookup_that_refuses_levels_outside_the_codebook():
+    codebook = np.array([-2.0, -0.25, 0.5, 3.0], np.float16)  # levels -2, -1, 1, 2
+    levels = np.array([[0, -2, -1], [1, 2, 0]], np.int32)
+    values = levels_to_values(levels, codebook, 2)
+    assert values.dtype == np.float32 and values.tolist() == [[0.0, -2.0, -0.25], [0.5, 3.0, 0.0]]
+    for outside in (3, -3):
+        with pytest.raises(ValueError, match="outside the codebook"):
+            levels_to_values(np.array([0, outside]), codebook, 2)
 
 
 # --- coded size ---------------------------------------------------------------------------------

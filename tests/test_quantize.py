@@ -654,7 +654,7 @@ def test_uniform_rate_term_lowers_the_entropy():
 
 def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_bits):
     """The cheapest cost over every level sequence the state machine allows, by exhaustive search (tiny inputs)."""
-    from deepshrink.coding import level_coder
+    from deepshrink.coding import level_kernels
 
     def search(i, state, left, cost):
         if i == x.size:
@@ -668,7 +668,7 @@ def brute_force_path_cost(x, h, step, max_level, lam, row_length, sig_bits, mag_
             k = abs(j + q) // 2 if j > 0 else abs(j - q) // 2
             rate = sig_bits[q, nz, 1] + mag_bits[q, min(k, mag_bits.shape[1] - 1)] if k else sig_bits[q, nz, 0]
             here = cost + h[i] * (x[i] - j * step) ** 2 + lam * rate
-            best = min(best, search(i + 1, level_coder.DQ_NEXT[state, k & 1], int(j != 0), here))
+            best = min(best, search(i + 1, level_kernels.DQ_NEXT[state, k & 1], int(j != 0), here))
         return best
 
     return search(0, 0, 0, 0.0)

@@ -7,7 +7,7 @@ from torch import nn
 
 import deepshrink
 from deepshrink import runtime
-from deepshrink.runtime import kernels, model as runtime_model
+from deepshrink.runtime import kernels as runtime_kernels, model as runtime_model
 from deepshrink.errors import ConfigError, TensorInfoMismatch
 from deepshrink.compress import compress_model
 from deepshrink.encode import EncodeConfig
@@ -66,7 +66,7 @@ def test_codebook_kernel_matches_dense_product(rows, cols, k, batch):
                                       rng.standard_normal(k).astype(np.float32))
     assert form.codes.dtype == (np.uint8 if k <= 256 else np.uint16)
     assert form.col.dtype == (np.uint16 if cols <= 1 << 16 else np.uint32)
-    assert form.nnz == len(positions) and len(form.col) == len(form.codes) == -(-len(positions) // kernels.PACK) * kernels.PACK
+    assert form.nnz == len(positions) and len(form.col) == len(form.codes) == -(-len(positions) // runtime_kernels.PACK) * runtime_kernels.PACK
     bias = torch.randn(rows)
     xt = torch.randn(cols, batch)
     got = runtime.codebook_matmul(form, xt, bias)
@@ -84,11 +84,11 @@ def test_threaded_rows_give_the_single_thread_result_bit_for_bit(monkeypatch, ba
                                       rng.standard_normal(16).astype(np.float32))
     xt = torch.randn(50, batch)
     single = runtime.codebook_matmul(form, xt, max_threads=1)
-    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(runtime_kernels, "PARALLEL_MIN_WORK", 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        chunks = kernels.row_splits(form.crow, 3 * kernels.CHUNKS_PER_THREAD)
+        chunks = runtime_kernels.row_splits(form.crow, 3 * runtime_kernels.CHUNKS_PER_THREAD)
         assert len(chunks) > 3 and chunks[0][0] == 0 and chunks[-1][1] == 301
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         for _ in range(5):

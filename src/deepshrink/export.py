@@ -38,7 +38,7 @@ from .palettize import PalettizedTensor, names_in, palettize
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18  # run by ONNX Runtime >= 1.14 and most other runtimes; nothing here needs newer ops
+DEFAULT_OPSET = 18  # a dense graph's: run by ONNX Runtime >= 1.14 and most other runtimes; nothing needs newer ops
 MIN_OPSET = 13  # the oldest opset tried here; Cast and Gather as used need nothing newer
 TORCHSCRIPT_MAX_OPSET = 20  # the highest opset torch's TorchScript exporter writes
 UINT4_OPSET = 21  # uint4 tensors and Cast from them (ONNX Runtime >= 1.23 runs that Cast)
@@ -69,7 +69,7 @@ def to_onnx(
     trust_factory: bool = False,
     input_shape: tuple[int, ...] | None = None,
     input_dtype: str | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     palettized: bool = False,
     verify: bool = True,
 ) -> ExportReport:
@@ -82,7 +82,9 @@ def to_onnx(
         input_shape: one sample's shape, e.g. (3, 32, 32), or (sequence length,) for token ids;
             default: the file's dataset record ``image_shape``.
         input_dtype: "float32" or "int64" (token ids); default int64 for Hugging Face models.
-        opset: ONNX opset of the graph.
+        opset: ONNX opset of the graph; default ``DEFAULT_OPSET`` for a dense graph and ``UINT4_OPSET`` for a
+            palettized one (uint4 indices: half the bytes of uint8 where 16 levels suffice; ONNX Runtime
+            >= 1.23; pass 18 for older runtimes).
         palettized: store shared weights as indices plus codebook (see the module docstring).
         verify: run the graph with ONNX Runtime and compare it with PyTorch before writing.
 
@@ -96,7 +98,7 @@ def to_onnx(
         FormatError, WriteError: from reading the file or writing ``out``.
     """
     onnx = _import_onnx()
-    opset = _check_opset(opset, onnx)
+    opset = _check_opset((UINT4_OPSET if palettized else DEFAULT_OPSET) if opset is None else opset, onnx)
     module, record, where = _load_source(source, model, trust_factory)
     hugging_face = _is_hugging_face(module)
     token_input = hugging_face if input_dtype is None else _check_dtype(input_dtype) == "int64"

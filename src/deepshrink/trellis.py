@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .coding.level_coder import DQ_NEXT  # the state machine is the bitstream's: one definition
+from .coding.level_kernels import DQ_NEXT  # the state machine is the bitstream's: one definition
 
 _NO_PATH = np.inf
 _SMOOTHING = 0.5  # added to every count of the rate estimate, so an unseen event still has a finite cost

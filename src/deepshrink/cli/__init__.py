@@ -178,9 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the file's dataset record)")
     p.add_argument("--input-dtype", choices=INPUT_DTYPES,
                    help="input type (default: int64 token ids for Hugging Face models, else float32)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset (default {DEFAULT_OPSET}; from {UINT4_OPSET}, --palettized packs weights of "
-                        "<= 16 levels as uint4, which needs ONNX Runtime >= 1.23)")
+    p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}, palettized {UINT4_OPSET}: weights of "
+                   "<= 16 levels packed as uint4, which needs ONNX Runtime >= 1.23; pass 18 for older runtimes)")
     p.add_argument("--palettized", action="store_true",
                    help="store each shared weight as codebook indices plus its codebook (Cast + Gather in the graph)")
     p.add_argument("--no-verify", action="store_true", help="skip running the graph with ONNX Runtime")

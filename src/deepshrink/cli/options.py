@@ -184,39 +184,32 @@ def show_progress(args) -> bool:
     return not getattr(args, "quiet", False)
 
 
-
 FOLD_BATCHNORM_HELP = ("store BatchNorm as scale and shift (same eval-mode outputs; running statistics reset, "
                        "so fine-tuning the loaded model is not the same)")
 
 
 def add_encode_args(g) -> None:
     """``--coder`` and every registered codec's options (``TensorCodec.options``: ``EncodeConfig`` fields)."""
-    from ..codecs import CODECS, tensor_coders
+    from ..codecs import codec_options, tensor_coders
     from ..encode import EncodeConfig
 
     g.add_argument("--coder", choices=tensor_coders(), default=EncodeConfig().coder,
                    help="a weight codec's coder (huffman/ans: the paper's layout; cabac: one context-coded stream "
                         "of levels), or auto: the smallest per layer")
-    fields = {f.name: f for f in dataclasses.fields(EncodeConfig)}
-    added = set()
-    for codec in CODECS.values():
-        for name, text in codec.options.items():
-            if name in added:
-                continue
-            added.add(name)
-            default = fields[name].default
-            if isinstance(default, Enum):
-                g.add_argument(f"--{name.replace('_', '-')}", choices=[m.value for m in type(default)],
-                               default=default.value, help=text)
-            else:  # the codecs' other options are integers (bits), None meaning off
-                g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=text)
+    defaults = {f.name: f.default for f in dataclasses.fields(EncodeConfig)}
+    for name, text in codec_options().items():
+        flag, default = f"--{name.replace('_', '-')}", defaults[name]
+        if isinstance(default, Enum):
+            g.add_argument(flag, choices=[m.value for m in type(default)], default=default.value, help=text)
+        else:  # the codecs' other options are integers (bits), None meaning off
+            g.add_argument(flag, type=int, default=default, help=text)
     g.add_argument("--fold-batchnorm", action="store_true", help=FOLD_BATCHNORM_HELP)
 
 
 def encode_config(args, **selection):
     """The ``EncodeConfig`` of ``add_encode_args``'s options."""
-    from ..codecs import CODECS
+    from ..codecs import codec_options
     from ..encode import EncodeConfig
 
-    options = {name: getattr(args, name) for codec in CODECS.values() for name in codec.options}
+    options = {name: getattr(args, name) for name in codec_options()}
     return EncodeConfig(coder=args.coder, fold_batchnorm=args.fold_batchnorm, **options, **selection)

@@ -196,6 +196,15 @@ def codecs_in(version: int) -> tuple[str, ...]:
     return tuple(name for name, codec in CODECS.items() if codec.first_version <= version)
 
 
+def codec_options() -> dict[str, str]:
+    """Every registered codec's ``EncodeConfig`` options and their help (the first codec's text for a shared one)."""
+    options: dict[str, str] = {}
+    for codec in CODECS.values():
+        for name, text in codec.options.items():
+            options.setdefault(name, text)
+    return options
+
+
 def tensor_coders() -> list[str]:
     """Valid ``EncodeConfig.coder`` values: every weight codec's coders, then "auto"."""
     return [*(coder for codec in CODECS.values() for coder in codec.coders()), AUTO]

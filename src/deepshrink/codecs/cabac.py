@@ -61,26 +61,32 @@ def indices_to_levels(indices: np.ndarray, codebook: np.ndarray) -> tuple[np.nda
 
 
 def levels_to_values(levels: np.ndarray, codebook: np.ndarray, num_negative: int) -> np.ndarray:
-    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0). Levels must be in range.
+    """float32 values of signed levels (inverse of ``indices_to_levels``; 0 -> 0.0), shaped like ``levels``.
 
-    One lookup by ``level + num_negative`` in the negative values, 0.0, then the others: a single pass,
-    no int64 copy of the levels."""
+    Raises:
+        ValueError: a level outside -num_negative..K - num_negative.
+    """
     levels = np.asarray(levels)
-    table = np.concatenate([codebook[:num_negative].astype(np.float32), np.zeros(1, np.float32),
-                            codebook[num_negative:].astype(np.float32)])
-    flat = np.ascontiguousarray(levels).reshape(-1)
-    out = np.empty(flat.size, dtype=np.float32)
-    if flat.size and (int(flat.min()) + num_negative < 0 or int(flat.max()) + num_negative >= table.size):
-        raise IndexError(f"levels span {int(flat.min())}..{int(flat.max())}, outside the codebook's "
-                         f"-{num_negative}..{table.size - 1 - num_negative}")
-    _lookup(flat, num_negative, table, out)
-    return out.reshape(levels.shape)
+    codebook = np.asarray(codebook).astype(np.float32)
+    # level -num_negative..K - num_negative is table[level + num_negative]: one lookup, no temporaries
+    table = np.concatenate([codebook[:num_negative], np.zeros(1, np.float32), codebook[num_negative:]])
+    values = np.empty(levels.shape, dtype=np.float32)
+    outside = _lookup(np.ascontiguousarray(levels).reshape(-1), table, num_negative, values.reshape(-1))
+    if outside >= 0:
+        raise ValueError(f"level {levels.reshape(-1)[outside]} outside the codebook's -{num_negative}.."
+                         f"{codebook.size - num_negative}")
+    return values
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup(levels, offset, table, out):
+def _lookup(levels, table, offset, out):
+    """out[i] = table[levels[i] + offset]; returns the first i whose slot is outside the table (-1 if none)."""
     for i in range(levels.shape[0]):
-        out[i] = table[levels[i] + offset]
+        slot = np.uint64(np.int64(levels[i]) + offset)  # a negative slot becomes huge: one compare checks both ends
+        if slot >= table.shape[0]:
+            return i
+        out[i] = table[slot]
+    return -1
 
 
 def encode_levels(
