@@ -1,7 +1,7 @@
 """Sparse, shared-weight inference (the paper's section 6) vs the dense float32 layers, same process.
 
-Usage: ``python bench/infer.py [--batch 1,8,64] [--repeats 30] [--threads N] [--quick]``. Prints a
-table per model and writes bench/results/infer.json (machine, load average, versions, date, git
+Usage: ``python bench/infer.py [--batch 1,8,64] [--repeats 30] [--runs 1] [--threads N] [--quick]``.
+Prints a table per model and writes bench/results/infer.json (machine, load average, versions, date, git
 SHA, every figure) and the markdown tables to bench/results/infer.md; with ``--threads N`` the
 files are infer-Nthreads.json/.md.
 
@@ -20,7 +20,9 @@ random input, called in turn within each repeat, median of ``--repeats`` after a
 dense float32 ``nn.Linear``, the numba codebook kernel, ``torch.sparse_csr``. End to end, the dense
 model and the runtime's model on the same input, alternating, median. Memory: bytes of every tensor
 each model holds (parameters, buffers, compressed forms). The machine is shared: the load average
-at start and end is recorded; quote medians and ratios.
+at start and end is recorded; quote medians and ratios. ``--runs N`` measures N times over (the same
+files) and adds, per row, the median and the range of the speed-ups over the runs (``spread``): what a
+user gets on such a machine, not one lucky run.
 
 Measured on the 2-core development VM: about 4 minutes in full (building the AlexNet file is most
 of it), about 1 minute with --quick (batch 1 only, 10 repeats).
@@ -78,11 +80,27 @@ def build_file(name: str, out_dir: Path) -> tuple[Path, dict]:
                   "dense_bytes": file_report.dense_bytes, "file_ratio": file_report.ratio}
 
 
+SPREAD_COLUMNS = [("batch", "batch", None), ("layer", "layer", None), ("speedup", "speed-up: median (range)", None),
+                  ("in_model_speedup", "in the model: median (range)", None)]
+
+
+def spread(runs: list[list[dict]]) -> list[dict]:
+    """Per row (batch, layer): the median and range over runs of its speed-ups, as text."""
+    def summary(values: list) -> str:
+        values = sorted(v for v in values if v is not None)
+        return f"{values[len(values) // 2]:.2f}x ({values[0]:.2f}-{values[-1]:.2f})" if values else "-"
+
+    return [{"batch": row["batch"], "layer": row["layer"],
+             **{key: summary([run[i].get(key) for run in runs]) for key in ("speedup", "in_model_speedup")}}
+            for i, row in enumerate(runs[0])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per figure (median reported)")
     parser.add_argument("--threads", type=int, help="torch/runtime threads (default: torch's)")
+    parser.add_argument("--runs", type=int, default=1, help="whole measurements (the spread over them is reported)")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 10 repeats")
     args = parser.parse_args()
     batches = [1] if args.quick else [int(b) for b in args.batch.split(",")]
@@ -103,11 +121,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deepshrink-infer-") as tmp:
         for name in MODELS:
             path, facts = build_file(name, Path(tmp))
-            measured = runtime.benchmark(path, batches, repeats=repeats)
+            runs = [runtime.benchmark(path, batches, repeats=repeats) for _ in range(max(1, args.runs))]
+            measured = {**runs[0], "spread": spread([run["rows"] for run in runs])} if len(runs) > 1 else runs[0]
             title = (f"{name}: {facts['file_bytes']:,}-byte file ({facts['file_ratio']:.1f}x); "
                      f"{measured['threads']} threads, median of {repeats} (ms)")
             console.print(render_table(measured["rows"], COLUMNS, title=title))
             markdown.append(f"### {title}\n\n{table_markdown(measured['rows'], COLUMNS)}")
+            if len(runs) > 1:
+                console.print(render_table(measured["spread"], SPREAD_COLUMNS, title=f"{name}: over {len(runs)} runs"))
+                markdown.append(f"### {name}: speed-ups over {len(runs)} runs\n\n"
+                                f"{table_markdown(measured['spread'], SPREAD_COLUMNS)}")
             results["models"][name] = {**facts, **measured}
     results["machine"]["load_average_end"] = os.getloadavg()
     results["runtime_s"] = time.perf_counter() - started
