@@ -8,7 +8,8 @@ Usage (from the repository root; run folders are what `deepshrink run NAME --see
 
 Per run: the recipe, its seed, the dense reference (the model the recipe first prunes), the decoded
 file's test and validation accuracy, its bytes and ratio, and the wall-clock of all its stages. Per
-recipe: mean, min and max over the seeds. tests/test_headlines.py checks that the tables in the docs
+recipe: mean, min and max over the seeds. A recipe with one finished seed is not a headline (it states
+no spread): it goes to a table of its own in docs/results.md, never to the README. tests/test_headlines.py checks that the tables in the docs
 are the ones this script makes from the committed JSON.
 """
 
@@ -27,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "headlines.json"
 BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
+SINGLE_BEGIN, SINGLE_END = "<!-- single-seed:begin -->", "<!-- single-seed:end -->"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "results.md")
+MIN_SEEDS = 2  # a headline states its spread over at least this many seeds
 
 #: What the table says of each recipe: model and data, and the reference result to read it against.
 RECIPES = {
@@ -95,30 +98,41 @@ def _duration(minutes: float) -> str:
     return f"{60 * minutes:.0f} s" if minutes < 2 else f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def headline_table(summary: dict) -> str:
-    """The markdown table of every recipe in the summary: mean over seeds, with the range."""
-    lines = ["| model, data | recipe (`deepshrink run NAME`) | seeds | test error: mean (range) | drop from its dense "
-             "model | ratio on disk: mean (range) | file | reference | wall-clock |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+def headline_table(summary: dict, single: bool = False) -> str:
+    """The markdown table of the recipes with ``MIN_SEEDS`` or more seeds (``single``: of those with fewer):
+    mean over seeds, with the range."""
+    lines = []
     for name, agg in summary["recipes"].items():
+        if (len(agg["seeds"]) < MIN_SEEDS) != single:
+            continue
         model, data, reference = RECIPES.get(name, (name, "", "-"))
         e, d, r, b, m = agg["error"], agg["drop"], agg["ratio"], agg["file_bytes"], agg["minutes"]
         lines.append(
             f"| {model}, {data} | `{name}` | {len(agg['seeds'])} | **{_pct(e['mean'])}** ({_pct(e['min'])}-"
             f"{_pct(e['max'])}) | {100 * d['mean']:+.2f} pts | **{r['mean']:.1f}x** ({r['min']:.1f}-{r['max']:.1f}) | "
             f"{b['mean'] / 1000:,.1f} KB | {reference} | {_duration(m['mean'])} |")
-    return "\n".join(lines)
+    if not lines:
+        return ""
+    return "\n".join(["| model, data | recipe (`deepshrink run NAME`) | seeds | test error: mean (range) | drop from "
+                      "its dense model | ratio on disk: mean (range) | file | reference | wall-clock |",
+                      "|---|---|---:|---:|---:|---:|---:|---|---:|", *lines])
 
 
 def render_docs(summary: dict) -> dict[Path, str]:
-    """Each doc with its table between the markers replaced by the one the summary makes."""
-    table = f"{BEGIN}\n{headline_table(summary)}\n{END}"
+    """Each doc with its tables between the markers replaced by the ones the summary makes (the single-seed
+    table only where a doc has its markers)."""
     out = {}
     for path in DOCS:
-        text = path.read_text()
-        begin, end = text.index(BEGIN), text.index(END) + len(END)
-        out[path] = text[:begin] + table + text[end:]
+        text = _replace(path.read_text(), BEGIN, END, headline_table(summary))
+        if SINGLE_BEGIN in text:
+            text = _replace(text, SINGLE_BEGIN, SINGLE_END, headline_table(summary, single=True))
+        out[path] = text
     return out
+
+
+def _replace(text: str, begin_marker: str, end_marker: str, table: str) -> str:
+    begin, end = text.index(begin_marker), text.index(end_marker) + len(end_marker)
+    return f"{text[:begin]}{begin_marker}\n{table}\n{end_marker}{text[end:]}"
 
 
 def main() -> None:
