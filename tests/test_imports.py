@@ -86,3 +86,11 @@ def test_the_private_name_check_sees_both_forms(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from deepshrink import format as fmt\nfrom .coding.level_coder import _SECRET\nfmt._parse()\n")
     assert len(_private_names_from_other_modules(probe)) == 2
+
+
+def test_the_design_doc_shows_the_graph_as_it_is(graph):
+    design = (SCRIPT.parent.parent / "docs" / "design.md").read_text()
+    width = max(map(len, graph))
+    stale = [module for module, deps in graph.items()
+             if f"{module:<{width}}  -> {', '.join(sorted(deps)) or '-'}\n" not in design]
+    assert not stale, f"docs/design.md's import graph is stale for {stale}: paste python scripts/imports.py"
