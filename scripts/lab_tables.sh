@@ -17,13 +17,15 @@ ds=.venv/bin/deepshrink
 data=(--data-dir ../shared/datasets/cifar10-jpeg)  # checkpoints record their dataset, not where it is
 dense=$run/02-train/checkpoint.pt
 mkdir -p "$out"
-$ds sweep prune-std "$dense" --out "$out/prune-std" --epochs 2 --lr 0.01 "${data[@]}"
-$ds sweep prune-percentile "$dense" --out "$out/prune-percentile" --epochs 2 --lr 0.01 "${data[@]}"
+# each step is skipped when its output exists, so a stopped run continues where it was (step by step)
+sweep() { [ -f "$out/$1/sweep.json" ] || $ds sweep "$@" "${data[@]}"; }
+sweep prune-std "$dense" --out "$out/prune-std" --epochs 2 --lr 0.01
+sweep prune-percentile "$dense" --out "$out/prune-percentile" --epochs 2 --lr 0.01
 [ -f "$out/q50.pt" ] || { $ds prune "$dense" --method percentile --q 50 --out "$out/q50-pruned.pt" &&
     $ds finetune "$out/q50-pruned.pt" --epochs 2 --lr 0.01 --weight-decay 1e-4 --out "$out/q50.pt" "${data[@]}"; }
-$ds sweep bits "$out/q50.pt" --out "$out/bits" --epochs 1 --lr 0.001 "${data[@]}"
-$ds sweep init "$out/q50.pt" --out "$out/init" --epochs 1 --lr 0.001 "${data[@]}"
-$ds quantize "$out/q50.pt" --bits 4 --init linear --train-centroids --epochs 1 --lr 0.001 --weight-decay 0 \
-    --out "$out/q50-4bit.pt" "${data[@]}"
+sweep bits "$out/q50.pt" --out "$out/bits" --epochs 1 --lr 0.001
+sweep init "$out/q50.pt" --out "$out/init" --epochs 1 --lr 0.001
+[ -f "$out/q50-4bit.pt" ] || $ds quantize "$out/q50.pt" --bits 4 --init linear --train-centroids --epochs 1 \
+    --lr 0.001 --weight-decay 0 --out "$out/q50-4bit.pt" "${data[@]}"
 $ds encode "$out/q50-4bit.pt" --coder huffman --out "$out/q50-4bit-huffman.dsz"
 .venv/bin/python scripts/lab_tables.py "$out" "$run" "${data[@]}"
