@@ -107,14 +107,17 @@ def headline_table(summary: dict, single: bool = False) -> str:
             continue
         model, data, reference = RECIPES.get(name, (name, "", "-"))
         e, d, r, b, m = agg["error"], agg["drop"], agg["ratio"], agg["file_bytes"], agg["minutes"]
+        error_range = f" ({_pct(e['min'])}-{_pct(e['max'])})" if not single else ""
+        ratio_range = f" ({r['min']:.1f}-{r['max']:.1f})" if not single else ""
         lines.append(
-            f"| {model}, {data} | `{name}` | {len(agg['seeds'])} | **{_pct(e['mean'])}** ({_pct(e['min'])}-"
-            f"{_pct(e['max'])}) | {100 * d['mean']:+.2f} pts | **{r['mean']:.1f}x** ({r['min']:.1f}-{r['max']:.1f}) | "
-            f"{b['mean'] / 1000:,.1f} KB | {reference} | {_duration(m['mean'])} |")
+            f"| {model}, {data} | `{name}` | {len(agg['seeds'])} | **{_pct(e['mean'])}**{error_range} | "
+            f"{100 * d['mean']:+.2f} pts | **{r['mean']:.1f}x**{ratio_range} | {b['mean'] / 1000:,.1f} KB | {reference} | "
+            f"{_duration(m['mean'])} |")
     if not lines:
         return ""
-    return "\n".join(["| model, data | recipe (`deepshrink run NAME`) | seeds | test error: mean (range) | drop from "
-                      "its dense model | ratio on disk: mean (range) | file | reference | wall-clock |",
+    spread = "" if single else ": mean (range)"
+    return "\n".join([f"| model, data | recipe (`deepshrink run NAME`) | seeds | test error{spread} | drop from "
+                      f"its dense model | ratio on disk{spread} | file | reference | wall-clock |",
                       "|---|---|---:|---:|---:|---:|---:|---|---:|", *lines])
 
 
