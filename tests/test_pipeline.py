@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
+from deepshrink.data import load_splits
+from deepshrink.encode import EncodeConfig
 from deepshrink.errors import ConfigError
 from deepshrink.pipeline import Recipe, builtin_recipes, load_recipe, run_recipe
 
@@ -85,8 +88,14 @@ def test_every_shipped_recipe_runs_end_to_end_on_tiny_data(name, tmp_path):
     final = result.stages[-1]
     assert final["kind"] == "encode"
     assert final["file_bytes"] == (tmp_path / "run" / final["dir"] / "model.dsz").stat().st_size
-    # the decoded file is the quantized model: same accuracy as the stage before encoding
-    assert final["decoded_accuracy"] == pytest.approx(result.stages[-2]["accuracy"], abs=1e-9)
+    # the decoded file is the quantized model: same accuracy as the stage before encoding, exactly when
+    # the file stores every value exactly; rounding (float16, BatchNorm folded, grid biases) may move
+    # one of the few near-tied test images of an all but untrained model
+    stored = EncodeConfig(**recipe.stages[-1][1])
+    exact = (stored.raw_dtype, stored.codebook_dtype, stored.fold_batchnorm, stored.grid_bits) == (
+        "float32", "float32", False, None)
+    one_image = 1 / len(load_splits(recipe.dataset).test)
+    assert final["decoded_accuracy"] == pytest.approx(result.stages[-2]["accuracy"], abs=1e-9 if exact else one_image + 1e-9)
     text = (tmp_path / "run" / "report.md").read_text()
     assert text.startswith(f"# {recipe.name}")
     assert "an estimate, not a file size" in text  # the lab estimate never appears without its caveat
@@ -118,7 +127,7 @@ def test_demo_recipe_meets_its_promise(tmp_path):
     assert encoded["ratio"] > 10
 
 
-def test_resume_after_a_killed_run_gives_the_same_result(tmp_path):
+def test_resume_after_a_killed_run_gives_the_same_result(tmp_path, caplog):
     recipe = {
         "name": "resume-test",
         "model": {"arch": "mlp"},
@@ -140,19 +149,25 @@ def test_resume_after_a_killed_run_gives_the_same_result(tmp_path):
     with open(stderr, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
-    while not (out / "02-prune" / "metrics.json").exists():
+    while not (out / "03-finetune" / "train-state.pt").exists():  # inside stage 3, after an epoch
         assert proc.poll() is None, stderr.read_text()[-3000:]
-        assert time.monotonic() < deadline, "stage 2 never completed"
+        assert time.monotonic() < deadline, "stage 3 never finished an epoch"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "report.md").exists(), "the run finished before it could be killed"
     assert not (out / "03-finetune" / "metrics.json").exists()
 
-    resumed = run_recipe(Recipe.from_dict(recipe), out, resume=True)
+    with caplog.at_level(logging.INFO, logger="deepshrink.train"):
+        resumed = run_recipe(Recipe.from_dict(recipe), out, resume=True)
+    assert "continuing after epoch" in caplog.text  # stage 3 went on from its last epoch, not from the start
+    assert not (out / "03-finetune" / "train-state.pt").exists()  # gone once the stage completed
     fresh = run_recipe(Recipe.from_dict(recipe), tmp_path / "fresh")
     strip = lambda stages: [{k: v for k, v in s.items() if k not in ("seconds", "file")} for s in stages]
     assert strip(resumed.stages) == strip(fresh.stages)
+    history = lambda run: [{k: v for k, v in r.items() if k != "seconds"}
+                           for r in json.loads((run / "03-finetune" / "details.json").read_text())["history"]]
+    assert history(out) == history(tmp_path / "fresh")
 
 
 def test_an_existing_run_folder_is_not_silently_overwritten(tmp_path):

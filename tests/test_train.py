@@ -282,6 +282,67 @@ def test_selection_without_validation_data_is_refused():
             train(tiny_mlp(), quadrant_data(32), TrainConfig(epochs=1, **option, **FAST), eval_data=quadrant_data(16))
 
 
+def _without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_a_stopped_run_continues_from_its_state_file_to_the_uninterrupted_result(tmp_path, keep_best):
+    validation = quadrant_data(128, seed=2)
+    # momentum and a rate high enough that the best epoch is not the last: the optimizer's state and
+    # the best weights must both survive the stop
+    config = TrainConfig(epochs=6, batch_size=16, lr=3.0, momentum=0.9, weight_decay=0, schedule="constant",
+                         keep_best=keep_best, progress=False)
+    whole_model = tiny_mlp()
+    whole = train(whole_model, quadrant_data(), config, validation_data=validation)
+    assert 2 < whole.best_epoch < 6, whole.history
+
+    state = tmp_path / "state.pt"
+
+    def stop_in_epoch_3(record):
+        if record["epoch"] == 3:  # its state is not written yet: the epoch is lost, as in a kill
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_mlp(), quadrant_data(), config, validation_data=validation, state_file=state,
+              callback=stop_in_epoch_3)
+    assert torch.load(state, weights_only=True)["epoch"] == 2
+    model = tiny_mlp(seed=7)  # the state file, not the model passed in, decides where training continues
+    seen = []
+    continued = train(model, quadrant_data(), config, validation_data=validation, state_file=state,
+                      callback=lambda record: seen.append(record["epoch"]))
+    assert seen == [3, 4, 5, 6]
+    assert _without_times(continued.history) == _without_times(whole.history)
+    assert continued.best_epoch == whole.best_epoch
+    for (name, a), (_, b) in zip(model.state_dict().items(), whole_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_state_file_of_a_finished_or_early_stopped_run_trains_no_further(tmp_path):
+    config = TrainConfig(epochs=8, batch_size=16, lr=3.0, weight_decay=0, schedule="constant", patience=1,
+                         progress=False, augment=False)
+    state = tmp_path / "state.pt"
+    stopped = train(tiny_mlp(), quadrant_data(), config, validation_data=quadrant_data(128, seed=2), state_file=state)
+    assert len(stopped.history) < 8  # the setting must stop early
+    again = train(tiny_mlp(), quadrant_data(), config, validation_data=quadrant_data(128, seed=2), state_file=state,
+                  callback=lambda record: pytest.fail(f"trained epoch {record['epoch']} again"))
+    assert _without_times(again.history) == _without_times(stopped.history)
+
+
+def test_a_state_file_from_other_settings_or_damaged_is_refused_naming_it(tmp_path):
+    state = tmp_path / "state.pt"
+    train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=1, batch_size=16, **FAST), state_file=state)
+    with pytest.raises(ConfigError, match=r"state\.pt: cannot continue.*other training settings.*delete it"):
+        train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=2, batch_size=16, **FAST), state_file=state)
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"state\.pt: cannot continue"):
+        train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=1, batch_size=16, **FAST), state_file=state)
+
+
 # ---------------------------------------------------------------- distillation
 
 

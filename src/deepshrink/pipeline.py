@@ -19,7 +19,8 @@ dense model teaching its pruned or quantized copy.
 
 Stage ``i`` writes ``DIR/NN-kind/checkpoint.pt`` and then ``DIR/NN-kind/metrics.json``; the metrics
 file is written last, so its presence marks the stage complete and ``resume=True`` restarts after
-the last complete stage.
+the last complete stage. A training stage also keeps ``train-state.pt`` after every epoch until it
+completes, so a resumed run continues inside it after its last finished epoch, to the same result.
 """
 
 from __future__ import annotations
@@ -267,6 +268,11 @@ class RunContext:
     def stage_dir(self) -> Path:
         return self.out_dir / stage_folder(self.recipe, self.index)
 
+    @property
+    def train_state(self) -> Path:
+        """Where a training stage keeps its state after every epoch, until the stage completes."""
+        return self.stage_dir / "train-state.pt"
+
     def checkpoint_of(self, number: int) -> Path:
         """Stage ``number``'s (1-based) checkpoint: a resumed run finds it too."""
         return self.out_dir / stage_folder(self.recipe, number - 1) / "checkpoint.pt"
@@ -282,7 +288,7 @@ def _stage_train(model: nn.Module, options: dict, run: RunContext) -> dict:
     if "teacher" in options:  # an earlier stage's model, from its checkpoint
         teacher, _ = load_checkpoint(run.checkpoint_of(options["teacher"]), trust_factory=run.stage.trust_factory)
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
-    result = stages.retrain(model, config, run.stage, teacher=teacher)
+    result = stages.retrain(model, config, run.stage, teacher=teacher, state_file=run.train_state)
     details = {"history": result.history, "config": dataclasses.asdict(config)}
     if result.best_epoch is not None:
         details["best_epoch"] = result.best_epoch
@@ -391,6 +397,7 @@ def run_recipe(
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})
         _write_json(run.stage_dir / "details.json", details)
         _write_json(metrics_file, metrics)  # last: marks the stage complete
+        run.train_state.unlink(missing_ok=True)
         result.stages.append(metrics)
         if on_stage:
             on_stage(metrics)

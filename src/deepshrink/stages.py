@@ -60,17 +60,18 @@ class StageContext:
 
 
 def retrain(model: nn.Module, config: TrainConfig, ctx: StageContext, *, teacher: nn.Module | None = None,
-            report_test: bool = False, group=None) -> TrainResult:
+            report_test: bool = False, group=None, state_file: str | os.PathLike | None = None) -> TrainResult:
     """Train ``model`` in place on the training split, then zero every pruned weight exactly.
 
     The validation split (if any) is evaluated after every epoch and feeds ``keep_best``/``patience``;
     the test split never reaches the loop unless ``report_test`` asks for its accuracy per epoch (a
     report only: nothing is chosen on it). Masks and codebooks ride along in the model, so this one
     step trains, retrains, trains centroids and, with ``config.reassign_lam``, reassigns levels.
+    ``state_file`` lets a stopped run continue after its last finished epoch (``train.train``).
     """
     result = train(model.to(ctx.device), ctx.splits.train, config, validation_data=ctx.splits.validation,
                    eval_data=ctx.splits.test if report_test else None, device=ctx.device, teacher=teacher,
-                   group=group)
+                   group=group, state_file=state_file)
     zero_pruned_(model)
     return result
 

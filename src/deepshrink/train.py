@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -41,6 +41,7 @@ from .parametrizations import reassigning
 from .config import check_lam, enum_value
 from .data import Batches, ImageData
 from .errors import ConfigError, DataError, DeepShrinkError
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +360,7 @@ def train(
     callback: Callable[[dict], None] | None = None,
     group: dist.ProcessGroup | None = None,
     teacher: nn.Module | None = None,
+    state_file: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; evaluate on ``validation_data`` and ``eval_data`` after every epoch.
 
@@ -377,14 +379,19 @@ def train(
         teacher: the model whose outputs the student learns from when ``config.distill_weight > 0``
             (e.g. the dense model while its pruned or quantized copy retrains); run in eval mode,
             never updated.
+        state_file: after every epoch the loop's whole state (weights, optimizer, history, the best
+            epoch's weights) is written here; when the file exists at the start, training continues
+            from it and ends where an uninterrupted run would (each epoch's order and augmentation
+            are seeded by its number). The caller deletes it once the result is safely stored.
 
     Returns:
         TrainResult with one record per epoch and ``final`` (the last record, or the evaluation
         of the untrained model when ``epochs == 0``).
 
     Raises:
-        ConfigError: the model has no trainable tensor, keep_best/patience without validation_data, or
-            a teacher without ``distill_weight`` (or the reverse).
+        ConfigError: the model has no trainable tensor, keep_best/patience without validation_data,
+            a teacher without ``distill_weight`` (or the reverse), or a ``state_file`` this model and
+            config did not write.
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
@@ -392,7 +399,7 @@ def train(
         with reassigning(model, config.reassign_lam):
             return train(model, data, replace(config, reassign_lam=None), eval_data=eval_data,
                          validation_data=validation_data, device=device, callback=callback, group=group,
-                         teacher=teacher)
+                         teacher=teacher, state_file=state_file)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # DDP needs an explicit device index
         device = torch.device("cuda", torch.cuda.current_device())
@@ -427,10 +434,17 @@ def train(
     if steps == 0 and config.epochs > 0:
         raise DataError(f"{data.name}: no training samples")
     result = TrainResult()
-    best_accuracy, best_state = -1.0, None
+    best_accuracy, best_state, first_epoch, stopped = -1.0, None, 0, False
+    if state_file is not None and os.path.exists(state_file):
+        state = _load_train_state(state_file, config, model, optimizer, scaler)
+        result.history, result.best_epoch = state["history"], state["best_epoch"]
+        best_accuracy, best_state, first_epoch, stopped = (state["best_accuracy"], state["best_state"],
+                                                            state["epoch"], state["stopped"])
+        if rank == 0:
+            logger.info("%s: continuing after epoch %d of %d", state_file, first_epoch, config.epochs)
     show = config.progress and rank == 0 and sys.stderr.isatty()
     with _progress_bar(show) as bar:
-        for epoch in range(config.epochs):
+        for epoch in range(first_epoch, first_epoch if stopped else config.epochs):
             start = time.perf_counter()
             task = bar.add_task("train", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=float("nan"), acc=0.0)
             batches.set_epoch(epoch)
@@ -494,10 +508,18 @@ def train(
                     if config.keep_best:  # a copy on the host: the model keeps training in place
                         best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 elif config.patience and epoch + 1 - result.best_epoch >= config.patience:
+                    stopped = True
                     if rank == 0:
                         logger.info("no better validation accuracy for %d epochs: stopping after epoch %d",
                                     config.patience, epoch + 1)
-                    break
+            if state_file is not None and rank == 0:
+                state = {"epoch": epoch + 1, "stopped": stopped, "config": _resumable_config(config),
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
+                         "best_accuracy": best_accuracy, "best_state": best_state}
+                atomic_write(state_file, lambda f: torch.save(state, f))
+            if stopped:
+                break
     if best_state is not None and result.best_epoch != len(result.history):
         model.load_state_dict(best_state)
         if rank == 0:
@@ -508,6 +530,27 @@ def train(
         test = _evaluate(model, eval_data, device, eval_batch_size(device), group)
         result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     return result
+
+
+def _resumable_config(config: TrainConfig) -> dict:
+    """The settings a continued run must share with the one that wrote its state (not the display ones)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("progress", "log_every")}
+
+
+def _load_train_state(path: str | os.PathLike, config: TrainConfig, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
+    """Read ``train``'s ``state_file`` into the model, optimizer and scaler; the rest is returned."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != _resumable_config(config):
+            raise ConfigError("it was written with other training settings")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except Exception as e:  # torch.load's and load_state_dict's errors name no file
+        raise ConfigError(f"{path}: cannot continue training from this state ({e}); delete it to train "
+                          "from the start") from None
+    return state
 
 
 def fisher_diagonal(

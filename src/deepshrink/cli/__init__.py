@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<recipe name>)")
     p.add_argument("--data-dir")
     p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true", help="continue after the last completed stage")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run after its last finished epoch")
     p.add_argument("--seed", type=int, default=None,
                    help="replace the recipe's seed (shuffling, augmentation, initialisation; the validation split "
                         "stays the same)")
