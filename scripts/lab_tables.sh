@@ -4,8 +4,8 @@
 # s x std and by percentile q, each point retrained 2 full epochs; q=50 (uniform, as the lab) retrained
 # 2 epochs; on it weight sharing at 6/5/4/3 bits and the four initialisations at 4 bits, each with one
 # epoch of centroid training; and the lab's end-to-end file, q=50 + 4 bits + Huffman, inspected. Test
-# accuracy throughout: these tables report, they choose nothing. About 27 epochs over 45,000 images:
-# 3-4 hours with one thread on the 2-core CPU (2026-12-06).
+# accuracy throughout: these tables report, they choose nothing. 27 epochs over 45,000 images: 68 minutes
+# with two threads on the idle 2-core CPU (2026-12-06), 3-4 hours with one thread beside other runs.
 # Usage: bash scripts/lab_tables.sh RUN_DIR [OUT=runs/lab]   (RUN_DIR: a resnet20-cifar10-25x run)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
