@@ -17,7 +17,8 @@ ds=.venv/bin/deepshrink
 data=(--data-dir ../shared/datasets/cifar10-jpeg)  # checkpoints record their dataset, not where it is
 dense=$run/02-train/checkpoint.pt
 mkdir -p "$out"
-# each step is skipped when its output exists, so a stopped run continues where it was (step by step)
+# each step is skipped when its output exists and a sweep continues after its finished points, so a
+# stopped run loses at most the point in progress
 sweep() { [ -f "$out/$1/sweep.json" ] || $ds sweep "$@" "${data[@]}"; }
 sweep prune-std "$dense" --out "$out/prune-std" --epochs 2 --lr 0.01
 sweep prune-percentile "$dense" --out "$out/prune-percentile" --epochs 2 --lr 0.01

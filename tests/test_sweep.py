@@ -112,6 +112,41 @@ def test_rate_sweep_retrains_each_point_with_reassignment_when_asked(trained, tm
     assert all(row["file_accuracy"] == row["retrained_accuracy"] for row in result.rows)
 
 
+class Stopped(Exception):
+    pass
+
+
+def test_a_stopped_sweep_run_again_continues_after_its_finished_points(trained, tmp_path, monkeypatch):
+    import deepshrink.stages as stages_module
+
+    trained_points = []
+    real_train = stages_module.train
+    monkeypatch.setattr(stages_module, "train", lambda model, data, config, **kw: (
+        trained_points.append(config), real_train(model, data, config, **kw))[1])
+    whole = run_sweep("prune-percentile", trained, tmp_path / "whole", epochs=1).rows
+
+    def stop_after_two(row):
+        if row["q"] == PERCENTILES[1]:
+            raise Stopped
+
+    trained_points.clear()
+    with pytest.raises(Stopped):
+        run_sweep("prune-percentile", trained, tmp_path / "stopped", epochs=1, on_point=stop_after_two)
+    assert len(trained_points) == 2 and not (tmp_path / "stopped" / "sweep.json").exists()
+    seen = []
+    again = run_sweep("prune-percentile", trained, tmp_path / "stopped", epochs=1, on_point=seen.append)
+    assert len(trained_points) == 4  # the two finished points were not retrained again
+    assert again.rows == seen == whole  # the same rows as an uninterrupted sweep, each reported
+    assert not (tmp_path / "stopped" / "points.json").exists()  # gone once sweep.json is written
+
+    # other settings in the same folder start over
+    trained_points.clear()
+    with pytest.raises(Stopped):
+        run_sweep("prune-percentile", trained, tmp_path / "other", epochs=1, on_point=stop_after_two)
+    run_sweep("prune-percentile", trained, tmp_path / "other", epochs=1, lr=0.02)
+    assert len(trained_points) == 2 + len(PERCENTILES)
+
+
 def test_rate_sweep_writes_files_as_told(trained, tmp_path):
     model, payload = load_checkpoint(trained)
     prune_model(model, PruneConfig(q=50))

@@ -9,7 +9,9 @@
   compressed file: its size on disk against the accuracy of the model decoded from it (the
   size-vs-error frontier).
 
-Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder. Accuracies
+Each sweep writes ``sweep.md``, ``sweep.csv``, ``sweep.json`` and a plot under its folder; while it runs,
+``points.json`` holds the finished points, so the same sweep run again into that folder (same
+checkpoint, same settings) continues after them. Accuracies
 are measured on the test split (reporting), or with ``split="validation"`` on the checkpoint's
 validation split: the one to read when a sweep chooses something (e.g. per-layer q from
 ``sensitivity``). ``sweep.json`` records which split it was.
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -37,6 +41,8 @@ from .prune import PRUNERS, PruneConfig, PruningRule, prune_model
 from .quantize import QuantizeConfig, quantize_model
 from .stages import StageContext
 from .train import TrainConfig, evaluate
+
+log = logging.getLogger(__name__)
 
 STD_VALUES = (0.0, 0.25, 0.5, 1.0)
 PERCENTILES = (0.0, 25.0, 50.0, 75.0)
@@ -131,18 +137,47 @@ def run_sweep(
         points = functools.partial(points, configs=rate_configs, ctx=ctx, reassigned=reassigned, files=out_dir,
                                    spec=payload["model"], dataset=payload["meta"]["dataset"],
                                    encode=encode or EncodeConfig(), split=split)
-    rows = []
-    for row in points(fresh, accuracy, retrained, bits):
-        rows.append(row)
+    # a stopped sweep of the same checkpoint and settings continues after its last finished point
+    settings = {"kind": kind, "checkpoint": _sha256(checkpoint), "epochs": epochs, "lr": lr, "bits": bits,
+                "split": split}
+    if kind == "rate":
+        settings.update(lambdas=list(lambdas), method=method, hessian=hessian, reassign_epochs=reassign_epochs,
+                        reassign_lr=reassign_lr, encode=asdict(encode or EncodeConfig()))
+    progress_file = out_dir / "points.json"
+    rows = _finished_points(progress_file, settings)
+    if rows:
+        log.info("%s: %d point(s) of this sweep already done, continuing after them", progress_file, len(rows))
+    for i, compute in enumerate(points(fresh, accuracy, retrained, bits)):
+        if i >= len(rows):
+            rows.append(compute())
+            atomic_write(progress_file, lambda f: f.write(json.dumps({"settings": settings, "rows": rows}).encode()))
         if on_point:
-            on_point(row)
+            on_point(rows[i])
     path = write_sweep(out_dir, kind, rows, spec, split)
+    progress_file.unlink()
     return SweepResult(rows, spec.columns, path)
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished_points(progress_file: Path, settings: dict) -> list[dict]:
+    """The rows a stopped run of this same sweep finished (none if it had other settings or no file)."""
+    try:
+        saved = json.loads(progress_file.read_text())
+    except (OSError, ValueError):
+        return []
+    return saved["rows"] if isinstance(saved, dict) and saved.get("settings") == settings else []
 
 
 @dataclass(frozen=True)
 class Sweep:
-    points: Callable[..., Iterator[dict]]
+    points: Callable[..., list[Callable[[], dict]]]  # one function per point, computing its row
     columns: list[tuple]
     x: str  # plotted on the x axis
     y: tuple[str, ...]  # plotted as lines
@@ -158,43 +193,50 @@ def _prune_points(rule: PruningRule):
     values = STD_VALUES if param == "s" else PERCENTILES
 
     def points(fresh, accuracy, retrained, _bits):
-        for v in values:
+        def point(v):
             model = fresh()
             prune_model(model, PruneConfig(method=rule.name, **{param: v}))
             row = {param: v, "sparsity": _sparsity(model), "accuracy": accuracy(model)}
             row["retrained_accuracy"] = retrained(model)
-            yield row
+            return row
+
+        return [functools.partial(point, v) for v in values]
 
     return points
 
 
 def _quantize_points(vary: str):
     def points(fresh, accuracy, retrained, bits):
-        before = accuracy(fresh())
-        for v in BITS if vary == "bits" else INITS:
+        before = functools.cache(lambda: accuracy(fresh()))  # once, and not at all when every point is done
+
+        def point(v):
             model = fresh()
             config = QuantizeConfig(bits=v, init="linear") if vary == "bits" else QuantizeConfig(bits=bits, init=v)
             quantize_model(model, config)
-            yield {vary: v, "accuracy_before": before, "accuracy": accuracy(model),
-                   "retrained_accuracy": retrained(model)}
+            return {vary: v, "accuracy_before": before(), "accuracy": accuracy(model),
+                    "retrained_accuracy": retrained(model)}
+
+        return [functools.partial(point, v) for v in (BITS if vary == "bits" else INITS)]
 
     return points
 
 
 def _sensitivity_points(fresh, accuracy, _retrained, _bits):
-    base = fresh()
-    dense = accuracy(base)
-    for ref in select_weights(base, kinds=("conv", "fc")):
-        for q in SENSITIVITY_Q:
-            model = fresh()
-            prune_model(model, PruneConfig(method="percentile", q=q, include=(ref.fqn,)))
-            acc = accuracy(model)
-            yield {"layer": ref.fqn, "q": q, "accuracy": acc, "drop": dense - acc}
+    dense = functools.cache(lambda: accuracy(fresh()))
+
+    def point(layer, q):
+        model = fresh()
+        prune_model(model, PruneConfig(method="percentile", q=q, include=(layer,)))
+        acc = accuracy(model)
+        return {"layer": layer, "q": q, "accuracy": acc, "drop": dense() - acc}
+
+    layers = [ref.fqn for ref in select_weights(fresh(), kinds=("conv", "fc"))]
+    return [functools.partial(point, layer, q) for layer in layers for q in SENSITIVITY_Q]
 
 
 def _rate_points(fresh, accuracy, retrained, _bits, *, configs, ctx: StageContext, reassigned, files: Path,
                  spec: dict, dataset: dict, encode: EncodeConfig, split: str):
-    for config in configs:
+    def point(config: QuantizeConfig) -> dict:
         model = fresh()
         stages.quantize(model, config, ctx)  # Fisher importances (hessian) from training batches only
         row = {"lambda": config.lam, "accuracy": accuracy(model)}
@@ -208,7 +250,9 @@ def _rate_points(fresh, accuracy, retrained, _bits, *, configs, ctx: StageContex
         measured = stages.compress_and_evaluate(model, path, encode, ctx, model_spec=spec, meta=meta, splits=(split,))
         file_accuracy = measured["decoded_validation_accuracy" if split == "validation" else "decoded_accuracy"]
         row.update(file_bytes=measured["file_bytes"], ratio=measured["ratio"], file_accuracy=file_accuracy)
-        yield row
+        return row
+
+    return [functools.partial(point, config) for config in configs]
 
 
 def _fmt_bytes(value) -> str:

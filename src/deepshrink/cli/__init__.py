@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help=f"the lab's experiments: {', '.join(sweep_kinds())}")
     p.add_argument("kind", choices=sweep_kinds())
     p.add_argument("checkpoint", help="a trained (dense) checkpoint")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="its folder; the same sweep run again into it continues after "
+                                                "the points it finished")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=1, help="retraining epochs per point (0 = no retraining)")
