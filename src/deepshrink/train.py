@@ -382,7 +382,8 @@ def train(
         state_file: after every epoch the loop's whole state (weights, optimizer, history, the best
             epoch's weights) is written here; when the file exists at the start, training continues
             from it and ends where an uninterrupted run would (each epoch's order and augmentation
-            are seeded by its number). The caller deletes it once the result is safely stored.
+            are seeded by its number). Its weights replace the model's, so it belongs to one starting
+            model: the caller keeps it beside that run's output and deletes it once the result is stored.
 
     Returns:
         TrainResult with one record per epoch and ``final`` (the last record, or the evaluation
@@ -390,8 +391,8 @@ def train(
 
     Raises:
         ConfigError: the model has no trainable tensor, keep_best/patience without validation_data,
-            a teacher without ``distill_weight`` (or the reverse), or a ``state_file`` this model and
-            config did not write.
+            a teacher without ``distill_weight`` (or the reverse), or a ``state_file`` written with other
+            settings or for a model of other shapes.
         DataError: ``data`` is empty.
         DeepShrinkError: the loss became NaN or infinite (lower the learning rate).
     """
