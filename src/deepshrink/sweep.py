@@ -144,10 +144,11 @@ def run_sweep(
         settings.update(lambdas=list(lambdas), method=method, hessian=hessian, reassign_epochs=reassign_epochs,
                         reassign_lr=reassign_lr, encode=asdict(encode or EncodeConfig()))
     progress_file = out_dir / "points.json"
-    rows = _finished_points(progress_file, settings)
+    computations = points(fresh, accuracy, retrained, bits)
+    rows = _finished_points(progress_file, settings)[:len(computations)]
     if rows:
         log.info("%s: %d point(s) of this sweep already done, continuing after them", progress_file, len(rows))
-    for i, compute in enumerate(points(fresh, accuracy, retrained, bits)):
+    for i, compute in enumerate(computations):
         if i >= len(rows):
             rows.append(compute())
             atomic_write(progress_file, lambda f: f.write(json.dumps({"settings": settings, "rows": rows}).encode()))
@@ -172,7 +173,10 @@ def _finished_points(progress_file: Path, settings: dict) -> list[dict]:
         saved = json.loads(progress_file.read_text())
     except (OSError, ValueError):
         return []
-    return saved["rows"] if isinstance(saved, dict) and saved.get("settings") == settings else []
+    if not isinstance(saved, dict) or saved.get("settings") != settings:
+        return []
+    rows = saved.get("rows")
+    return rows if isinstance(rows, list) and all(isinstance(row, dict) for row in rows) else []
 
 
 @dataclass(frozen=True)
