@@ -20,7 +20,7 @@ from PIL import Image
 from deepshrink.data import load_splits
 from deepshrink.encode import EncodeConfig
 from deepshrink.errors import ConfigError
-from deepshrink.pipeline import Recipe, builtin_recipes, load_recipe, run_recipe
+from deepshrink.pipeline import Recipe, builtin_recipes, load_recipe, run_recipe, warn_if_file_loses
 
 
 def write_mnist(root: Path, n_train=96, n_test=48, seed=0) -> Path:
@@ -420,3 +420,15 @@ def _compare_honest_and_corrupt_runs(raw, tmp_path, monkeypatch):
         w1 = load_checkpoint(tmp_path / "honest" / stage / "checkpoint.pt")[0].state_dict()
         w2 = load_checkpoint(tmp_path / "corrupt" / stage / "checkpoint.pt")[0].state_dict()
         assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_an_encode_stage_warns_where_its_file_scores_below_the_model_it_stores(caplog):
+    stored = {"accuracy": 0.90, "decoded_accuracy": 0.90}
+    with caplog.at_level(logging.WARNING, logger="deepshrink.pipeline"):
+        warn_if_file_loses({**stored, "validation_accuracy": 0.93, "decoded_validation_accuracy": 0.925}, "f.dsz")
+        assert caplog.text == ""  # half a point: within what rounding to float16 may cost
+        warn_if_file_loses({**stored, "validation_accuracy": 0.93, "decoded_validation_accuracy": 0.81}, "f.dsz")
+        assert "f.dsz" in caplog.text and "12.00 points below" in caplog.text and "validation" in caplog.text
+        caplog.clear()
+        warn_if_file_loses({"accuracy": 0.90, "decoded_accuracy": 0.85}, "g.dsz")  # no validation split: test
+        assert "g.dsz" in caplog.text and "5.00 points below" in caplog.text and "test accuracy" in caplog.text

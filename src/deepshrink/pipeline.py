@@ -54,6 +54,7 @@ from .train import TrainConfig
 log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("train", "load", "prune", "finetune", "quantize", "encode")
+FILE_LOSS_WARNING = 0.01  # an encode stage warns where its file scores this much below the model it stores
 
 
 def make_config(cls: type, options: dict | None, where: str):
@@ -394,6 +395,8 @@ def run_recipe(
         metrics = {"stage": i + 1, "kind": kind, "dir": run.stage_dir.name, **stages.model_metrics(model, ctx)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
         metrics["seconds"] = round(time.perf_counter() - start, 2)
+        if kind == "encode":
+            warn_if_file_loses(metrics, f"{run.label}, {metrics['file']}")
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})
         _write_json(run.stage_dir / "details.json", details)
         _write_json(metrics_file, metrics)  # last: marks the stage complete
@@ -405,6 +408,19 @@ def run_recipe(
     result.layers = report.layer_summary(model)
     write_run_report(out_dir, recipe, result, trust_factory=trust_factory)
     return result
+
+
+def warn_if_file_loses(metrics: dict, where: str) -> None:
+    """Warn where an encode stage's decoded file scores ``FILE_LOSS_WARNING`` or more below the model it
+    stores (on validation where there is a split): lossy storage (float16, ``grid_bits``) cost that much."""
+    split = "validation" if "decoded_validation_accuracy" in metrics else "test"
+    key = "validation_accuracy" if split == "validation" else "accuracy"
+    lost = metrics[key] - metrics[f"decoded_{key}"]
+    if lost >= FILE_LOSS_WARNING:
+        log.warning("%s: the decoded file scores %.2f points below the model it stores (%s accuracy %.2f%% -> "
+                    "%.2f%%); its lossy settings (float16 raw_dtype/codebook_dtype, grid_bits) cost that: "
+                    "store those tensors exactly to check", where, 100 * lost, split, 100 * metrics[key],
+                    100 * metrics[f"decoded_{key}"])
 
 
 def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult, *, trust_factory: bool = False) -> Path:
