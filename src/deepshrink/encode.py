@@ -52,7 +52,9 @@ class EncodeConfig:
     fold_batchnorm: bool = False
     # round each 1-D float tensor (biases, norm scales) to a uniform grid of 2**grid_bits - 1 levels
     # spanning its largest magnitude and context-code the levels (``codecs.grid``), where that is smaller
-    # than storing it raw; lossy like float16 (the error is at most half a step). None keeps them raw
+    # than storing it raw; lossy like float16 (the error is at most half a step). One large value coarsens
+    # every other: a folded BatchNorm's scale for a channel whose weights are all pruned can be hundreds
+    # of times the rest (docs/log.md, ResNet-56). None keeps them raw
     grid_bits: int | None = None
 
     def __post_init__(self):
