@@ -413,14 +413,12 @@ def run_recipe(
 def warn_if_file_loses(metrics: dict, where: str) -> None:
     """Warn where an encode stage's decoded file scores ``FILE_LOSS_WARNING`` or more below the model it
     stores (on validation where there is a split): lossy storage (float16, ``grid_bits``) cost that much."""
-    split = "validation" if "decoded_validation_accuracy" in metrics else "test"
-    key = "validation_accuracy" if split == "validation" else "accuracy"
-    lost = metrics[key] - metrics[f"decoded_{key}"]
-    if lost >= FILE_LOSS_WARNING:
+    split, key = ("validation", "validation_accuracy") if "decoded_validation_accuracy" in metrics else ("test", "accuracy")
+    before, after = metrics[key], metrics[f"decoded_{key}"]
+    if before - after >= FILE_LOSS_WARNING:
         log.warning("%s: the decoded file scores %.2f points below the model it stores (%s accuracy %.2f%% -> "
                     "%.2f%%); its lossy settings (float16 raw_dtype/codebook_dtype, grid_bits) cost that: "
-                    "store those tensors exactly to check", where, 100 * lost, split, 100 * metrics[key],
-                    100 * metrics[f"decoded_{key}"])
+                    "store those tensors exactly to check", where, 100 * (before - after), split, 100 * before, 100 * after)
 
 
 def write_run_report(out_dir: Path, recipe: Recipe, result: RunResult, *, trust_factory: bool = False) -> Path:
