@@ -108,16 +108,18 @@ def headline_table(summary: dict, single: bool = False) -> str:
         model, data, reference = RECIPES.get(name, (name, "", "-"))
         e, d, r, b, m = agg["error"], agg["drop"], agg["ratio"], agg["file_bytes"], agg["minutes"]
         error_range = f" ({_pct(e['min'])}-{_pct(e['max'])})" if not single else ""
+        drop_range = f" ({100 * d['min']:+.2f} to {100 * d['max']:+.2f})" if not single else ""
         ratio_range = f" ({r['min']:.1f}-{r['max']:.1f})" if not single else ""
         lines.append(
             f"| {model}, {data} | `{name}` | {len(agg['seeds'])} | **{_pct(e['mean'])}**{error_range} | "
-            f"{100 * d['mean']:+.2f} pts | **{r['mean']:.1f}x**{ratio_range} | {b['mean'] / 1000:,.1f} KB | {reference} | "
+            f"{100 * d['mean']:+.2f} pts{drop_range} | **{r['mean']:.1f}x**{ratio_range} | {b['mean'] / 1000:,.1f} KB | {reference} | "
             f"{_duration(m['mean'])} |")
     if not lines:
         return ""
     spread = "" if single else ": mean (range)"
-    return "\n".join([f"| model, data | recipe (`deepshrink run NAME`) | seeds | test error{spread} | drop from "
-                      f"its dense model | ratio on disk{spread} | file | reference | wall-clock |",
+    intro = ["Recipes with one finished seed so far: not headlines until a second seed states their spread.", ""]
+    return "\n".join([*(intro if single else []), f"| model, data | recipe (`deepshrink run NAME`) | seeds | test error{spread} | drop from "
+                      f"its dense model{spread} | ratio on disk{spread} | file | reference | wall-clock |",
                       "|---|---|---:|---:|---:|---:|---:|---|---:|", *lines])
 
 
