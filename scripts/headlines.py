@@ -117,10 +117,10 @@ def headline_table(summary: dict, single: bool = False) -> str:
     if not lines:
         return ""
     spread = "" if single else ": mean (range)"
+    header = (f"| model, data | recipe (`deepshrink run NAME`) | seeds | test error{spread} | drop from its dense "
+              f"model{spread} | ratio on disk{spread} | file | reference | wall-clock |")
     intro = ["Recipes with one finished seed so far: not headlines until a second seed states their spread.", ""]
-    return "\n".join([*(intro if single else []), f"| model, data | recipe (`deepshrink run NAME`) | seeds | test error{spread} | drop from "
-                      f"its dense model{spread} | ratio on disk{spread} | file | reference | wall-clock |",
-                      "|---|---|---:|---:|---:|---:|---:|---|---:|", *lines])
+    return "\n".join([*(intro if single else []), header, "|---|---|---:|---:|---:|---:|---:|---|---:|", *lines])
 
 
 def render_docs(summary: dict) -> dict[Path, str]:
