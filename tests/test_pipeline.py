@@ -164,6 +164,9 @@ def test_resume_after_a_killed_run_gives_the_same_result(tmp_path, caplog):
     history = lambda run: [{k: v for k, v in r.items() if k != "seconds"}
                            for r in json.loads((run / "03-finetune" / "details.json").read_text())["history"]]
     assert history(out) == history(tmp_path / "fresh")
+    # its time counts the epochs before the kill as well as those after
+    epochs = json.loads((out / "03-finetune" / "details.json").read_text())["history"]
+    assert resumed.stages[2]["seconds"] >= sum(r["seconds"] for r in epochs)
 
 
 def test_an_existing_run_folder_is_not_silently_overwritten(tmp_path):

@@ -291,6 +291,8 @@ def _stage_train(model: nn.Module, options: dict, run: RunContext) -> dict:
     # no per-epoch test pass: the stage's metrics evaluate once at the end (a full pass costs minutes on CPU)
     result = stages.retrain(model, config, run.stage, teacher=teacher, state_file=run.train_state)
     details = {"history": result.history, "config": dataclasses.asdict(config)}
+    if result.resumed_seconds:
+        details["seconds_before_resume"] = result.resumed_seconds
     if result.best_epoch is not None:
         details["best_epoch"] = result.best_epoch
     return details
@@ -391,10 +393,11 @@ def run_recipe(
         run.stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(ctx.device)
         details = STAGES[kind](model, options, run)
+        earlier_seconds = details.pop("seconds_before_resume", 0.0)  # a resumed stage's time before the stop
         model.cpu()
         metrics = {"stage": i + 1, "kind": kind, "dir": run.stage_dir.name, **stages.model_metrics(model, ctx)}
         metrics.update({k: v for k, v in details.items() if k not in ("history", "config", "layers")})
-        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        metrics["seconds"] = round(time.perf_counter() - start + earlier_seconds, 2)
         if kind == "encode":
             warn_if_file_loses(metrics, f"{run.label}, {metrics['file']}")
         save_checkpoint(ckpt_file, model, spec, meta={"dataset": record, "stage": metrics})

@@ -154,6 +154,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # epoch, lr, loss, train_accuracy, validation_*, test_*, seconds
     final: dict = field(default_factory=dict)
     best_epoch: int | None = None  # the epoch of best validation accuracy (None without validation data)
+    resumed_seconds: float = 0.0  # the epochs' time before a stop, read back from ``state_file``
 
 
 def learning_rate(config: TrainConfig, epoch: float, steps_per_epoch: int = 1) -> float:
@@ -439,6 +440,7 @@ def train(
     if state_file is not None and os.path.exists(state_file):
         state = _load_train_state(state_file, config, model, optimizer, scaler)
         result.history, result.best_epoch = state["history"], state["best_epoch"]
+        result.resumed_seconds = sum(record["seconds"] for record in result.history)
         best_accuracy, best_state, first_epoch, stopped = (state["best_accuracy"], state["best_state"],
                                                             state["epoch"], state["stopped"])
         if rank == 0:
