@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The runs behind the headline table (README.md, docs/results.md): each headline recipe with its seeds,
-# one after another, then the table rewritten from them. No GPU needed. On the project's 2-core CPU with
-# one thread per run (2026-12-06): digits seconds each, lenet300-mnist-100x about 15-30 minutes,
-# lenet5-mnist-130x about 1-2 hours, resnet20-cifar10-25x 4-6 hours, resnet56-cifar10-ecsq about twice
-# that (faster with two threads on an idle machine, and with --device cuda). A stopped run continues
-# after its last finished epoch (--resume).
+# one after another, then the table rewritten from them. No GPU needed. On the project's idle 2-core CPU,
+# each run using both cores (torch's default threads; 2026-12-06 and 07): digits seconds each,
+# lenet300-mnist-100x about 15 minutes, lenet5-mnist-130x about an hour, resnet20-cifar10-25x about
+# 1.5 hours, resnet56-cifar10-ecsq about 2.3 (all 13 runs: about 10 hours; --device cuda is faster).
+# A stopped run continues after its last finished epoch (--resume).
 # Usage: bash scripts/headline_runs.sh [RUNS_DIR=runs/headlines]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
