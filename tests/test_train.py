@@ -338,6 +338,10 @@ def test_a_state_file_from_other_settings_or_damaged_is_refused_naming_it(tmp_pa
     train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=1, batch_size=16, **FAST), state_file=state)
     with pytest.raises(ConfigError, match=r"state\.pt: cannot continue.*other training settings.*delete it"):
         train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=2, batch_size=16, **FAST), state_file=state)
+    saved = torch.load(state, weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != "history"}, state)
+    with pytest.raises(ConfigError, match=r"state\.pt: cannot continue.*lacks \['history'\]"):
+        train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=1, batch_size=16, **FAST), state_file=state)
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ConfigError, match=r"state\.pt: cannot continue"):
         train(tiny_mlp(), quadrant_data(64), TrainConfig(epochs=1, batch_size=16, **FAST), state_file=state)

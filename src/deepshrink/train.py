@@ -440,7 +440,7 @@ def train(
     if state_file is not None and os.path.exists(state_file):
         state = _load_train_state(state_file, config, model, optimizer, scaler)
         result.history, result.best_epoch = state["history"], state["best_epoch"]
-        result.resumed_seconds = sum(record["seconds"] for record in result.history)
+        result.resumed_seconds = state["seconds"]
         best_accuracy, best_state, first_epoch, stopped = (state["best_accuracy"], state["best_state"],
                                                             state["epoch"], state["stopped"])
         if rank == 0:
@@ -545,11 +545,16 @@ def _load_train_state(path: str | os.PathLike, config: TrainConfig, model: nn.Mo
     """Read ``train``'s ``state_file`` into the model, optimizer and scaler; the rest is returned."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"config", "model", "optimizer", "scaler", "epoch", "stopped", "history", "best_epoch",
+                   "best_accuracy", "best_state"} - state.keys()
+        if missing:
+            raise ConfigError(f"it lacks {sorted(missing)}")
         if state["config"] != _resumable_config(config):
             raise ConfigError("it was written with other training settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        state["seconds"] = sum(float(record["seconds"]) for record in state["history"])  # the time before the stop
     except Exception as e:  # torch.load's and load_state_dict's errors name no file
         raise ConfigError(f"{path}: cannot continue training from this state ({e}); delete it to train "
                           "from the start") from None
