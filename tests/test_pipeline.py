@@ -349,6 +349,15 @@ def test_resume_sweeps_the_temp_files_a_killed_write_left(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_resuming_a_complete_run_reports_its_final_model(tmp_path):
+    recipe = Recipe.from_dict({"model": "mlp", "dataset": {"name": "digits", "train_subset": 50, "test_subset": 20},
+                               "stages": [{"prune": {"q": 60}}, {"quantize": {"bits": 3}}]})
+    first = run_recipe(recipe, tmp_path)
+    again = run_recipe(recipe, tmp_path, resume=True)  # every stage skipped: the model comes from stage 2
+    assert again.layers == first.layers and again.layers[0]["sparsity"] > 0.5 and again.layers[0]["bits"] == 3
+    assert json.loads((tmp_path / "metrics.json").read_text())["layers"] == first.layers
+
+
 def test_a_damaged_run_folder_is_one_config_error(tmp_path):
     (tmp_path / "recipe.json").write_bytes(b"\x00{not json")
     recipe = Recipe.from_dict({"model": "mlp", "dataset": "digits", "stages": [{"prune": {}}]})

@@ -378,6 +378,7 @@ def run_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe.to_dict(), indent=2).encode()))
     result = RunResult(out_dir)
+    model_is_stale = False  # True while the last stage in `result.stages` was skipped, not run here
     for i, (kind, options) in enumerate(recipe.stages):
         run = RunContext(ctx, recipe, out_dir, i, record)
         metrics_file, ckpt_file = run.stage_dir / "metrics.json", run.stage_dir / "checkpoint.pt"
@@ -385,10 +386,10 @@ def run_recipe(
             metrics = _read_json(metrics_file)
             result.stages.append(metrics)
             log.info("stage %s already complete, skipped", run.stage_dir.name)
+            model_is_stale = True
             continue
         if result.stages:  # always continue from the checkpoint, so a resumed run takes the same path
-            previous = out_dir / result.stages[-1]["dir"] / "checkpoint.pt"
-            model, _ = load_checkpoint(previous, trust_factory=trust_factory)
+            model = _model_after(result.stages[-1], out_dir, trust_factory)
         start = time.perf_counter()
         run.stage_dir.mkdir(parents=True, exist_ok=True)
         model.to(ctx.device)
@@ -405,12 +406,21 @@ def run_recipe(
         _write_json(metrics_file, metrics)  # last: marks the stage complete
         run.train_state.unlink(missing_ok=True)
         result.stages.append(metrics)
+        model_is_stale = False
         if on_stage:
             on_stage(metrics)
+    if model_is_stale:  # the last stages were all complete: the final model is the last one's checkpoint
+        model = _model_after(result.stages[-1], out_dir, trust_factory)
     result.model = model
     result.layers = report.layer_summary(model)
     write_run_report(out_dir, recipe, result, trust_factory=trust_factory)
     return result
+
+
+def _model_after(stage: dict, out_dir: Path, trust_factory: bool) -> torch.nn.Module:
+    """The model a completed stage left, read back from its checkpoint."""
+    model, _ = load_checkpoint(out_dir / stage["dir"] / "checkpoint.pt", trust_factory=trust_factory)
+    return model
 
 
 def warn_if_file_loses(metrics: dict, where: str) -> None:
@@ -472,7 +482,7 @@ def _weight_histograms(out_dir: Path, stages: list[dict], plots: Path, trust_fac
         picks["after pruning"] = len(stages) - 1
     weights: dict[str, dict] = {}
     for label, i in picks.items():
-        model, _ = load_checkpoint(out_dir / stages[i]["dir"] / "checkpoint.pt", trust_factory=trust_factory)
+        model = _model_after(stages[i], out_dir, trust_factory)
         for fqn, values in report.effective_weights(model).items():
             weights.setdefault(fqn, {})[label] = values
     return report.weight_histograms(weights, plots) if weights else []
