@@ -3,7 +3,7 @@
 # one after another, then the table rewritten from them. No GPU needed. On the project's idle 2-core CPU,
 # each run using both cores (torch's default threads; 2026-12-06 and 07): digits seconds each,
 # lenet300-mnist-100x about 15 minutes, lenet5-mnist-130x about an hour, resnet20-cifar10-25x about
-# 1.5 hours, resnet56-cifar10-ecsq about 2.8 (all 13 runs: about 11 hours; --device cuda is faster).
+# 1.3 hours, resnet56-cifar10-ecsq about 2.8 (all 13 runs: about 11 hours; --device cuda is faster).
 # A stopped run continues after its last finished epoch (--resume).
 # Usage: bash scripts/headline_runs.sh [RUNS_DIR=runs/headlines]
 set -euo pipefail
